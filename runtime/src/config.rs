@@ -1,0 +1,290 @@
+//! The runtime's TOML configuration.
+//!
+//! Every table rejects unknown keys, so a typo fails at start-up naming the
+//! key instead of being silently ignored.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Kafka connection and consumer group settings.
+    pub kafka: KafkaConfig,
+    /// Work in flight and commit pacing.
+    #[serde(default)]
+    pub pipeline: PipelineConfig,
+    /// The handlers to load, each a WebAssembly component.
+    #[serde(default, rename = "handler")]
+    pub handlers: Vec<HandlerConfig>,
+}
+
+/// Kafka connection and consumer group settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Bootstrap servers, `host:port[,host:port]`.
+    pub brokers: String,
+    /// The consumer group every instance of this deployment joins.
+    pub group_id: String,
+    /// Raw librdkafka options applied to the consumer and the producer
+    /// (escape hatch; ours win where they overlap on delivery semantics).
+    #[serde(default)]
+    pub options: BTreeMap<String, String>,
+    /// Raw librdkafka options for the consumer only (e.g. `session.timeout.ms`).
+    #[serde(default)]
+    pub consumer_options: BTreeMap<String, String>,
+    /// Raw librdkafka options for the producer only (e.g. `compression.type`).
+    #[serde(default)]
+    pub producer_options: BTreeMap<String, String>,
+    /// Where a new group starts reading: `earliest` or `latest`.
+    #[serde(default = "default_offset_reset")]
+    pub auto_offset_reset: String,
+}
+
+/// Bounds on work in flight and how often offsets are committed.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineConfig {
+    /// Events queued or being handled per partition before its fetching pauses.
+    #[serde(default = "default_partition_queue")]
+    pub max_in_flight_per_partition: usize,
+    /// How often final offsets are committed, in milliseconds.
+    #[serde(default = "default_commit_interval_ms")]
+    pub commit_interval_ms: u64,
+    /// How long a graceful shutdown or a partition revoke waits for
+    /// in-flight events before giving up on them (they are redelivered).
+    #[serde(default = "default_drain_timeout_ms")]
+    pub drain_timeout_ms: u64,
+}
+
+/// One handler component and what it subscribes to.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HandlerConfig {
+    /// Unique name; appears in logs, metrics and dead-letter headers.
+    pub name: String,
+    /// Path of the `.wasm` component (relative to the config file).
+    pub wasm: PathBuf,
+    /// Topics whose events this handler receives.
+    pub topics: Vec<String>,
+    /// Only events of these envelope `eventType`s; empty means all.
+    #[serde(default)]
+    pub event_types: Vec<String>,
+    /// Dead-letter topic; default `<source topic>.dlq`.
+    #[serde(default)]
+    pub dead_letter_topic: Option<String>,
+    /// Values the handler reads with the host `config` import.
+    #[serde(default)]
+    pub config: BTreeMap<String, String>,
+    /// Attempts for a `retriable` error before the event is dead-lettered.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    /// First retry delay in milliseconds; doubles per attempt, with jitter.
+    #[serde(default = "default_initial_backoff_ms")]
+    pub initial_backoff_ms: u64,
+    /// Upper bound on a retry delay in milliseconds.
+    #[serde(default = "default_max_backoff_ms")]
+    pub max_backoff_ms: u64,
+    /// CPU budget of one call, in wasmtime fuel units.
+    #[serde(default = "default_fuel_per_event")]
+    pub fuel_per_event: u64,
+    /// Linear memory cap of one instance, in MiB.
+    #[serde(default = "default_memory_limit_mib")]
+    pub memory_limit_mib: u64,
+    /// Wall-clock deadline of one call, in milliseconds.
+    #[serde(default = "default_deadline_ms")]
+    pub deadline_ms: u64,
+}
+
+// Kafka's own default for a new group would skip events produced before the
+// first start; a handler runtime should see them.
+fn default_offset_reset() -> String {
+    "earliest".into()
+}
+// Enough to keep a handler busy between fetches, small enough that a
+// paused partition holds little memory.
+const fn default_partition_queue() -> usize {
+    1000
+}
+// One commit a second bounds redelivery after a crash to about a second of work.
+const fn default_commit_interval_ms() -> u64 {
+    1000
+}
+// Below the default session timeout, so a revoke finishes before the group gives up.
+const fn default_drain_timeout_ms() -> u64 {
+    10_000
+}
+// The article's example: three tries, then the dead-letter topic.
+const fn default_max_attempts() -> u32 {
+    3
+}
+const fn default_initial_backoff_ms() -> u64 {
+    100
+}
+const fn default_max_backoff_ms() -> u64 {
+    10_000
+}
+// About a second of CPU for typical code; a runaway loop ends quickly.
+const fn default_fuel_per_event() -> u64 {
+    1_000_000_000
+}
+const fn default_memory_limit_mib() -> u64 {
+    64
+}
+const fn default_deadline_ms() -> u64 {
+    5_000
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        Self {
+            max_in_flight_per_partition: default_partition_queue(),
+            commit_interval_ms: default_commit_interval_ms(),
+            drain_timeout_ms: default_drain_timeout_ms(),
+        }
+    }
+}
+
+impl PipelineConfig {
+    pub fn commit_interval(&self) -> Duration {
+        Duration::from_millis(self.commit_interval_ms)
+    }
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_millis(self.drain_timeout_ms)
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a config file; errors name the file and the key.
+    pub fn load(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        let mut config = Self::parse(&text)
+            .with_context(|| format!("invalid config file {}", path.display()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for handler in &mut config.handlers {
+            if handler.wasm.is_relative() {
+                handler.wasm = base.join(&handler.wasm);
+            }
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses TOML text; unknown keys are errors that name the key.
+    pub fn parse(text: &str) -> Result<Config> {
+        let config: Config = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(config)
+    }
+
+    /// Checks what the types cannot: names, topics, files, numbers.
+    pub fn validate(&self) -> Result<()> {
+        if self.kafka.brokers.trim().is_empty() {
+            bail!("kafka.brokers: must name at least one broker");
+        }
+        if self.kafka.group_id.trim().is_empty() {
+            bail!("kafka.group_id: must not be empty");
+        }
+        if !matches!(
+            self.kafka.auto_offset_reset.as_str(),
+            "earliest" | "latest"
+        ) {
+            bail!(
+                "kafka.auto_offset_reset: must be \"earliest\" or \"latest\", not {:?}",
+                self.kafka.auto_offset_reset
+            );
+        }
+        if self.pipeline.max_in_flight_per_partition == 0 {
+            bail!("pipeline.max_in_flight_per_partition: must be at least 1");
+        }
+        if self.handlers.is_empty() {
+            bail!("handler: at least one [[handler]] is required");
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, h) in self.handlers.iter().enumerate() {
+            let at = format!("handler[{i}] ({:?})", h.name);
+            if h.name.is_empty() {
+                bail!("handler[{i}].name: must not be empty");
+            }
+            if !names.insert(&h.name) {
+                bail!("{at}.name: duplicate handler name");
+            }
+            if h.topics.is_empty() || h.topics.iter().any(|t| t.is_empty()) {
+                bail!("{at}.topics: must list at least one non-empty topic");
+            }
+            if h.max_attempts == 0 {
+                bail!("{at}.max_attempts: must be at least 1");
+            }
+            if h.fuel_per_event == 0 || h.memory_limit_mib == 0 || h.deadline_ms == 0 {
+                bail!("{at}: fuel_per_event, memory_limit_mib and deadline_ms must be above 0");
+            }
+            if !h.wasm.is_file() {
+                bail!("{at}.wasm: no such file {}", h.wasm.display());
+            }
+        }
+        Ok(())
+    }
+
+    /// All topics any handler subscribes to, sorted and unique.
+    pub fn topics(&self) -> Vec<String> {
+        let mut topics: Vec<String> = self
+            .handlers
+            .iter()
+            .flat_map(|h| h.topics.iter().cloned())
+            .collect();
+        topics.sort();
+        topics.dedup();
+        topics
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [kafka]
+        brokers = "127.0.0.1:9092"
+        group_id = "g"
+
+        [[handler]]
+        name = "h"
+        wasm = "h.wasm"
+        topics = ["in"]
+    "#;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = Config::parse(MINIMAL).unwrap();
+        assert_eq!(c.handlers[0].max_attempts, 3);
+        assert_eq!(c.pipeline.max_in_flight_per_partition, 1000);
+        assert_eq!(c.kafka.auto_offset_reset, "earliest");
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let text = MINIMAL.replace("group_id = \"g\"", "group_id = \"g\"\nbrokres = \"x\"");
+        let err = Config::parse(&text).unwrap_err().to_string();
+        assert!(err.contains("brokres"), "{err}");
+    }
+
+    #[test]
+    fn unknown_handler_key_is_named() {
+        let text = format!("{MINIMAL}\nfuel = 3\n");
+        let err = Config::parse(&text).unwrap_err().to_string();
+        assert!(err.contains("fuel"), "{err}");
+    }
+
+    #[test]
+    fn missing_wasm_file_is_named() {
+        let c = Config::parse(MINIMAL).unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("h.wasm") && err.contains("wasm"), "{err}");
+    }
+}

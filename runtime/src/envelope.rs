@@ -1,0 +1,487 @@
+//! Decoding Kafka records into handler events, and encoding handler outputs
+//! back into records.
+//!
+//! A record whose `content-type` header is `application/json` or
+//! `application/msgpack` must carry the envelope (`schemaVersion`,
+//! `eventType`, `id`, `timestamp`, `correlationId`, `causationId`,
+//! `payload`); any other record is raw and passes through as is.
+
+use serde::{Deserialize, Serialize};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+/// Header names the runtime reads and writes.
+pub mod header {
+    pub const CONTENT_TYPE: &str = "content-type";
+    pub const EVENT_ID: &str = "event-id";
+    pub const EVENT_TYPE: &str = "event-type";
+    pub const CORRELATION_ID: &str = "correlation-id";
+    pub const CAUSATION_ID: &str = "causation-id";
+}
+
+pub const JSON: &str = "application/json";
+pub const MSGPACK: &str = "application/msgpack";
+
+/// The wire encoding of an envelope, from a `content-type` value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    Json,
+    MsgPack,
+}
+
+impl Encoding {
+    pub fn from_content_type(content_type: &str) -> Option<Encoding> {
+        let essence = content_type.split(';').next().unwrap_or("").trim();
+        match essence.to_ascii_lowercase().as_str() {
+            "application/json" => Some(Encoding::Json),
+            "application/msgpack" | "application/x-msgpack" | "application/vnd.msgpack" => {
+                Some(Encoding::MsgPack)
+            }
+            _ => None,
+        }
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Encoding::Json => JSON,
+            Encoding::MsgPack => MSGPACK,
+        }
+    }
+}
+
+/// A Kafka record as the runtime received it.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub timestamp_ms: i64,
+    pub key: Option<Vec<u8>>,
+    pub value: Vec<u8>,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+impl Record {
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_slice())
+    }
+
+    fn header_str(&self, name: &str) -> Option<String> {
+        self.header(name)
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+    }
+
+    /// `topic/partition/offset`: the id of an event without one of its own.
+    pub fn position_id(&self) -> String {
+        format!("{}/{}/{}", self.topic, self.partition, self.offset)
+    }
+}
+
+/// An event ready for a handler (the runtime's side of the WIT `event`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub id: String,
+    pub event_type: String,
+    pub schema_version: String,
+    pub payload: Vec<u8>,
+    pub content_type: String,
+    pub timestamp_ms: i64,
+    pub correlation_id: String,
+    pub causation_id: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Text {
+    Str(String),
+    Int(i64),
+    Float(f64),
+}
+
+impl Text {
+    fn into_string(self) -> String {
+        match self {
+            Text::Str(s) => s,
+            Text::Int(i) => i.to_string(),
+            Text::Float(f) => f.to_string(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct InEnvelope<P> {
+    #[serde(default)]
+    schema_version: Option<Text>,
+    event_type: String,
+    #[serde(default)]
+    id: Option<Text>,
+    #[serde(default)]
+    timestamp: Option<Text>,
+    #[serde(default)]
+    correlation_id: Option<String>,
+    #[serde(default)]
+    causation_id: Option<String>,
+    payload: P,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct OutEnvelope<'a, P> {
+    schema_version: &'a str,
+    event_type: &'a str,
+    id: &'a str,
+    timestamp: String,
+    correlation_id: &'a str,
+    causation_id: &'a str,
+    payload: P,
+}
+
+impl<'a> OutEnvelope<'a, ()> {
+    fn with<P>(self, payload: P) -> OutEnvelope<'a, P> {
+        OutEnvelope {
+            schema_version: self.schema_version,
+            event_type: self.event_type,
+            id: self.id,
+            timestamp: self.timestamp,
+            correlation_id: self.correlation_id,
+            causation_id: self.causation_id,
+            payload,
+        }
+    }
+}
+
+/// Why a record could not be turned into an event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Undecodable(pub String);
+
+impl std::fmt::Display for Undecodable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+fn parse_timestamp(t: Text) -> Result<i64, Undecodable> {
+    match t {
+        Text::Int(ms) => Ok(ms),
+        Text::Float(ms) => Ok(ms as i64),
+        Text::Str(s) => OffsetDateTime::parse(&s, &Rfc3339)
+            .map(|t| (t.unix_timestamp_nanos() / 1_000_000) as i64)
+            .map_err(|e| Undecodable(format!("envelope timestamp {s:?} is not RFC 3339: {e}"))),
+    }
+}
+
+/// Decodes a record into an event: the envelope when its content type names
+/// one, the raw value otherwise.
+pub fn decode(record: &Record) -> Result<Event, Undecodable> {
+    let content_type = record.header_str(header::CONTENT_TYPE).unwrap_or_default();
+    let Some(encoding) = Encoding::from_content_type(&content_type) else {
+        return Ok(Event {
+            id: record.position_id(),
+            event_type: record.header_str(header::EVENT_TYPE).unwrap_or_default(),
+            schema_version: String::new(),
+            payload: record.value.clone(),
+            content_type,
+            timestamp_ms: record.timestamp_ms,
+            correlation_id: record
+                .header_str(header::CORRELATION_ID)
+                .unwrap_or_else(new_id),
+            causation_id: record.header_str(header::CAUSATION_ID),
+        });
+    };
+    let (envelope, payload) = match encoding {
+        Encoding::Json => {
+            let env: InEnvelope<serde_json::Value> = serde_json::from_slice(&record.value)
+                .map_err(|e| Undecodable(format!("malformed JSON envelope: {e}")))?;
+            let payload = serde_json::to_vec(&env.payload).expect("a JSON value serialises");
+            (strip(env), payload)
+        }
+        Encoding::MsgPack => {
+            let env: InEnvelope<rmpv::Value> = rmp_serde::from_slice(&record.value)
+                .map_err(|e| Undecodable(format!("malformed MessagePack envelope: {e}")))?;
+            let mut payload = Vec::new();
+            rmpv::encode::write_value(&mut payload, &env.payload)
+                .expect("writing to a Vec cannot fail");
+            (strip(env), payload)
+        }
+    };
+    if envelope.event_type.is_empty() {
+        return Err(Undecodable("envelope eventType is empty".into()));
+    }
+    let timestamp_ms = match envelope.timestamp {
+        Some(t) => parse_timestamp(t)?,
+        None => record.timestamp_ms,
+    };
+    Ok(Event {
+        id: envelope
+            .id
+            .map(Text::into_string)
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| record.position_id()),
+        event_type: envelope.event_type,
+        schema_version: envelope
+            .schema_version
+            .map(Text::into_string)
+            .unwrap_or_default(),
+        payload,
+        content_type: encoding.content_type().to_owned(),
+        timestamp_ms,
+        correlation_id: envelope
+            .correlation_id
+            .filter(|s| !s.is_empty())
+            .or_else(|| record.header_str(header::CORRELATION_ID))
+            .unwrap_or_else(new_id),
+        causation_id: envelope.causation_id.filter(|s| !s.is_empty()),
+    })
+}
+
+fn strip<P>(env: InEnvelope<P>) -> InEnvelope<()> {
+    InEnvelope {
+        schema_version: env.schema_version,
+        event_type: env.event_type,
+        id: env.id,
+        timestamp: env.timestamp,
+        correlation_id: env.correlation_id,
+        causation_id: env.causation_id,
+        payload: (),
+    }
+}
+
+/// A fresh event or correlation id.
+pub fn new_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+/// What a handler asked to publish (the runtime's side of the WIT `output`).
+#[derive(Debug, Clone, Default)]
+pub struct Output {
+    pub topic: String,
+    pub key: Option<Vec<u8>>,
+    pub event_type: String,
+    pub schema_version: String,
+    pub content_type: String,
+    pub payload: Vec<u8>,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+/// A record ready for the producer.
+#[derive(Debug, Clone)]
+pub struct Produce {
+    pub topic: String,
+    pub key: Option<Vec<u8>>,
+    pub value: Vec<u8>,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+/// Encodes an output of `parent`: a fresh id, the parent's correlation id,
+/// the parent's id as causation id; in the envelope when it uses one, and
+/// always as headers.
+pub fn encode_output(output: Output, parent: &Event) -> Result<Produce, String> {
+    if output.topic.is_empty() {
+        return Err("output has an empty topic".into());
+    }
+    let id = new_id();
+    let encoding = Encoding::from_content_type(&output.content_type);
+    let value = match (encoding, output.event_type.is_empty()) {
+        (Some(encoding), false) => {
+            let timestamp = OffsetDateTime::now_utc()
+                .format(&Rfc3339)
+                .expect("now formats as RFC 3339");
+            let schema_version = if output.schema_version.is_empty() {
+                "1"
+            } else {
+                output.schema_version.as_str()
+            };
+            let head = OutEnvelope {
+                schema_version,
+                event_type: &output.event_type,
+                id: &id,
+                timestamp,
+                correlation_id: &parent.correlation_id,
+                causation_id: &parent.id,
+                payload: (),
+            };
+            match encoding {
+                Encoding::Json => {
+                    let payload: serde_json::Value = serde_json::from_slice(&output.payload)
+                        .map_err(|e| format!("output payload is not JSON: {e}"))?;
+                    serde_json::to_vec(&head.with(payload)).expect("a JSON value serialises")
+                }
+                Encoding::MsgPack => {
+                    let payload = rmpv::decode::read_value(&mut output.payload.as_slice())
+                        .map_err(|e| format!("output payload is not MessagePack: {e}"))?;
+                    rmp_serde::to_vec_named(&head.with(payload))
+                        .map_err(|e| format!("cannot encode MessagePack envelope: {e}"))?
+                }
+            }
+        }
+        _ => output.payload,
+    };
+    let mut headers = output.headers;
+    headers.retain(|(k, _)| {
+        ![
+            header::EVENT_ID,
+            header::CORRELATION_ID,
+            header::CAUSATION_ID,
+        ]
+        .iter()
+        .any(|h| k.eq_ignore_ascii_case(h))
+    });
+    if !output.content_type.is_empty()
+        && !headers
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case(header::CONTENT_TYPE))
+    {
+        headers.push((header::CONTENT_TYPE.into(), output.content_type.into_bytes()));
+    }
+    if !output.event_type.is_empty() {
+        headers.push((header::EVENT_TYPE.into(), output.event_type.into_bytes()));
+    }
+    headers.push((header::EVENT_ID.into(), id.into_bytes()));
+    headers.push((
+        header::CORRELATION_ID.into(),
+        parent.correlation_id.clone().into_bytes(),
+    ));
+    headers.push((header::CAUSATION_ID.into(), parent.id.clone().into_bytes()));
+    Ok(Produce {
+        topic: output.topic,
+        key: output.key,
+        value,
+        headers,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(value: &[u8], content_type: Option<&str>) -> Record {
+        Record {
+            topic: "orders".into(),
+            partition: 2,
+            offset: 41,
+            timestamp_ms: 1_000,
+            key: Some(b"k".to_vec()),
+            value: value.to_vec(),
+            headers: content_type
+                .map(|c| vec![("content-type".to_string(), c.as_bytes().to_vec())])
+                .unwrap_or_default(),
+        }
+    }
+
+    #[test]
+    fn json_envelope_is_decoded() {
+        let v = br#"{"schemaVersion":"v2","eventType":"order.placed","id":"e-1",
+            "timestamp":"2021-01-15T10:30:00Z","correlationId":"c-1","payload":{"a":1}}"#;
+        let e = decode(&record(v, Some("application/json"))).unwrap();
+        assert_eq!(e.id, "e-1");
+        assert_eq!(e.event_type, "order.placed");
+        assert_eq!(e.schema_version, "v2");
+        assert_eq!(e.correlation_id, "c-1");
+        assert_eq!(e.timestamp_ms, 1_610_706_600_000);
+        assert_eq!(e.payload, br#"{"a":1}"#);
+        assert_eq!(e.content_type, JSON);
+    }
+
+    #[test]
+    fn envelope_without_id_gets_position_and_fresh_correlation() {
+        let v = br#"{"eventType":"x","payload":null}"#;
+        let e = decode(&record(v, Some("application/json; charset=utf-8"))).unwrap();
+        assert_eq!(e.id, "orders/2/41");
+        assert_eq!(e.correlation_id.len(), 36);
+        assert_eq!(e.timestamp_ms, 1_000);
+    }
+
+    #[test]
+    fn msgpack_envelope_is_decoded() {
+        #[derive(Serialize)]
+        #[serde(rename_all = "camelCase")]
+        struct E {
+            event_type: &'static str,
+            id: &'static str,
+            payload: (u8, &'static str),
+        }
+        let v = rmp_serde::to_vec_named(&E {
+            event_type: "t",
+            id: "m-1",
+            payload: (7, "x"),
+        })
+        .unwrap();
+        let e = decode(&record(&v, Some("application/msgpack"))).unwrap();
+        assert_eq!(e.id, "m-1");
+        let payload: (u8, String) = rmp_serde::from_slice(&e.payload).unwrap();
+        assert_eq!(payload, (7, "x".into()));
+    }
+
+    #[test]
+    fn malformed_envelope_names_the_reason() {
+        let err = decode(&record(b"{not json", Some("application/json"))).unwrap_err();
+        assert!(err.0.contains("malformed JSON envelope"), "{err}");
+        let err = decode(&record(br#"{"payload":1}"#, Some("application/json"))).unwrap_err();
+        assert!(err.0.contains("eventType"), "{err}");
+    }
+
+    #[test]
+    fn raw_record_passes_through() {
+        let e = decode(&record(b"\x00\x01", None)).unwrap();
+        assert_eq!(e.payload, b"\x00\x01");
+        assert_eq!(e.id, "orders/2/41");
+        assert_eq!(e.event_type, "");
+    }
+
+    #[test]
+    fn output_envelope_carries_correlation_and_causation() {
+        let parent = decode(&record(
+            br#"{"eventType":"a","id":"p-1","correlationId":"c-9","payload":1}"#,
+            Some("application/json"),
+        ))
+        .unwrap();
+        let p = encode_output(
+            Output {
+                topic: "out".into(),
+                event_type: "b".into(),
+                content_type: JSON.into(),
+                payload: br#"{"x":true}"#.to_vec(),
+                ..Default::default()
+            },
+            &parent,
+        )
+        .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&p.value).unwrap();
+        assert_eq!(v["correlationId"], "c-9");
+        assert_eq!(v["causationId"], "p-1");
+        assert_eq!(v["eventType"], "b");
+        assert_eq!(v["payload"]["x"], true);
+        let h = |n: &str| {
+            p.headers
+                .iter()
+                .find(|(k, _)| k == n)
+                .map(|(_, v)| String::from_utf8(v.clone()).unwrap())
+        };
+        assert_eq!(h("correlation-id").as_deref(), Some("c-9"));
+        assert_eq!(h("causation-id").as_deref(), Some("p-1"));
+        assert_eq!(h("event-id").unwrap(), v["id"]);
+    }
+
+    #[test]
+    fn output_with_bad_json_is_refused() {
+        let parent = decode(&record(b"raw", None)).unwrap();
+        let err = encode_output(
+            Output {
+                topic: "out".into(),
+                event_type: "b".into(),
+                content_type: JSON.into(),
+                payload: b"{".to_vec(),
+                ..Default::default()
+            },
+            &parent,
+        )
+        .unwrap_err();
+        assert!(err.contains("not JSON"));
+    }
+}

@@ -1,0 +1,387 @@
+//! Handler components: compiled once, instantiated once per partition
+//! worker, called once per event under a fuel budget, a memory cap and a
+//! wall-clock deadline.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use rand::Rng;
+use sha2::{Digest, Sha256};
+use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
+use wasmtime::{Engine, ResourceLimiter, Store, StoreLimits, StoreLimitsBuilder, Trap};
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+use crate::config::HandlerConfig;
+use crate::envelope::{self, Record};
+use crate::failure::FailureKind;
+
+mod bindings {
+    wasmtime::component::bindgen!({ world: "handler", path: "../wit" });
+}
+
+use bindings::weir::plugin::host::{self, Level};
+use bindings::weir::plugin::types as wit;
+use bindings::{Handler, HandlerPre};
+
+/// How often the epoch ticker advances; the granularity of call deadlines.
+const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// The one wasmtime engine of the runtime, with every default we rely on:
+/// the component model, fuel metering and epoch interruption (driven by a
+/// ticker thread, so deadlines hold even in a tight loop).
+#[derive(Clone)]
+pub struct PluginEngine {
+    engine: Engine,
+    linker: Arc<Linker<HostState>>,
+    _ticker: Arc<Ticker>,
+}
+
+struct Ticker {
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+impl PluginEngine {
+    pub fn new() -> Result<Self> {
+        let mut config = wasmtime::Config::new();
+        config.consume_fuel(true).epoch_interruption(true);
+        let engine = Engine::new(&config)?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
+        Handler::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        {
+            let engine = engine.clone();
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name("weir-epoch".into())
+                .spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(EPOCH_TICK);
+                        engine.increment_epoch();
+                    }
+                })?;
+        }
+        Ok(Self {
+            engine,
+            linker: Arc::new(linker),
+            _ticker: Arc::new(Ticker { stop }),
+        })
+    }
+}
+
+/// A handler ready to take events: its component compiled and its imports
+/// resolved once.
+pub struct LoadedHandler {
+    pub name: String,
+    /// Content hash of the component (first 12 hex digits of its SHA-256).
+    pub version: String,
+    pub topics: Vec<String>,
+    pub event_types: Vec<String>,
+    pub dead_letter_topic: Option<String>,
+    pub max_attempts: u32,
+    initial_backoff: Duration,
+    max_backoff: Duration,
+    fuel_per_event: u64,
+    memory_limit: usize,
+    deadline_ticks: u64,
+    config: Arc<BTreeMap<String, String>>,
+    engine: PluginEngine,
+    pre: HandlerPre<HostState>,
+}
+
+/// What the component file is, by its header.
+fn check_wasm_header(path: &Path, bytes: &[u8]) -> Result<()> {
+    if bytes.len() < 8 || &bytes[0..4] != b"\0asm" {
+        bail!("{} is not a WebAssembly file", path.display());
+    }
+    if bytes[4..8] == [1, 0, 0, 0] {
+        bail!(
+            "{} is a core WebAssembly module, not a component: build it for wasm32-wasip2 \
+             (or wrap it with `wasm-tools component new`)",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+impl LoadedHandler {
+    /// Reads, compiles and checks a handler component; the error names the
+    /// handler, the file and the cause.
+    pub fn load(engine: &PluginEngine, cfg: &HandlerConfig) -> Result<LoadedHandler> {
+        let path = &cfg.wasm;
+        let what = || format!("handler {:?}: cannot load {}", cfg.name, path.display());
+        let bytes = std::fs::read(path).with_context(what)?;
+        check_wasm_header(path, &bytes).with_context(what)?;
+        let component = Component::from_binary(&engine.engine, &bytes)
+            .map_err(anyhow::Error::from)
+            .with_context(what)?;
+        let pre = engine
+            .linker
+            .instantiate_pre(&component)
+            .map_err(anyhow::Error::from)
+            .with_context(|| {
+                format!(
+                    "handler {:?}: {} imports something Weir does not provide",
+                    cfg.name,
+                    path.display()
+                )
+            })?;
+        let pre = HandlerPre::new(pre)
+            .map_err(anyhow::Error::from)
+            .with_context(|| {
+                format!(
+                    "handler {:?}: {} does not implement the weir:plugin/handler world",
+                    cfg.name,
+                    path.display()
+                )
+            })?;
+        let digest = Sha256::digest(&bytes);
+        let version = digest[..6].iter().map(|b| format!("{b:02x}")).collect();
+        let handler = LoadedHandler {
+            name: cfg.name.clone(),
+            version,
+            topics: cfg.topics.clone(),
+            event_types: cfg.event_types.clone(),
+            dead_letter_topic: cfg.dead_letter_topic.clone(),
+            max_attempts: cfg.max_attempts,
+            initial_backoff: Duration::from_millis(cfg.initial_backoff_ms),
+            max_backoff: Duration::from_millis(cfg.max_backoff_ms),
+            fuel_per_event: cfg.fuel_per_event,
+            memory_limit: (cfg.memory_limit_mib as usize) << 20,
+            deadline_ticks: cfg.deadline_ms.div_ceil(EPOCH_TICK.as_millis() as u64) + 1,
+            config: Arc::new(cfg.config.clone()),
+            engine: engine.clone(),
+            pre,
+        };
+        // Instantiating once proves the start-up code runs within the limits.
+        handler.instantiate().with_context(|| {
+            format!("handler {:?}: {} fails to start", cfg.name, path.display())
+        })?;
+        Ok(handler)
+    }
+
+    /// Whether an event of this type is for this handler.
+    pub fn accepts(&self, event_type: &str) -> bool {
+        self.event_types.is_empty() || self.event_types.iter().any(|t| t == event_type)
+    }
+
+    /// The delay before attempt `attempt + 1`: exponential, capped, full jitter.
+    pub fn backoff(&self, attempt: u32) -> Duration {
+        let exp = self
+            .initial_backoff
+            .saturating_mul(1u32 << attempt.saturating_sub(1).min(20));
+        let cap = exp.min(self.max_backoff);
+        let millis = cap.as_millis() as u64;
+        Duration::from_millis(rand::rng().random_range(0..=millis))
+    }
+
+    /// A fresh instance in its own store.
+    pub fn instantiate(&self) -> Result<HandlerInstance> {
+        let state = HostState {
+            wasi: WasiCtxBuilder::new().build(),
+            table: ResourceTable::new(),
+            limiter: MemoryLimiter {
+                inner: StoreLimitsBuilder::new()
+                    .memory_size(self.memory_limit)
+                    .instances(64)
+                    .tables(64)
+                    .memories(16)
+                    .build(),
+                hit: false,
+            },
+            handler: self.name.clone(),
+            config: self.config.clone(),
+        };
+        let mut store = Store::new(&self.engine.engine, state);
+        store.limiter(|s| &mut s.limiter);
+        store.set_fuel(self.fuel_per_event)?;
+        store.set_epoch_deadline(self.deadline_ticks);
+        let bindings = self.pre.instantiate(&mut store)?;
+        Ok(HandlerInstance {
+            store,
+            bindings,
+            fuel_per_event: self.fuel_per_event,
+            deadline_ticks: self.deadline_ticks,
+            poisoned: false,
+            last_fuel_used: 0,
+        })
+    }
+}
+
+/// What one call came to.
+#[derive(Debug)]
+pub enum CallOutcome {
+    Ok(Vec<envelope::Output>),
+    Retriable(String),
+    Failed(FailureKind, String),
+}
+
+/// One live instance of a handler. Not shared between threads at once.
+pub struct HandlerInstance {
+    store: Store<HostState>,
+    bindings: Handler,
+    fuel_per_event: u64,
+    deadline_ticks: u64,
+    poisoned: bool,
+    last_fuel_used: u64,
+}
+
+impl HandlerInstance {
+    /// Calls `handle` with fresh fuel and deadline.
+    pub fn call(&mut self, event: &envelope::Event, record: &Record, attempt: u32) -> CallOutcome {
+        if let Err(e) = self.store.set_fuel(self.fuel_per_event) {
+            self.poisoned = true;
+            return CallOutcome::Failed(FailureKind::Trap, format!("cannot set fuel: {e}"));
+        }
+        self.store.set_epoch_deadline(self.deadline_ticks);
+        self.store.data_mut().limiter.hit = false;
+        let arg = wit::Event {
+            id: event.id.clone(),
+            event_type: event.event_type.clone(),
+            schema_version: event.schema_version.clone(),
+            key: record.key.clone(),
+            payload: event.payload.clone(),
+            content_type: event.content_type.clone(),
+            headers: record
+                .headers
+                .iter()
+                .map(|(k, v)| wit::Header {
+                    key: k.clone(),
+                    value: v.clone(),
+                })
+                .collect(),
+            topic: record.topic.clone(),
+            partition: record.partition,
+            offset: record.offset,
+            timestamp_ms: event.timestamp_ms,
+            correlation_id: event.correlation_id.clone(),
+            causation_id: event.causation_id.clone(),
+            attempt,
+        };
+        let result = self.bindings.call_handle(&mut self.store, &arg);
+        self.last_fuel_used = self
+            .fuel_per_event
+            .saturating_sub(self.store.get_fuel().unwrap_or(0));
+        match result {
+            Ok(Ok(outputs)) => CallOutcome::Ok(
+                outputs
+                    .into_iter()
+                    .map(|o| envelope::Output {
+                        topic: o.topic,
+                        key: o.key,
+                        event_type: o.event_type,
+                        schema_version: o.schema_version,
+                        content_type: o.content_type,
+                        payload: o.payload,
+                        headers: o.headers.into_iter().map(|h| (h.key, h.value)).collect(),
+                    })
+                    .collect(),
+            ),
+            Ok(Err(wit::HandlerError::Retriable(m))) => CallOutcome::Retriable(m),
+            Ok(Err(wit::HandlerError::Fatal(m))) => CallOutcome::Failed(FailureKind::Fatal, m),
+            Err(e) => {
+                // A trapped instance cannot be entered again.
+                self.poisoned = true;
+                let kind = if self.store.data().limiter.hit {
+                    FailureKind::MemoryLimit
+                } else {
+                    match e.downcast_ref::<Trap>() {
+                        Some(Trap::OutOfFuel) => FailureKind::FuelExhausted,
+                        Some(Trap::Interrupt) => FailureKind::DeadlineExceeded,
+                        _ => FailureKind::Trap,
+                    }
+                };
+                CallOutcome::Failed(kind, format!("{e:#}"))
+            }
+        }
+    }
+
+    /// True after a trap: the worker must make a new instance.
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned
+    }
+
+    /// Fuel the last call used.
+    pub fn last_fuel_used(&self) -> u64 {
+        self.last_fuel_used
+    }
+}
+
+/// The per-store state the host functions see.
+pub struct HostState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    limiter: MemoryLimiter,
+    handler: String,
+    config: Arc<BTreeMap<String, String>>,
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl host::Host for HostState {
+    fn log(&mut self, level: Level, message: String) {
+        let handler = self.handler.as_str();
+        match level {
+            Level::Trace => tracing::trace!(target: "weir::handler", handler, "{message}"),
+            Level::Debug => tracing::debug!(target: "weir::handler", handler, "{message}"),
+            Level::Info => tracing::info!(target: "weir::handler", handler, "{message}"),
+            Level::Warn => tracing::warn!(target: "weir::handler", handler, "{message}"),
+            Level::Error => tracing::error!(target: "weir::handler", handler, "{message}"),
+        }
+    }
+
+    fn config(&mut self, key: String) -> Option<String> {
+        self.config.get(&key).cloned()
+    }
+}
+
+impl wit::Host for HostState {}
+
+/// Store limits that remember when the memory cap was hit, so the failure
+/// is classified as such rather than as a generic trap.
+struct MemoryLimiter {
+    inner: StoreLimits,
+    hit: bool,
+}
+
+impl ResourceLimiter for MemoryLimiter {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let ok = self.inner.memory_growing(current, desired, maximum)?;
+        if !ok {
+            self.hit = true;
+            wasmtime::bail!("memory limit: growing to {desired} bytes exceeds the cap");
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        self.inner.table_growing(current, desired, maximum)
+    }
+}

@@ -1,0 +1,107 @@
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use tracing::info;
+
+use weir::config::Config;
+use weir::handler::PluginEngine;
+use weir::pipeline::{self, Stats};
+
+/// Runs sandboxed WebAssembly event handlers on Kafka.
+#[derive(Parser)]
+#[command(name = "weir", version)]
+struct Cli {
+    /// Log lines as JSON objects instead of text.
+    #[arg(long, global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Join the consumer group and handle events until SIGINT/SIGTERM.
+    Run {
+        /// The TOML config file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a config file and load its handlers, then exit.
+    Check {
+        /// The TOML config file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Run the example pipeline on an in-process mock Kafka cluster.
+    Dev(weir::dev::DevArgs),
+    /// Measure throughput and handling latency against a real broker.
+    Bench(weir::bench::BenchArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    init_logging(cli.log_json, matches!(cli.command, Command::Dev(_)));
+    if let Err(e) = real_main(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn init_logging(json: bool, dev: bool) {
+    let default = if dev { "warn,weir::dev=info" } else { "info" };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("WEIR_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn real_main(cli: Cli) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    match cli.command {
+        Command::Check { config } => {
+            let config = Config::load(&config)?;
+            let engine = PluginEngine::new()?;
+            for h in weir::load_handlers(&engine, &config)? {
+                println!("ok: handler {} version {} on {:?}", h.name, h.version, h.topics);
+            }
+            Ok(())
+        }
+        Command::Run { config } => {
+            let config = Config::load(&config)?;
+            let engine = PluginEngine::new()?;
+            let handlers = weir::load_handlers(&engine, &config)?;
+            for h in &handlers {
+                info!(handler = %h.name, version = %h.version, topics = ?h.topics, "handler loaded");
+            }
+            let stats = Arc::new(Stats::default());
+            runtime.block_on(async move {
+                tokio::spawn(pipeline::run(config, handlers, stats, shutdown_signal()))
+                    .await
+                    .context("the pipeline task failed")?
+            })
+        }
+        Command::Dev(args) => runtime.block_on(weir::dev::run(args)),
+        Command::Bench(args) => runtime.block_on(weir::bench::run(args)),
+    }
+}
+
+/// Resolves on the first SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => info!("SIGINT received"),
+        _ = term.recv() => info!("SIGTERM received"),
+    }
+}
