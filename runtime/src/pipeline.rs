@@ -187,7 +187,11 @@ pub fn producer_config(config: &Config) -> ClientConfig {
 
 fn consumer_config(config: &Config) -> ClientConfig {
     let mut c = ClientConfig::new();
-XX, &config.kafka.group_id)
+    for (k, v) in config.kafka.options.iter().chain(&config.kafka.consumer_options) {
+        c.set(k, v);
+    }
+    c.set("bootstrap.servers", &config.kafka.brokers)
+        .set("group.id", &config.kafka.group_id)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", &config.kafka.auto_offset_reset)
