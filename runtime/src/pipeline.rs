@@ -79,14 +79,20 @@ struct Worker {
     /// Offset of the next record expected, to drop records redelivered by a
     /// pause/resume refetch.
     next_offset: i64,
+    /// Set to stop after the event being handled; queued events are left
+    /// uncommitted for redelivery.
+    stop: Arc<AtomicBool>,
+    /// Set to abandon even the acknowledgements being awaited.
     cancel: Arc<AtomicBool>,
     done: watch::Receiver<bool>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl Worker {
-    /// Stops taking records; what it already has is finished.
+    /// Stops taking records; the event being handled is finished and its
+    /// outcome made final, the queued ones are dropped (not committed).
     fn close(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
         self.tx = None;
         self.parked.clear();
     }
@@ -394,6 +400,7 @@ fn spawn_worker(
     let (pending_tx, pending_rx) = mpsc::channel::<Pending>(capacity);
     let (done_tx, done_rx) = watch::channel(false);
     let cancel = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
     let handlers = shared.by_topic.get(&tp.0).cloned().unwrap_or_default();
     debug!(topic = %tp.0, partition = tp.1, first_offset, "starting partition worker");
 
@@ -408,11 +415,12 @@ fn spawn_worker(
     ));
     let thread = {
         let cancel = cancel.clone();
+        let stop = stop.clone();
         let tp = tp.clone();
         std::thread::Builder::new()
             .name(format!("weir-{}-{}", tp.0, tp.1))
             .spawn(move || {
-                PartitionWorker::new(shared, handlers, cancel).run(rx, pending_tx);
+                PartitionWorker::new(shared, handlers, cancel).run(rx, pending_tx, &stop);
             })
             .expect("spawning a worker thread")
     };
@@ -421,6 +429,7 @@ fn spawn_worker(
         parked: VecDeque::new(),
         paused: false,
         next_offset: first_offset,
+        stop,
         cancel,
         done: done_rx,
         thread: Some(thread),
@@ -558,9 +567,9 @@ impl PartitionWorker {
         }
     }
 
-    fn run(mut self, mut rx: mpsc::Receiver<Record>, pending: mpsc::Sender<Pending>) {
+    fn run(mut self, mut rx: mpsc::Receiver<Record>, pending: mpsc::Sender<Pending>, stop: &AtomicBool) {
         while let Some(record) = rx.blocking_recv() {
-            if self.cancel.load(Ordering::SeqCst) {
+            if stop.load(Ordering::SeqCst) || self.cancel.load(Ordering::SeqCst) {
                 break;
             }
             let Some(p) = self.process(&record) else { break };

@@ -1,1 +1,381 @@
+//! Harness for the end-to-end tests: a real Kafka broker (started by
+//! `scripts/kafka.sh`, address in `WEIR_TEST_BROKERS`), the real `weir`
+//! binary, and the example plugins built for wasm32-wasip2.
 
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::process::{Child, Command};
+
+/// The broker the tests run against.
+pub fn brokers() -> String {
+    std::env::var("WEIR_TEST_BROKERS").unwrap_or_else(|_| "127.0.0.1:19092".into())
+}
+
+/// `<target>/<profile>`: where this test binary and `weir` were built.
+fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // <target>/<profile>/deps/<test>
+    exe.parent().and_then(|d| d.parent()).expect("target layout").to_path_buf()
+}
+
+/// The `weir` binary under test.
+pub fn weir_bin() -> PathBuf {
+    let bin = std::env::var_os("WEIR_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| profile_dir().join("weir"));
+    assert!(
+        bin.is_file(),
+        "{} is missing: build it first (`cargo build -p weir`, or run `./dev test`)",
+        bin.display()
+    );
+    bin
+}
+
+/// A plugin component, e.g. `plugin("echo")`.
+pub fn plugin(name: &str) -> PathBuf {
+    let dir = std::env::var_os("WEIR_PLUGINS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| profile_dir().parent().unwrap().join("wasm32-wasip2/release"));
+    let path = dir.join(format!("{}.wasm", name.replace('-', "_")));
+    assert!(
+        path.is_file(),
+        "{} is missing: build the plugins first (`./dev plugins`)",
+        path.display()
+    );
+    path
+}
+
+/// A name no other test or run uses.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
+}
+
+fn admin() -> AdminClient<DefaultClientContext> {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .expect("admin client")
+}
+
+/// Creates a topic and waits until its partitions have leaders.
+pub async fn create_topic(name: &str, partitions: i32) -> Result<()> {
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let res = admin()
+        .create_topics(&[NewTopic::new(name, partitions, TopicReplication::Fixed(1))], &opts)
+        .await?;
+    for r in res {
+        r.map_err(|(t, e)| anyhow::anyhow!("cannot create topic {t}: {e}"))?;
+    }
+    let consumer = base_consumer(None);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let md = consumer.fetch_metadata(Some(name), Duration::from_secs(5))?;
+        let ready = md
+            .topics()
+            .iter()
+            .any(|t| t.partitions().len() == partitions as usize && t.partitions().iter().all(|p| p.leader() >= 0));
+        if ready {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("topic {name} has no leaders after 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A record to produce.
+#[derive(Debug, Clone, Default)]
+pub struct In {
+    pub key: Option<String>,
+    pub value: Vec<u8>,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+impl In {
+    /// A record with a JSON envelope.
+    pub fn envelope(key: &str, id: &str, correlation: &str, event_type: &str, payload: serde_json::Value) -> In {
+        let value = serde_json::json!({
+            "schemaVersion": "1", "eventType": event_type, "id": id,
+            "timestamp": "2026-01-01T00:00:00Z", "correlationId": correlation, "payload": payload,
+        });
+        In {
+            key: Some(key.into()),
+            value: serde_json::to_vec(&value).unwrap(),
+            headers: vec![("content-type".into(), b"application/json".to_vec())],
+        }
+    }
+
+    /// A record claiming a JSON envelope with a body that is not one.
+    pub fn malformed(key: &str, body: &[u8]) -> In {
+        In {
+            key: Some(key.into()),
+            value: body.to_vec(),
+            headers: vec![("content-type".into(), b"application/json".to_vec())],
+        }
+    }
+}
+
+/// Produces records in order and waits for every acknowledgement.
+pub async fn produce(topic: &str, records: &[In]) -> Result<()> {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("enable.idempotence", "true")
+        .set("partitioner", "murmur2_random")
+        .set("linger.ms", "5")
+        .create()?;
+    let mut futures = Vec::with_capacity(records.len());
+    for r in records {
+        let mut headers = OwnedHeaders::new();
+        for (k, v) in &r.headers {
+            headers = headers.insert(Header { key: k, value: Some(v) });
+        }
+        let mut rec = FutureRecord::to(topic).payload(&r.value).headers(headers);
+        if let Some(k) = &r.key {
+            rec = rec.key(k);
+        }
+        loop {
+            match producer.send_result(rec) {
+                Ok(f) => {
+                    futures.push(f);
+                    break;
+                }
+                Err((_, back)) => {
+                    rec = back;
+                    producer.poll(Duration::from_millis(10));
+                }
+            }
+        }
+    }
+    for f in futures {
+        f.await?.map_err(|(e, _)| e)?;
+    }
+    producer.flush(Duration::from_secs(10))?;
+    Ok(())
+}
+
+fn base_consumer(group: Option<&str>) -> BaseConsumer {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", group.unwrap_or("weir-e2e-reader"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer")
+}
+
+/// High watermarks of every partition.
+pub fn end_offsets(topic: &str, partitions: i32) -> Result<Vec<i64>> {
+    let c = base_consumer(None);
+    (0..partitions)
+        .map(|p| Ok(c.fetch_watermarks(topic, p, Duration::from_secs(5))?.1))
+        .collect()
+}
+
+/// The group's committed offsets (-1 where none).
+pub fn committed(group: &str, topic: &str, partitions: i32) -> Result<Vec<i64>> {
+    let c = base_consumer(Some(group));
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(topic, p);
+    }
+    let tpl = c.committed_offsets(tpl, Duration::from_secs(10))?;
+    Ok((0..partitions)
+        .map(|p| match tpl.find_partition(topic, p).map(|e| e.offset()) {
+            Some(Offset::Offset(o)) => o,
+            _ => -1,
+        })
+        .collect())
+}
+
+/// Waits until the group has committed every partition to its end.
+pub async fn await_committed_to_end(group: &str, topic: &str, partitions: i32, timeout: Duration) -> Result<()> {
+    let end = end_offsets(topic, partitions)?;
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let c = committed(group, topic, partitions)?;
+        if c == end {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("group {group} committed {c:?} on {topic}, end offsets are {end:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Every record now in `topic`, read from the beginning to the end offsets.
+pub fn read_all(topic: &str) -> Result<Vec<OwnedMessage>> {
+    let c = base_consumer(None);
+    let md = c.fetch_metadata(Some(topic), Duration::from_secs(5))?;
+    let partitions = md.topics().first().map(|t| t.partitions().len()).unwrap_or(0) as i32;
+    let ends = end_offsets(topic, partitions)?;
+    let expected: i64 = ends.iter().sum();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)?;
+    }
+    c.assign(&tpl)?;
+    let mut out = Vec::with_capacity(expected as usize);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while (out.len() as i64) < expected {
+        if std::time::Instant::now() > deadline {
+            bail!("read {} of {expected} records of {topic}", out.len());
+        }
+        if let Some(m) = c.poll(Duration::from_millis(500)) {
+            out.push(m?.detach());
+        }
+    }
+    Ok(out)
+}
+
+/// Waits until `topic` holds at least `n` records.
+pub async fn await_records(topic: &str, partitions: i32, n: i64, timeout: Duration) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let total: i64 = end_offsets(topic, partitions)?.iter().sum();
+        if total >= n {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("{topic} holds {total} records, expected at least {n}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A header of a record as text.
+pub fn header(m: &OwnedMessage, name: &str) -> Option<String> {
+    m.headers()?
+        .iter()
+        .find(|h| h.key == name)
+        .and_then(|h| h.value)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
+/// A handler table for a config file.
+pub struct HandlerSpec {
+    pub name: String,
+    pub plugin: String,
+    pub topics: Vec<String>,
+    pub extra: String,
+    pub config: BTreeMap<String, String>,
+}
+
+impl HandlerSpec {
+    pub fn new(name: &str, plugin: &str, topic: &str) -> HandlerSpec {
+        HandlerSpec {
+            name: name.into(),
+            plugin: plugin.into(),
+            topics: vec![topic.into()],
+            extra: String::new(),
+            config: BTreeMap::new(),
+        }
+    }
+    pub fn config(mut self, k: &str, v: &str) -> Self {
+        self.config.insert(k.into(), v.into());
+        self
+    }
+    /// Extra `key = value` lines in the handler table.
+    pub fn extra(mut self, line: &str) -> Self {
+        self.extra.push_str(line);
+        self.extra.push('\n');
+        self
+    }
+}
+
+/// A config file for `group` with `handlers`.
+pub fn config_toml(group: &str, handlers: &[HandlerSpec]) -> String {
+    let mut s = format!(
+        "[kafka]\nbrokers = {:?}\ngroup_id = {group:?}\n\n[kafka.consumer_options]\n\"session.timeout.ms\" = \"10000\"\n\n[pipeline]\ncommit_interval_ms = 200\n",
+        brokers()
+    );
+    for h in handlers {
+        s.push_str(&format!(
+            "\n[[handler]]\nname = {:?}\nwasm = {:?}\ntopics = {:?}\n{}",
+            h.name,
+            plugin(&h.plugin).display().to_string(),
+            h.topics,
+            h.extra
+        ));
+        if !h.config.is_empty() {
+            s.push_str("[handler.config]\n");
+            for (k, v) in &h.config {
+                s.push_str(&format!("{k} = {v:?}\n"));
+            }
+        }
+    }
+    s
+}
+
+/// A running `weir run` process with its config in a temporary folder.
+pub struct Weir {
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Weir {
+    /// Starts `weir run` on a config text.
+    pub fn start(config: &str) -> Result<Weir> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("weir.toml");
+        std::fs::write(&path, config)?;
+        let child = Command::new(weir_bin())
+            .arg("run")
+            .arg("--config")
+            .arg(&path)
+            .env("WEIR_LOG", std::env::var("WEIR_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .context("cannot start weir")?;
+        Ok(Weir { child, _dir: dir })
+    }
+
+    /// SIGTERM, then waits for the exit.
+    pub async fn terminate(mut self, timeout: Duration) -> Result<ExitStatus> {
+        let pid = self.child.id().context("weir already exited")?;
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { libc_kill(pid as i32, 15) };
+        tokio::time::timeout(timeout, self.child.wait())
+            .await
+            .context("weir did not exit after SIGTERM")?
+            .map_err(Into::into)
+    }
+
+    /// SIGKILL: no chance to finish or commit anything.
+    pub async fn kill(mut self) -> Result<()> {
+        self.child.kill().await?;
+        Ok(())
+    }
+
+    /// True while the process runs.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+
+/// Runs `weir <args>` to completion and returns (success, stderr).
+pub fn run_weir(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(weir_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("running weir");
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+}

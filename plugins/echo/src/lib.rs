@@ -2,12 +2,18 @@
 //! `output_topic` config (default `<topic>.out`), with the same key and
 //! payload, as an `echo` envelope (JSON or MessagePack, as the input was).
 //! A raw input is echoed raw. Used by the end-to-end tests and benchmarks.
+//!
+//! Config: `output_topic`; `discard = "true"` publishes nothing (a trivial
+//! handler for benchmarks); `delay_ms` sleeps per event (a slow handler).
 
 use weir_sdk::{Event, HandlerResult, Output};
 
 /// Echoes one event.
 pub fn handle(event: Event) -> HandlerResult {
     let topic = weir_sdk::config("output_topic").unwrap_or_else(|| format!("{}.out", event.topic));
+    if let Some(ms) = weir_sdk::config("delay_ms").and_then(|v| v.parse().ok()) {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
     if weir_sdk::config("discard").as_deref() == Some("true") {
         return Ok(Vec::new());
     }
