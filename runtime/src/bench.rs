@@ -1,5 +1,23 @@
-//! `weir bench`: throughput and handling latency against a real broker.
-use anyhow::Result;
+//! `weir bench`: throughput and handling latency against a real broker,
+//! beside a raw librdkafka consume-only baseline over the same topic.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+
+use crate::config::{Config, HandlerConfig, KafkaConfig, PipelineConfig};
+use crate::handler::PluginEngine;
+use crate::pipeline::{self, Stats};
 
 /// Options of `weir bench`.
 #[derive(Debug, clap::Args)]
@@ -7,9 +25,223 @@ pub struct BenchArgs {
     /// Bootstrap servers of a real broker.
     #[arg(long, default_value = "127.0.0.1:19092")]
     brokers: String,
+    /// Events to produce and consume.
+    #[arg(long, default_value_t = 100_000)]
+    events: usize,
+    /// Partitions of the benchmark topic.
+    #[arg(long, default_value_t = 4)]
+    partitions: i32,
+    /// Folder with `echo.wasm`.
+    #[arg(long, default_value = "target/wasm32-wasip2/release")]
+    plugins: PathBuf,
 }
 
-/// Runs the benchmark.
-pub async fn run(_args: BenchArgs) -> Result<()> {
-    anyhow::bail!("not yet")
+struct Run {
+    name: &'static str,
+    seconds: f64,
+    events: usize,
+    p50_us: Option<u64>,
+    p99_us: Option<u64>,
+}
+
+/// Runs the benchmark and prints a table.
+pub async fn run(args: BenchArgs) -> Result<()> {
+    let echo = args.plugins.join("echo.wasm");
+    if !echo.is_file() {
+        bail!(
+            "{} is missing: build the plugins first (./dev plugins)",
+            echo.display()
+        );
+    }
+    let topic = format!("bench-{}", uuid::Uuid::new_v4().simple());
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &args.brokers)
+        .create()?;
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    for r in admin
+        .create_topics(
+            &[
+                NewTopic::new(&topic, args.partitions, TopicReplication::Fixed(1)),
+                NewTopic::new(
+                    &format!("{topic}.out"),
+                    args.partitions,
+                    TopicReplication::Fixed(1),
+                ),
+            ],
+            &opts,
+        )
+        .await?
+    {
+        r.map_err(|(t, e)| anyhow::anyhow!("cannot create {t}: {e}"))?;
+    }
+
+    let started = Instant::now();
+    produce(&args.brokers, &topic, args.events).await?;
+    let produce_secs = started.elapsed().as_secs_f64();
+    println!(
+        "produced {} events (~{} bytes each) to {topic} ({} partitions) in {produce_secs:.2} s",
+        args.events,
+        sample(0).len(),
+        args.partitions
+    );
+
+    let mut runs = vec![baseline(&args.brokers, &topic, args.events).await?];
+    runs.push(weir(&args, &topic, &echo, true).await?);
+    runs.push(weir(&args, &topic, &echo, false).await?);
+
+    println!("\n| run | events | seconds | events/s | handle p50 µs | handle p99 µs |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    for r in &runs {
+        let opt = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
+        println!(
+            "| {} | {} | {:.2} | {:.0} | {} | {} |",
+            r.name,
+            r.events,
+            r.seconds,
+            r.events as f64 / r.seconds,
+            opt(r.p50_us),
+            opt(r.p99_us)
+        );
+    }
+    Ok(())
+}
+
+fn sample(i: usize) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": "1", "eventType": "bench.tick", "id": format!("bench-{i}"),
+        "timestamp": "2026-01-01T00:00:00Z", "correlationId": format!("c-{i}"),
+        "payload": {"n": i, "customer": format!("customer-{}", i % 1000), "amount_cents": 1234,
+                    "note": "a fairly ordinary event payload of modest size"},
+    }))
+    .expect("JSON")
+}
+
+async fn produce(brokers: &str, topic: &str, n: usize) -> Result<()> {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("linger.ms", "20")
+        .set("partitioner", "murmur2_random")
+        .create()?;
+    let mut acks = Vec::with_capacity(n);
+    for i in 0..n {
+        let value = sample(i);
+        let key = format!("customer-{}", i % 1000);
+        let headers = OwnedHeaders::new().insert(Header {
+            key: "content-type",
+            value: Some("application/json"),
+        });
+        let mut rec = FutureRecord::to(topic)
+            .key(&key)
+            .payload(&value)
+            .headers(headers);
+        loop {
+            match producer.send_result(rec) {
+                Ok(f) => {
+                    acks.push(f);
+                    break;
+                }
+                Err((_, back)) => {
+                    rec = back;
+                    producer.poll(Duration::from_millis(5));
+                }
+            }
+        }
+    }
+    for a in acks {
+        a.await?.map_err(|(e, _)| e)?;
+    }
+    producer.flush(Duration::from_secs(30))?;
+    Ok(())
+}
+
+/// Consume-only with librdkafka: the ceiling for any consumer on this machine.
+async fn baseline(brokers: &str, topic: &str, n: usize) -> Result<Run> {
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set(
+            "group.id",
+            format!("bench-baseline-{}", uuid::Uuid::new_v4().simple()),
+        )
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()?;
+    consumer.subscribe(&[topic])?;
+    let started = Instant::now();
+    let mut seen = 0;
+    while seen < n {
+        tokio::time::timeout(Duration::from_secs(60), consumer.recv())
+            .await
+            .context("baseline consumer stalled")??;
+        seen += 1;
+    }
+    Ok(Run {
+        name: "librdkafka consume only (baseline)",
+        seconds: started.elapsed().as_secs_f64(),
+        events: n,
+        p50_us: None,
+        p99_us: None,
+    })
+}
+
+/// The full pipeline with the echo handler: `discard` makes it trivial
+/// (no outputs); otherwise every event publishes one output.
+async fn weir(args: &BenchArgs, topic: &str, echo: &std::path::Path, discard: bool) -> Result<Run> {
+    let mut handler: HandlerConfig = toml::from_str(&format!(
+        "name = \"echo\"\nwasm = {:?}\ntopics = [{topic:?}]\n",
+        echo.display().to_string()
+    ))?;
+    handler.config = BTreeMap::from([
+        ("discard".to_string(), discard.to_string()),
+        ("output_topic".to_string(), format!("{topic}.out")),
+    ]);
+    let config = Config {
+        kafka: KafkaConfig {
+            brokers: args.brokers.clone(),
+            group_id: format!("bench-weir-{}", uuid::Uuid::new_v4().simple()),
+            options: BTreeMap::new(),
+            consumer_options: BTreeMap::new(),
+            producer_options: BTreeMap::new(),
+            auto_offset_reset: "earliest".into(),
+        },
+        pipeline: PipelineConfig::default(),
+        handlers: vec![handler],
+    };
+    let engine = PluginEngine::new()?;
+    let handlers = crate::load_handlers(&engine, &config)?;
+    let stats = Arc::new(Stats {
+        handle_micros: Mutex::new(Some(hdrhistogram::Histogram::new(3)?)),
+        ..Stats::default()
+    });
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let started = Instant::now();
+    let task = tokio::spawn(pipeline::run(config, handlers, stats.clone(), async {
+        let _ = stop_rx.await;
+    }));
+    let n = args.events as u64;
+    while stats.events_final.load(Ordering::Relaxed) < n {
+        if task.is_finished() || started.elapsed() > Duration::from_secs(600) {
+            bail!("the pipeline stopped before handling {n} events");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let _ = stop_tx.send(());
+    task.await??;
+    let hist = stats
+        .handle_micros
+        .lock()
+        .unwrap()
+        .take()
+        .expect("histogram");
+    Ok(Run {
+        name: if discard {
+            "weir, trivial handler (no outputs)"
+        } else {
+            "weir, echo handler (one output per event)"
+        },
+        seconds,
+        events: args.events,
+        p50_us: Some(hist.value_at_quantile(0.5)),
+        p99_us: Some(hist.value_at_quantile(0.99)),
+    })
 }

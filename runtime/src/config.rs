@@ -191,10 +191,7 @@ impl Config {
         if self.kafka.group_id.trim().is_empty() {
             bail!("kafka.group_id: must not be empty");
         }
-        if !matches!(
-            self.kafka.auto_offset_reset.as_str(),
-            "earliest" | "latest"
-        ) {
+        if !matches!(self.kafka.auto_offset_reset.as_str(), "earliest" | "latest") {
             bail!(
                 "kafka.auto_offset_reset: must be \"earliest\" or \"latest\", not {:?}",
                 self.kafka.auto_offset_reset

@@ -55,9 +55,15 @@ impl DeadLetter<'_> {
         add(header::HANDLER_VERSION, self.handler_version);
         add(header::ATTEMPTS, self.attempts.to_string());
         add(header::ORIGINAL_TOPIC, self.record.topic.clone());
-        add(header::ORIGINAL_PARTITION, self.record.partition.to_string());
+        add(
+            header::ORIGINAL_PARTITION,
+            self.record.partition.to_string(),
+        );
         add(header::ORIGINAL_OFFSET, self.record.offset.to_string());
-        add(header::ORIGINAL_TIMESTAMP, self.record.timestamp_ms.to_string());
+        add(
+            header::ORIGINAL_TIMESTAMP,
+            self.record.timestamp_ms.to_string(),
+        );
         add(header::CONSUMER_GROUP, self.group_id.to_owned());
         add(header::FIRST_FAILURE_AT, fmt(self.first_failure));
         add(header::LAST_FAILURE_AT, fmt(self.last_failure));

@@ -58,13 +58,21 @@ fn plugins_dir(arg: Option<PathBuf>) -> Result<PathBuf> {
         })
 }
 
-fn handler(name: &str, wasm: PathBuf, event_types: &[&str], config: &[(&str, &str)]) -> HandlerConfig {
+fn handler(
+    name: &str,
+    wasm: PathBuf,
+    event_types: &[&str],
+    config: &[(&str, &str)],
+) -> HandlerConfig {
     let text = format!(
         "name = {name:?}\nwasm = {:?}\ntopics = [{INPUT:?}]\nevent_types = {event_types:?}\n",
         wasm.display().to_string()
     );
     let mut h: HandlerConfig = toml::from_str(&text).expect("a valid handler table");
-    h.config = config.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>();
+    h.config = config
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect::<BTreeMap<_, _>>();
     h
 }
 
@@ -82,15 +90,31 @@ fn sample_events() -> Vec<(String, Vec<u8>, &'static str)> {
         ("c-3", order("o-1003", "c-3", "JP")),
         ("c-1", order("o-1004", "c-1", "FR")),
         ("c-4", order("o-1005", "c-4", "AQ")), // no region serves it: fatal
-        ("c-2", json!({"eventType": "order.cancelled", "id": "evt-o-1002-x",
-                       "payload": {"order_id": "o-1002", "reason": "changed mind"}})),
+        (
+            "c-2",
+            json!({"eventType": "order.cancelled", "id": "evt-o-1002-x",
+                       "payload": {"order_id": "o-1002", "reason": "changed mind"}}),
+        ),
         ("c-5", order("o-1006", "c-5", "GB")),
         ("c-6", order("o-1007", "c-6", "CA")),
     ]
     .into_iter()
-    .map(|(k, v)| (k.to_string(), serde_json::to_vec(&v).unwrap(), "application/json"))
+    .map(|(k, v)| {
+        (
+            k.to_string(),
+            serde_json::to_vec(&v).unwrap(),
+            "application/json",
+        )
+    })
     .collect();
-    events.insert(3, ("c-9".into(), b"{\"eventType\": \"order.placed\", \"payload\": {oops".to_vec(), "application/json"));
+    events.insert(
+        3,
+        (
+            "c-9".into(),
+            b"{\"eventType\": \"order.placed\", \"payload\": {oops".to_vec(),
+            "application/json",
+        ),
+    );
     events
 }
 
@@ -144,14 +168,22 @@ pub async fn run(args: DevArgs) -> Result<()> {
                 &["order.placed", "order.cancelled"],
                 &[("output_prefix", "orders"), ("tax_rate_percent", "20")],
             ),
-            handler("audit-log", dir.join("echo.wasm"), &[], &[("output_topic", "orders.audit")]),
+            handler(
+                "audit-log",
+                dir.join("echo.wasm"),
+                &[],
+                &[("output_topic", "orders.audit")],
+            ),
         ],
     };
     config.validate()?;
     let engine = PluginEngine::new()?;
     let handlers = crate::load_handlers(&engine, &config)?;
     for h in &handlers {
-        println!("loaded handler {} (version {}) on {:?}", h.name, h.version, h.topics);
+        println!(
+            "loaded handler {} (version {}) on {:?}",
+            h.name, h.version, h.topics
+        );
     }
 
     let events = sample_events();
@@ -162,7 +194,13 @@ pub async fn run(args: DevArgs) -> Result<()> {
             value: Some(*content_type),
         });
         producer
-            .send(FutureRecord::to(INPUT).key(key).payload(value).headers(headers), Duration::from_secs(5))
+            .send(
+                FutureRecord::to(INPUT)
+                    .key(key)
+                    .payload(value)
+                    .headers(headers),
+                Duration::from_secs(5),
+            )
             .await
             .map_err(|(e, _)| e)
             .context("cannot produce sample events")?;
@@ -171,13 +209,21 @@ pub async fn run(args: DevArgs) -> Result<()> {
 
     let stats = Arc::new(Stats::default());
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(pipeline::run(config.clone(), handlers, stats.clone(), async {
-        let _ = stop_rx.await;
-    }));
+    let task = tokio::spawn(pipeline::run(
+        config.clone(),
+        handlers,
+        stats.clone(),
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while stats.events_final.load(Ordering::Relaxed) < events.len() as u64 {
         if tokio::time::Instant::now() > deadline || task.is_finished() {
-            bail!("the demo pipeline did not finish its {} events", events.len());
+            bail!(
+                "the demo pipeline did not finish its {} events",
+                events.len()
+            );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -185,8 +231,16 @@ pub async fn run(args: DevArgs) -> Result<()> {
     task.await??;
     info!("pipeline stopped");
 
-    print_topic(&brokers, "orders.enriched", "order-enricher → orders.enriched")?;
-    print_topic(&brokers, "orders.cancelled", "order-enricher → orders.cancelled")?;
+    print_topic(
+        &brokers,
+        "orders.enriched",
+        "order-enricher → orders.enriched",
+    )?;
+    print_topic(
+        &brokers,
+        "orders.cancelled",
+        "order-enricher → orders.cancelled",
+    )?;
     print_topic(&brokers, "orders.audit", "audit-log → orders.audit")?;
     print_topic(&brokers, "orders.dlq", "dead letters → orders.dlq")?;
     print_committed(&brokers, &config.kafka.group_id)?;
@@ -236,7 +290,10 @@ fn print_topic(brokers: &str, topic: &str, title: &str) -> Result<()> {
         };
         let msg = msg?;
         seen += 1;
-        let key = msg.key().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default();
+        let key = msg
+            .key()
+            .map(|k| String::from_utf8_lossy(k).into_owned())
+            .unwrap_or_default();
         let value = String::from_utf8_lossy(msg.payload().unwrap_or_default());
         if let Some(kind) = header_str(&msg, dlh::ERROR_KIND) {
             println!(

@@ -337,7 +337,10 @@ pub fn encode_output(output: Output, parent: &Event) -> Result<Produce, String> 
             .iter()
             .any(|(k, _)| k.eq_ignore_ascii_case(header::CONTENT_TYPE))
     {
-        headers.push((header::CONTENT_TYPE.into(), output.content_type.into_bytes()));
+        headers.push((
+            header::CONTENT_TYPE.into(),
+            output.content_type.into_bytes(),
+        ));
     }
     if !output.event_type.is_empty() {
         headers.push((header::EVENT_TYPE.into(), output.event_type.into_bytes()));

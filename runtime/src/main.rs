@@ -73,7 +73,10 @@ fn real_main(cli: Cli) -> Result<()> {
             let config = Config::load(&config)?;
             let engine = PluginEngine::new()?;
             for h in weir::load_handlers(&engine, &config)? {
-                println!("ok: handler {} version {} on {:?}", h.name, h.version, h.topics);
+                println!(
+                    "ok: handler {} version {} on {:?}",
+                    h.name, h.version, h.topics
+                );
             }
             Ok(())
         }

@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result};
 use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
@@ -127,7 +129,10 @@ impl ConsumerContext for WeirContext {
             }
         }
         if !revoked.is_empty() {
-            info!(partitions = revoked.len(), "partitions revoked; finishing their in-flight events");
+            info!(
+                partitions = revoked.len(),
+                "partitions revoked; finishing their in-flight events"
+            );
             let deadline = Instant::now() + self.drain_timeout;
             drain(&mut revoked, deadline);
         }
@@ -180,7 +185,12 @@ fn commit_sync<C: ConsumerContext>(consumer: &impl Consumer<C>) {
 /// acks from all replicas, Java-compatible key partitioning.
 pub fn producer_config(config: &Config) -> ClientConfig {
     let mut c = ClientConfig::new();
-    for (k, v) in config.kafka.options.iter().chain(&config.kafka.producer_options) {
+    for (k, v) in config
+        .kafka
+        .options
+        .iter()
+        .chain(&config.kafka.producer_options)
+    {
         c.set(k, v);
     }
     c.set("bootstrap.servers", &config.kafka.brokers)
@@ -193,7 +203,12 @@ pub fn producer_config(config: &Config) -> ClientConfig {
 
 fn consumer_config(config: &Config) -> ClientConfig {
     let mut c = ClientConfig::new();
-    for (k, v) in config.kafka.options.iter().chain(&config.kafka.consumer_options) {
+    for (k, v) in config
+        .kafka
+        .options
+        .iter()
+        .chain(&config.kafka.consumer_options)
+    {
         c.set(k, v);
     }
     c.set("bootstrap.servers", &config.kafka.brokers)
@@ -276,11 +291,12 @@ pub async fn run(
     commit_task.abort();
     let mut all: Vec<Worker> = {
         let mut map = workers.map.lock().unwrap();
-        map.drain().map(|(_, mut w)| {
-            w.close();
-            w
-        })
-        .collect()
+        map.drain()
+            .map(|(_, mut w)| {
+                w.close();
+                w
+            })
+            .collect()
     };
     let deadline = Instant::now() + shared.config.pipeline.drain_timeout();
     drain(&mut all, deadline);
@@ -301,7 +317,12 @@ fn to_record(msg: &BorrowedMessage<'_>) -> Record {
             .headers()
             .map(|hs| {
                 hs.iter()
-                    .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec).unwrap_or_default()))
+                    .map(|h| {
+                        (
+                            h.key.to_owned(),
+                            h.value.map(<[u8]>::to_vec).unwrap_or_default(),
+                        )
+                    })
                     .collect()
             })
             .unwrap_or_default(),
@@ -470,7 +491,11 @@ async fn finalize(
 
 /// Waits for one record's acknowledgement, re-sending it while the broker
 /// refuses it. False when cancelled before it was acknowledged.
-async fn acknowledged(mut delivery: DeliveryFuture, producer: &FutureProducer, cancel: &AtomicBool) -> bool {
+async fn acknowledged(
+    mut delivery: DeliveryFuture,
+    producer: &FutureProducer,
+    cancel: &AtomicBool,
+) -> bool {
     let mut backoff = Duration::from_millis(100);
     loop {
         let (err, msg) = match delivery.await {
@@ -493,7 +518,12 @@ async fn acknowledged(mut delivery: DeliveryFuture, producer: &FutureProducer, c
                 .headers()
                 .map(|hs| {
                     hs.iter()
-                        .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec).unwrap_or_default()))
+                        .map(|h| {
+                            (
+                                h.key.to_owned(),
+                                h.value.map(<[u8]>::to_vec).unwrap_or_default(),
+                            )
+                        })
                         .collect()
                 })
                 .unwrap_or_default(),
@@ -516,7 +546,9 @@ fn send(producer: &FutureProducer, p: &Produce, cancel: &AtomicBool) -> Option<D
         });
     }
     loop {
-        let mut record = FutureRecord::to(&p.topic).payload(&p.value).headers(headers.clone());
+        let mut record = FutureRecord::to(&p.topic)
+            .payload(&p.value)
+            .headers(headers.clone());
         if let Some(k) = &p.key {
             record = record.key(k);
         }
@@ -559,7 +591,11 @@ enum Verdict {
 }
 
 impl PartitionWorker {
-    fn new(shared: Arc<Shared>, handlers: Vec<Arc<LoadedHandler>>, cancel: Arc<AtomicBool>) -> Self {
+    fn new(
+        shared: Arc<Shared>,
+        handlers: Vec<Arc<LoadedHandler>>,
+        cancel: Arc<AtomicBool>,
+    ) -> Self {
         Self {
             shared,
             handlers: handlers.into_iter().map(|h| (h, None)).collect(),
@@ -567,12 +603,19 @@ impl PartitionWorker {
         }
     }
 
-    fn run(mut self, mut rx: mpsc::Receiver<Record>, pending: mpsc::Sender<Pending>, stop: &AtomicBool) {
+    fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Record>,
+        pending: mpsc::Sender<Pending>,
+        stop: &AtomicBool,
+    ) {
         while let Some(record) = rx.blocking_recv() {
             if stop.load(Ordering::SeqCst) || self.cancel.load(Ordering::SeqCst) {
                 break;
             }
-            let Some(p) = self.process(&record) else { break };
+            let Some(p) = self.process(&record) else {
+                break;
+            };
             if pending.blocking_send(p).is_err() {
                 break;
             }
@@ -587,7 +630,11 @@ impl PartitionWorker {
         match envelope::decode(record) {
             Err(undecodable) => {
                 let names: Vec<&str> = self.handlers.iter().map(|(h, _)| h.name.as_str()).collect();
-                let versions: Vec<&str> = self.handlers.iter().map(|(h, _)| h.version.as_str()).collect();
+                let versions: Vec<&str> = self
+                    .handlers
+                    .iter()
+                    .map(|(h, _)| h.version.as_str())
+                    .collect();
                 let topic = self
                     .handlers
                     .first()
@@ -609,7 +656,10 @@ impl PartitionWorker {
                 }
                 .into_produce(topic);
                 deliveries.push(send(&self.shared.producer, &dl, &self.cancel)?);
-                self.shared.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                self.shared
+                    .stats
+                    .dead_lettered
+                    .fetch_add(1, Ordering::Relaxed);
             }
             Ok(event) => {
                 for i in 0..self.handlers.len() {
@@ -625,7 +675,12 @@ impl PartitionWorker {
                             }
                             self.shared.stats.handled.fetch_add(1, Ordering::Relaxed);
                         }
-                        Verdict::Failed { kind, message, attempts, first_failure } => {
+                        Verdict::Failed {
+                            kind,
+                            message,
+                            attempts,
+                            first_failure,
+                        } => {
                             let topic = handler
                                 .dead_letter_topic
                                 .clone()
@@ -646,7 +701,10 @@ impl PartitionWorker {
                             }
                             .into_produce(topic);
                             deliveries.push(send(&self.shared.producer, &dl, &self.cancel)?);
-                            self.shared.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                            self.shared
+                                .stats
+                                .dead_lettered
+                                .fetch_add(1, Ordering::Relaxed);
                         }
                     }
                 }

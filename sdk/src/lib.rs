@@ -146,11 +146,17 @@ impl Event {
     pub fn decode<T: DeserializeOwned>(&self) -> Result<T, HandlerError> {
         if self.content_type == MSGPACK {
             rmp_serde::from_slice(&self.payload).map_err(|e| {
-                HandlerError::fatal(format!("payload of {} is not the expected MessagePack: {e}", self.id))
+                HandlerError::fatal(format!(
+                    "payload of {} is not the expected MessagePack: {e}",
+                    self.id
+                ))
             })
         } else {
             serde_json::from_slice(&self.payload).map_err(|e| {
-                HandlerError::fatal(format!("payload of {} is not the expected JSON: {e}", self.id))
+                HandlerError::fatal(format!(
+                    "payload of {} is not the expected JSON: {e}",
+                    self.id
+                ))
             })
         }
     }
@@ -472,7 +478,7 @@ macro_rules! handler {
                     $crate::__bindings::into_wit($handle(event.into()))
                 }
             }
-            $crate::__bindings::__export_handler!(WeirHandler with_types_in $crate::__bindings);
+    $crate::__bindings::__export_handler!(WeirHandler with_types_in $crate::__bindings);
         };
     };
 }

@@ -26,7 +26,10 @@ pub fn brokers() -> String {
 fn profile_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     // <target>/<profile>/deps/<test>
-    exe.parent().and_then(|d| d.parent()).expect("target layout").to_path_buf()
+    exe.parent()
+        .and_then(|d| d.parent())
+        .expect("target layout")
+        .to_path_buf()
 }
 
 /// The `weir` binary under test.
@@ -46,7 +49,12 @@ pub fn weir_bin() -> PathBuf {
 pub fn plugin(name: &str) -> PathBuf {
     let dir = std::env::var_os("WEIR_PLUGINS")
         .map(PathBuf::from)
-        .unwrap_or_else(|| profile_dir().parent().unwrap().join("wasm32-wasip2/release"));
+        .unwrap_or_else(|| {
+            profile_dir()
+                .parent()
+                .unwrap()
+                .join("wasm32-wasip2/release")
+        });
     let path = dir.join(format!("{}.wasm", name.replace('-', "_")));
     assert!(
         path.is_file(),
@@ -72,7 +80,10 @@ fn admin() -> AdminClient<DefaultClientContext> {
 pub async fn create_topic(name: &str, partitions: i32) -> Result<()> {
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
     let res = admin()
-        .create_topics(&[NewTopic::new(name, partitions, TopicReplication::Fixed(1))], &opts)
+        .create_topics(
+            &[NewTopic::new(name, partitions, TopicReplication::Fixed(1))],
+            &opts,
+        )
         .await?;
     for r in res {
         r.map_err(|(t, e)| anyhow::anyhow!("cannot create topic {t}: {e}"))?;
@@ -81,10 +92,10 @@ pub async fn create_topic(name: &str, partitions: i32) -> Result<()> {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         let md = consumer.fetch_metadata(Some(name), Duration::from_secs(5))?;
-        let ready = md
-            .topics()
-            .iter()
-            .any(|t| t.partitions().len() == partitions as usize && t.partitions().iter().all(|p| p.leader() >= 0));
+        let ready = md.topics().iter().any(|t| {
+            t.partitions().len() == partitions as usize
+                && t.partitions().iter().all(|p| p.leader() >= 0)
+        });
         if ready {
             return Ok(());
         }
@@ -105,7 +116,13 @@ pub struct In {
 
 impl In {
     /// A record with a JSON envelope.
-    pub fn envelope(key: &str, id: &str, correlation: &str, event_type: &str, payload: serde_json::Value) -> In {
+    pub fn envelope(
+        key: &str,
+        id: &str,
+        correlation: &str,
+        event_type: &str,
+        payload: serde_json::Value,
+    ) -> In {
         let value = serde_json::json!({
             "schemaVersion": "1", "eventType": event_type, "id": id,
             "timestamp": "2026-01-01T00:00:00Z", "correlationId": correlation, "payload": payload,
@@ -139,7 +156,10 @@ pub async fn produce(topic: &str, records: &[In]) -> Result<()> {
     for r in records {
         let mut headers = OwnedHeaders::new();
         for (k, v) in &r.headers {
-            headers = headers.insert(Header { key: k, value: Some(v) });
+            headers = headers.insert(Header {
+                key: k,
+                value: Some(v),
+            });
         }
         let mut rec = FutureRecord::to(topic).payload(&r.value).headers(headers);
         if let Some(k) = &r.key {
@@ -199,7 +219,12 @@ pub fn committed(group: &str, topic: &str, partitions: i32) -> Result<Vec<i64>> 
 }
 
 /// Waits until the group has committed every partition to its end.
-pub async fn await_committed_to_end(group: &str, topic: &str, partitions: i32, timeout: Duration) -> Result<()> {
+pub async fn await_committed_to_end(
+    group: &str,
+    topic: &str,
+    partitions: i32,
+    timeout: Duration,
+) -> Result<()> {
     let end = end_offsets(topic, partitions)?;
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
@@ -218,7 +243,11 @@ pub async fn await_committed_to_end(group: &str, topic: &str, partitions: i32, t
 pub fn read_all(topic: &str) -> Result<Vec<OwnedMessage>> {
     let c = base_consumer(None);
     let md = c.fetch_metadata(Some(topic), Duration::from_secs(5))?;
-    let partitions = md.topics().first().map(|t| t.partitions().len()).unwrap_or(0) as i32;
+    let partitions = md
+        .topics()
+        .first()
+        .map(|t| t.partitions().len())
+        .unwrap_or(0) as i32;
     let ends = end_offsets(topic, partitions)?;
     let expected: i64 = ends.iter().sum();
     let mut tpl = TopicPartitionList::new();
@@ -334,7 +363,10 @@ impl Weir {
             .arg("run")
             .arg("--config")
             .arg(&path)
-            .env("WEIR_LOG", std::env::var("WEIR_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "WEIR_LOG",
+                std::env::var("WEIR_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .kill_on_drop(true)
             .spawn()
@@ -377,5 +409,8 @@ pub fn run_weir(args: &[&str]) -> (bool, String) {
         .stdin(Stdio::null())
         .output()
         .expect("running weir");
-    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }

@@ -18,7 +18,9 @@ async fn failures_are_dead_lettered_and_processing_goes_on() -> anyhow::Result<(
     create_topic(&dlq, 1).await?;
 
     let mut malformed = In::malformed("k", b"{\"eventType\": \"x\", \"payload\": ");
-    malformed.headers.push(("x-origin".into(), b"\x00\xffbytes".to_vec()));
+    malformed
+        .headers
+        .push(("x-origin".into(), b"\x00\xffbytes".to_vec()));
     let records = vec![
         In::envelope("k", "ok-1", "c", "t", json!("first")),
         malformed,
@@ -44,20 +46,36 @@ async fn failures_are_dead_lettered_and_processing_goes_on() -> anyhow::Result<(
 
     let dead = read_all(&dlq)?;
     assert_eq!(dead.len(), 3, "three dead letters");
-    let kinds: Vec<String> = dead.iter().map(|m| header(m, "weir-error-kind").unwrap()).collect();
+    let kinds: Vec<String> = dead
+        .iter()
+        .map(|m| header(m, "weir-error-kind").unwrap())
+        .collect();
     assert_eq!(kinds, ["undecodable", "fatal", "retries-exhausted"]);
 
     // The malformed record is kept byte for byte, headers included.
     let m = &dead[0];
     assert_eq!(m.payload(), Some(&records[1].value[..]));
     assert_eq!(m.key(), Some(&b"k"[..]));
-    let origin = m.headers().unwrap().iter().find(|h| h.key == "x-origin").unwrap();
+    let origin = m
+        .headers()
+        .unwrap()
+        .iter()
+        .find(|h| h.key == "x-origin")
+        .unwrap();
     assert_eq!(origin.value, Some(&b"\x00\xffbytes"[..]));
-    assert!(header(m, "weir-error-message").unwrap().contains("malformed JSON envelope"));
-    assert_eq!(header(m, "weir-original-topic").as_deref(), Some(input.as_str()));
+    assert!(header(m, "weir-error-message")
+        .unwrap()
+        .contains("malformed JSON envelope"));
+    assert_eq!(
+        header(m, "weir-original-topic").as_deref(),
+        Some(input.as_str())
+    );
     assert_eq!(header(m, "weir-original-partition").as_deref(), Some("0"));
     assert_eq!(header(m, "weir-original-offset").as_deref(), Some("1"));
-    assert_eq!(header(m, "weir-consumer-group").as_deref(), Some(group.as_str()));
+    assert_eq!(
+        header(m, "weir-consumer-group").as_deref(),
+        Some(group.as_str())
+    );
 
     let m = &dead[1];
     assert!(header(m, "weir-error-message").unwrap().contains("FAIL"));
@@ -68,6 +86,8 @@ async fn failures_are_dead_lettered_and_processing_goes_on() -> anyhow::Result<(
 
     let m = &dead[2];
     assert_eq!(header(m, "weir-attempts").as_deref(), Some("3"));
-    assert!(header(m, "weir-error-message").unwrap().contains("attempt 3"));
+    assert!(header(m, "weir-error-message")
+        .unwrap()
+        .contains("attempt 3"));
     Ok(())
 }

@@ -20,13 +20,21 @@ async fn ten_thousand_events_flow_through_once_in_key_order() -> anyhow::Result<
     let records: Vec<In> = (0..N)
         .map(|i| {
             let key = format!("key-{}", i % KEYS);
-            In::envelope(&key, &format!("evt-{i}"), &format!("corr-{i}"), "order.placed",
-                json!({"key": key, "seq": i / KEYS}))
+            In::envelope(
+                &key,
+                &format!("evt-{i}"),
+                &format!("corr-{i}"),
+                "order.placed",
+                json!({"key": key, "seq": i / KEYS}),
+            )
         })
         .collect();
     produce(&input, &records).await?;
 
-    let weir = Weir::start(&config_toml(&group, &[HandlerSpec::new("echo", "echo", &input)]))?;
+    let weir = Weir::start(&config_toml(
+        &group,
+        &[HandlerSpec::new("echo", "echo", &input)],
+    ))?;
     await_committed_to_end(&group, &input, 4, Duration::from_secs(180)).await?;
     let status = weir.terminate(Duration::from_secs(30)).await?;
     assert!(status.success(), "weir exited with {status}");
@@ -41,7 +49,10 @@ async fn ten_thousand_events_flow_through_once_in_key_order() -> anyhow::Result<
         let causation = v["causationId"].as_str().unwrap().to_owned();
         let i: usize = causation.strip_prefix("evt-").unwrap().parse()?;
         assert_eq!(v["correlationId"], format!("corr-{i}"));
-        assert_eq!(header(m, "causation-id").as_deref(), Some(causation.as_str()));
+        assert_eq!(
+            header(m, "causation-id").as_deref(),
+            Some(causation.as_str())
+        );
         assert_eq!(header(m, "correlation-id"), Some(format!("corr-{i}")));
         assert_eq!(v["eventType"], "order.placed.echoed");
         assert_ne!(v["id"], causation.as_str(), "an output gets a fresh id");
@@ -49,7 +60,10 @@ async fn ten_thousand_events_flow_through_once_in_key_order() -> anyhow::Result<
         assert_eq!(m.key(), Some(key.as_bytes()));
         let seq = v["payload"]["seq"].as_i64().unwrap();
         let prev = last_seq.insert(key.clone(), seq);
-        assert!(prev.is_none_or(|p| p < seq), "key {key}: seq {seq} after {prev:?}");
+        assert!(
+            prev.is_none_or(|p| p < seq),
+            "key {key}: seq {seq} after {prev:?}"
+        );
         assert!(causations.insert(causation), "duplicate output");
     }
     assert_eq!(causations.len(), N);

@@ -18,10 +18,21 @@ async fn restarts_leave_no_input_without_output() -> anyhow::Result<()> {
     create_topic(&input, P).await?;
     create_topic(&output, P).await?;
     // A slow handler (2 ms per event) so that the stops land mid-stream.
-    let config = config_toml(&group, &[HandlerSpec::new("echo", "echo", &input).config("delay_ms", "2")]);
+    let config = config_toml(
+        &group,
+        &[HandlerSpec::new("echo", "echo", &input).config("delay_ms", "2")],
+    );
     let batch = |from: usize, to: usize| -> Vec<In> {
         (from..to)
-            .map(|i| In::envelope(&format!("k{}", i % 17), &format!("evt-{i}"), "c", "tick", json!({"i": i})))
+            .map(|i| {
+                In::envelope(
+                    &format!("k{}", i % 17),
+                    &format!("evt-{i}"),
+                    "c",
+                    "tick",
+                    json!({"i": i}),
+                )
+            })
             .collect()
     };
     let total = |v: Vec<i64>| v.into_iter().filter(|o| *o > 0).sum::<i64>();
@@ -37,7 +48,10 @@ async fn restarts_leave_no_input_without_output() -> anyhow::Result<()> {
     let committed_after_stop = total(committed(&group, &input, P)?);
     println!("after graceful stop: {committed_after_stop} committed, {outputs} outputs");
     assert!(committed_after_stop < 3_000, "the stop was not mid-stream");
-    assert_eq!(committed_after_stop, outputs, "graceful stop commits exactly what it finished");
+    assert_eq!(
+        committed_after_stop, outputs,
+        "graceful stop commits exactly what it finished"
+    );
 
     // A crash while events are in flight.
     let weir = Weir::start(&config)?;
@@ -45,7 +59,10 @@ async fn restarts_leave_no_input_without_output() -> anyhow::Result<()> {
     weir.kill().await?;
     let c = total(committed(&group, &input, P)?);
     let o = total(end_offsets(&output, P)?);
-    assert!(c < 3_000, "the crash was not mid-stream: {c} committed, {o} outputs");
+    assert!(
+        c < 3_000,
+        "the crash was not mid-stream: {c} committed, {o} outputs"
+    );
 
     // More events arrive while it is down; the next start catches up.
     produce(&input, &batch(3_000, N)).await?;
@@ -59,8 +76,19 @@ async fn restarts_leave_no_input_without_output() -> anyhow::Result<()> {
         let v: Value = serde_json::from_slice(m.payload().unwrap())?;
         seen.insert(v["causationId"].as_str().unwrap().to_owned());
     }
-    let missing: Vec<usize> = (0..N).filter(|i| !seen.contains(&format!("evt-{i}"))).collect();
-    assert!(missing.is_empty(), "{} inputs have no output, e.g. {:?}", missing.len(), &missing[..missing.len().min(10)]);
-    println!("restart: {N} inputs, {} outputs, {} duplicates after the crash", all.len(), all.len() - N);
+    let missing: Vec<usize> = (0..N)
+        .filter(|i| !seen.contains(&format!("evt-{i}")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} inputs have no output, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
+    println!(
+        "restart: {N} inputs, {} outputs, {} duplicates after the crash",
+        all.len(),
+        all.len() - N
+    );
     Ok(())
 }

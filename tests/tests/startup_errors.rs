@@ -12,7 +12,10 @@ fn write(dir: &tempfile::TempDir, name: &str, text: &str) -> String {
 #[test]
 fn unknown_config_key_is_named() {
     let dir = tempfile::tempdir().unwrap();
-    let text = config_toml("g", &[HandlerSpec::new("echo", "echo", "t").extra("max_atempts = 5")]);
+    let text = config_toml(
+        "g",
+        &[HandlerSpec::new("echo", "echo", "t").extra("max_atempts = 5")],
+    );
     let path = write(&dir, "weir.toml", &text);
     let (ok, stderr) = run_weir(&["run", "--config", &path]);
     assert!(!ok);
@@ -26,8 +29,10 @@ fn a_core_module_is_refused_naming_the_file() {
     let module = dir.path().join("module.wasm");
     // The smallest core module: magic and version 1.
     std::fs::write(&module, b"\0asm\x01\0\0\0").unwrap();
-    let text = config_toml("g", &[HandlerSpec::new("echo", "echo", "t")])
-        .replace(&plugin("echo").display().to_string(), &module.display().to_string());
+    let text = config_toml("g", &[HandlerSpec::new("echo", "echo", "t")]).replace(
+        &plugin("echo").display().to_string(),
+        &module.display().to_string(),
+    );
     let path = write(&dir, "weir.toml", &text);
     let (ok, stderr) = run_weir(&["run", "--config", &path]);
     assert!(!ok);
@@ -40,21 +45,31 @@ fn a_file_that_is_not_wasm_is_refused_naming_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let junk = dir.path().join("junk.wasm");
     std::fs::write(&junk, b"#!/bin/sh\necho hi\n").unwrap();
-    let text = config_toml("g", &[HandlerSpec::new("echo", "echo", "t")])
-        .replace(&plugin("echo").display().to_string(), &junk.display().to_string());
+    let text = config_toml("g", &[HandlerSpec::new("echo", "echo", "t")]).replace(
+        &plugin("echo").display().to_string(),
+        &junk.display().to_string(),
+    );
     let path = write(&dir, "weir.toml", &text);
     let (ok, stderr) = run_weir(&["check", "--config", &path]);
     assert!(!ok);
-    assert!(stderr.contains("junk.wasm") && stderr.contains("not a WebAssembly file"), "stderr: {stderr}");
+    assert!(
+        stderr.contains("junk.wasm") && stderr.contains("not a WebAssembly file"),
+        "stderr: {stderr}"
+    );
 }
 
 #[test]
 fn a_missing_plugin_file_is_named() {
     let dir = tempfile::tempdir().unwrap();
-    let text = config_toml("g", &[HandlerSpec::new("echo", "echo", "t")])
-        .replace(&plugin("echo").display().to_string(), "/nonexistent/handler.wasm");
+    let text = config_toml("g", &[HandlerSpec::new("echo", "echo", "t")]).replace(
+        &plugin("echo").display().to_string(),
+        "/nonexistent/handler.wasm",
+    );
     let path = write(&dir, "weir.toml", &text);
     let (ok, stderr) = run_weir(&["run", "--config", &path]);
     assert!(!ok);
-    assert!(stderr.contains("/nonexistent/handler.wasm"), "stderr: {stderr}");
+    assert!(
+        stderr.contains("/nonexistent/handler.wasm"),
+        "stderr: {stderr}"
+    );
 }

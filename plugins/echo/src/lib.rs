@@ -34,7 +34,9 @@ mod tests {
 
     #[test]
     fn echoes_payload_and_key_to_the_output_topic() {
-        let e = Event::json("in", "t", &serde_json::json!({"n": 1})).unwrap().with_key("k");
+        let e = Event::json("in", "t", &serde_json::json!({"n": 1}))
+            .unwrap()
+            .with_key("k");
         let out = handle(e).unwrap();
         assert_eq!(out[0].topic, "in.out");
         assert_eq!(out[0].event_type, "t.echoed");

@@ -6,7 +6,10 @@
 use weir_sdk::{Event, HandlerError, HandlerResult, Output};
 
 fn contains(haystack: &[u8], needle: &str) -> bool {
-    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle.as_bytes())
+    !needle.is_empty()
+        && haystack
+            .windows(needle.len())
+            .any(|w| w == needle.as_bytes())
 }
 
 /// Echoes the event, or fails on a marker.
@@ -14,7 +17,10 @@ pub fn handle(event: Event) -> HandlerResult {
     let marker = weir_sdk::config("marker").unwrap_or_else(|| "FAIL".into());
     let retry_marker = weir_sdk::config("retry_marker").unwrap_or_else(|| "RETRY".into());
     if contains(&event.payload, &marker) {
-        return Err(HandlerError::fatal(format!("event {} carries the marker {marker:?}", event.id)));
+        return Err(HandlerError::fatal(format!(
+            "event {} carries the marker {marker:?}",
+            event.id
+        )));
     }
     if contains(&event.payload, &retry_marker) {
         return Err(HandlerError::retriable(format!(
@@ -38,8 +44,14 @@ mod tests {
 
     #[test]
     fn marker_is_fatal_and_others_pass() {
-        assert!(matches!(handle(Event::raw("t", "a FAIL b")), Err(HandlerError::Fatal(_))));
-        assert!(matches!(handle(Event::raw("t", "RETRY")), Err(HandlerError::Retriable(_))));
+        assert!(matches!(
+            handle(Event::raw("t", "a FAIL b")),
+            Err(HandlerError::Fatal(_))
+        ));
+        assert!(matches!(
+            handle(Event::raw("t", "RETRY")),
+            Err(HandlerError::Retriable(_))
+        ));
         assert_eq!(handle(Event::raw("t", "ok")).unwrap()[0].payload, b"ok");
     }
 }

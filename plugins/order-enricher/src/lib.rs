@@ -75,7 +75,10 @@ pub fn handle(event: Event) -> HandlerResult {
                 )));
             };
             if order.items.is_empty() {
-                return Err(HandlerError::fatal(format!("order {} has no items", order.order_id)));
+                return Err(HandlerError::fatal(format!(
+                    "order {} has no items",
+                    order.order_id
+                )));
             }
             let subtotal: u64 = order
                 .items
@@ -92,7 +95,10 @@ pub fn handle(event: Event) -> HandlerResult {
                 tax_cents: tax,
                 total_cents: subtotal + tax,
             };
-            log::debug(&format!("order {} enriched for {region}", enriched.order_id));
+            log::debug(&format!(
+                "order {} enriched for {region}",
+                enriched.order_id
+            ));
             Ok(vec![Output::json(
                 &format!("{prefix}.enriched"),
                 "order.enriched",
@@ -102,12 +108,20 @@ pub fn handle(event: Event) -> HandlerResult {
         }
         "order.cancelled" => {
             let c: Cancellation = event.decode()?;
-            let key = event.key.clone().unwrap_or_else(|| c.order_id.clone().into_bytes());
-            Ok(vec![
-                Output::json(&format!("{prefix}.cancelled"), "order.cancelled", &c)?.with_key(key)
-            ])
+            let key = event
+                .key
+                .clone()
+                .unwrap_or_else(|| c.order_id.clone().into_bytes());
+            Ok(vec![Output::json(
+                &format!("{prefix}.cancelled"),
+                "order.cancelled",
+                &c,
+            )?
+            .with_key(key)])
         }
-        other => Err(HandlerError::fatal(format!("unexpected event type {other:?}"))),
+        other => Err(HandlerError::fatal(format!(
+            "unexpected event type {other:?}"
+        ))),
     }
 }
 
@@ -132,7 +146,15 @@ mod tests {
         assert_eq!(out[0].topic, "orders.enriched");
         assert_eq!(out[0].key.as_deref(), Some(&b"c-1"[..]));
         let e: EnrichedOrder = serde_json::from_slice(&out[0].payload).unwrap();
-        assert_eq!((e.region.as_str(), e.subtotal_cents, e.tax_cents, e.total_cents), ("eu", 1000, 200, 1200));
+        assert_eq!(
+            (
+                e.region.as_str(),
+                e.subtotal_cents,
+                e.tax_cents,
+                e.total_cents
+            ),
+            ("eu", 1000, 200, 1200)
+        );
     }
 
     #[test]
