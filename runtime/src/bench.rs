@@ -86,8 +86,11 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     );
 
     let mut runs = vec![baseline(&args.brokers, &topic, args.events).await?];
-    runs.push(weir(&args, &topic, &echo, true).await?);
-    runs.push(weir(&args, &topic, &echo, false).await?);
+    for discard in [true, false] {
+        for dedup in [false, true] {
+            runs.push(weir(&args, &topic, &echo, discard, dedup).await?);
+        }
+    }
 
     println!("\n| run | events | seconds | events/s | handle p50 µs | handle p99 µs |");
     println!("|---|---:|---:|---:|---:|---:|");
@@ -185,7 +188,13 @@ async fn baseline(brokers: &str, topic: &str, n: usize) -> Result<Run> {
 
 /// The full pipeline with the echo handler: `discard` makes it trivial
 /// (no outputs); otherwise every event publishes one output.
-async fn weir(args: &BenchArgs, topic: &str, echo: &std::path::Path, discard: bool) -> Result<Run> {
+async fn weir(
+    args: &BenchArgs,
+    topic: &str,
+    echo: &std::path::Path,
+    discard: bool,
+    dedup: bool,
+) -> Result<Run> {
     let mut handler: HandlerConfig = toml::from_str(&format!(
         "name = \"echo\"\nwasm = {:?}\ntopics = [{topic:?}]\n",
         echo.display().to_string()
@@ -204,6 +213,7 @@ async fn weir(args: &BenchArgs, topic: &str, echo: &std::path::Path, discard: bo
             auto_offset_reset: "earliest".into(),
         },
         pipeline: PipelineConfig::default(),
+        idempotency: Default::default(),
         handlers: vec![handler],
     };
     let engine = PluginEngine::new()?;
@@ -214,9 +224,22 @@ async fn weir(args: &BenchArgs, topic: &str, echo: &std::path::Path, discard: bo
     });
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let started = Instant::now();
-    let task = tokio::spawn(pipeline::run(config, handlers, stats.clone(), async {
-        let _ = stop_rx.await;
-    }));
+    let store = if dedup {
+        let dir = tempfile::tempdir()?;
+        let store = crate::dedup::Dedup::open(dir.path(), Duration::from_secs(3600))?;
+        Some((Arc::new(store), dir))
+    } else {
+        None
+    };
+    let task = tokio::spawn(pipeline::run(
+        config,
+        handlers,
+        store.as_ref().map(|d| d.0.clone()),
+        stats.clone(),
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
     let n = args.events as u64;
     while stats.events_final.load(Ordering::Relaxed) < n {
         if task.is_finished() || started.elapsed() > Duration::from_secs(600) {
@@ -234,10 +257,11 @@ async fn weir(args: &BenchArgs, topic: &str, echo: &std::path::Path, discard: bo
         .take()
         .expect("histogram");
     Ok(Run {
-        name: if discard {
-            "weir, trivial handler (no outputs)"
-        } else {
-            "weir, echo handler (one output per event)"
+        name: match (discard, dedup) {
+            (true, false) => "weir, trivial handler (no outputs), dedup off",
+            (true, true) => "weir, trivial handler (no outputs), dedup on",
+            (false, false) => "weir, echo handler (one output per event), dedup off",
+            (false, true) => "weir, echo handler (one output per event), dedup on",
         },
         seconds,
         events: args.events,

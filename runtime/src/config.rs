@@ -19,6 +19,9 @@ pub struct Config {
     /// Work in flight and commit pacing.
     #[serde(default)]
     pub pipeline: PipelineConfig,
+    /// The store of processed event ids.
+    #[serde(default)]
+    pub idempotency: IdempotencyConfig,
     /// The handlers to load, each a WebAssembly component.
     #[serde(default, rename = "handler")]
     pub handlers: Vec<HandlerConfig>,
@@ -54,6 +57,14 @@ pub struct PipelineConfig {
     /// Events queued or being handled per partition before its fetching pauses.
     #[serde(default = "default_partition_queue")]
     pub max_in_flight_per_partition: usize,
+    /// Events queued or being handled over all partitions before fetching
+    /// pauses; with the per-partition bound and `prefetch_kbytes` this
+    /// bounds memory under any input rate.
+    #[serde(default = "default_total_queue")]
+    pub max_in_flight_total: usize,
+    /// Kilobytes librdkafka may prefetch ahead of the handlers, in total.
+    #[serde(default = "default_prefetch_kbytes")]
+    pub prefetch_kbytes: u64,
     /// How often final offsets are committed, in milliseconds.
     #[serde(default = "default_commit_interval_ms")]
     pub commit_interval_ms: u64,
@@ -61,6 +72,49 @@ pub struct PipelineConfig {
     /// in-flight events before giving up on them (they are redelivered).
     #[serde(default = "default_drain_timeout_ms")]
     pub drain_timeout_ms: u64,
+}
+
+/// The idempotency store (RocksDB) of (handler, event id) pairs whose
+/// outcome is final.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdempotencyConfig {
+    /// Skip events a handler already handled (or dead-lettered).
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Folder of the store (relative to the config file). One per instance.
+    #[serde(default = "default_store_path")]
+    pub path: PathBuf,
+    /// How long a mark is kept, in seconds.
+    #[serde(default = "default_retention_secs")]
+    pub retention_secs: u64,
+}
+
+const fn default_true() -> bool {
+    true
+}
+fn default_store_path() -> PathBuf {
+    PathBuf::from("weir-state")
+}
+// A week: longer than any realistic redelivery or replay window.
+const fn default_retention_secs() -> u64 {
+    7 * 24 * 3600
+}
+
+impl Default for IdempotencyConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            path: default_store_path(),
+            retention_secs: default_retention_secs(),
+        }
+    }
+}
+
+impl IdempotencyConfig {
+    pub fn retention(&self) -> Duration {
+        Duration::from_secs(self.retention_secs)
+    }
 }
 
 /// One handler component and what it subscribes to.
@@ -91,6 +145,14 @@ pub struct HandlerConfig {
     /// Upper bound on a retry delay in milliseconds.
     #[serde(default = "default_max_backoff_ms")]
     pub max_backoff_ms: u64,
+    /// `blocking`: retry in place, keeping partition order (the partition
+    /// waits). `topic`: send the event to a retry topic and go on; it comes
+    /// back after its delay, so one bad event does not hold up the partition.
+    #[serde(default)]
+    pub retry_mode: RetryMode,
+    /// The retry topic in `topic` mode; default `<source topic>.retry`.
+    #[serde(default)]
+    pub retry_topic: Option<String>,
     /// CPU budget of one call, in wasmtime fuel units.
     #[serde(default = "default_fuel_per_event")]
     pub fuel_per_event: u64,
@@ -100,6 +162,27 @@ pub struct HandlerConfig {
     /// Wall-clock deadline of one call, in milliseconds.
     #[serde(default = "default_deadline_ms")]
     pub deadline_ms: u64,
+    /// Environment variables of the runtime the handler may read (by name).
+    #[serde(default)]
+    pub allow_env: Vec<String>,
+    /// A host folder the handler may read (not write), mounted at `/data`.
+    #[serde(default)]
+    pub read_only_dir: Option<PathBuf>,
+    /// A fuel-per-second budget shared by the handler's calls; when it is
+    /// spent, the partitions feeding the handler pause until it refills.
+    #[serde(default)]
+    pub fuel_per_second: Option<u64>,
+}
+
+/// How `retriable` failures are retried.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RetryMode {
+    /// In place, in partition order.
+    #[default]
+    Blocking,
+    /// Through a retry topic, out of order.
+    Topic,
 }
 
 // Kafka's own default for a new group would skip events produced before the
@@ -111,6 +194,14 @@ fn default_offset_reset() -> String {
 // paused partition holds little memory.
 const fn default_partition_queue() -> usize {
     1000
+}
+const fn default_total_queue() -> usize {
+    10_000
+}
+// librdkafka's default (64 MiB) is generous for a process that also hosts
+// handler instances; 16 MiB still keeps a fast handler fed.
+const fn default_prefetch_kbytes() -> u64 {
+    16 * 1024
 }
 // One commit a second bounds redelivery after a crash to about a second of work.
 const fn default_commit_interval_ms() -> u64 {
@@ -145,6 +236,8 @@ impl Default for PipelineConfig {
     fn default() -> Self {
         Self {
             max_in_flight_per_partition: default_partition_queue(),
+            max_in_flight_total: default_total_queue(),
+            prefetch_kbytes: default_prefetch_kbytes(),
             commit_interval_ms: default_commit_interval_ms(),
             drain_timeout_ms: default_drain_timeout_ms(),
         }
@@ -168,9 +261,17 @@ impl Config {
         let mut config = Self::parse(&text)
             .with_context(|| format!("invalid config file {}", path.display()))?;
         let base = path.parent().unwrap_or(Path::new("."));
+        if config.idempotency.path.is_relative() {
+            config.idempotency.path = base.join(&config.idempotency.path);
+        }
         for handler in &mut config.handlers {
             if handler.wasm.is_relative() {
                 handler.wasm = base.join(&handler.wasm);
+            }
+            if let Some(dir) = &mut handler.read_only_dir {
+                if dir.is_relative() {
+                    *dir = base.join(&*dir);
+                }
             }
         }
         config.validate()?;
@@ -200,6 +301,9 @@ impl Config {
         if self.pipeline.max_in_flight_per_partition == 0 {
             bail!("pipeline.max_in_flight_per_partition: must be at least 1");
         }
+        if self.pipeline.max_in_flight_total == 0 {
+            bail!("pipeline.max_in_flight_total: must be at least 1");
+        }
         if self.handlers.is_empty() {
             bail!("handler: at least one [[handler]] is required");
         }
@@ -221,6 +325,14 @@ impl Config {
             if h.fuel_per_event == 0 || h.memory_limit_mib == 0 || h.deadline_ms == 0 {
                 bail!("{at}: fuel_per_event, memory_limit_mib and deadline_ms must be above 0");
             }
+            if let Some(dir) = &h.read_only_dir {
+                if !dir.is_dir() {
+                    bail!("{at}.read_only_dir: no such folder {}", dir.display());
+                }
+            }
+            if h.fuel_per_second == Some(0) {
+                bail!("{at}.fuel_per_second: must be above 0 (omit it for no budget)");
+            }
             if !h.wasm.is_file() {
                 bail!("{at}.wasm: no such file {}", h.wasm.display());
             }
@@ -228,16 +340,36 @@ impl Config {
         Ok(())
     }
 
-    /// All topics any handler subscribes to, sorted and unique.
+    /// All topics the runtime consumes (handler topics and retry topics),
+    /// sorted and unique.
     pub fn topics(&self) -> Vec<String> {
         let mut topics: Vec<String> = self
             .handlers
             .iter()
-            .flat_map(|h| h.topics.iter().cloned())
+            .flat_map(|h| h.topics.iter().cloned().chain(h.retry_topics()))
             .collect();
         topics.sort();
         topics.dedup();
         topics
+    }
+}
+
+impl HandlerConfig {
+    /// The retry topic of a source topic, in `topic` retry mode.
+    pub fn retry_topic_of(&self, source: &str) -> Option<String> {
+        (self.retry_mode == RetryMode::Topic).then(|| {
+            self.retry_topic
+                .clone()
+                .unwrap_or_else(|| format!("{source}.retry"))
+        })
+    }
+
+    /// Every retry topic this handler consumes.
+    pub fn retry_topics(&self) -> Vec<String> {
+        self.topics
+            .iter()
+            .filter_map(|t| self.retry_topic_of(t))
+            .collect()
     }
 }
 

@@ -161,6 +161,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
             commit_interval_ms: 200,
             ..PipelineConfig::default()
         },
+        idempotency: Default::default(),
         handlers: vec![
             handler(
                 "order-enricher",
@@ -209,9 +210,12 @@ pub async fn run(args: DevArgs) -> Result<()> {
 
     let stats = Arc::new(Stats::default());
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let state = tempfile::tempdir()?;
+    let dedup = crate::dedup::Dedup::open(state.path(), Duration::from_secs(3600))?;
     let task = tokio::spawn(pipeline::run(
         config.clone(),
         handlers,
+        Some(Arc::new(dedup)),
         stats.clone(),
         async {
             let _ = stop_rx.await;

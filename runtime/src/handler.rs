@@ -13,7 +13,9 @@ use rand::Rng;
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
 use wasmtime::{Engine, ResourceLimiter, Store, StoreLimits, StoreLimitsBuilder, Trap};
-use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+use crate::guest_output::GuestOutput;
 
 use crate::config::HandlerConfig;
 use crate::envelope::{self, Record};
@@ -83,6 +85,8 @@ impl PluginEngine {
 /// resolved once.
 pub struct LoadedHandler {
     pub name: String,
+    /// The handler's config table as written.
+    pub config_entry: HandlerConfig,
     /// Content hash of the component (first 12 hex digits of its SHA-256).
     pub version: String,
     pub topics: Vec<String>,
@@ -97,6 +101,47 @@ pub struct LoadedHandler {
     config: Arc<BTreeMap<String, String>>,
     engine: PluginEngine,
     pre: HandlerPre<HostState>,
+    budget: Option<FuelBudget>,
+}
+
+/// A token bucket of fuel, refilled at `per_second` up to one second's
+/// worth, debited with the fuel each call actually used.
+pub struct FuelBudget {
+    per_second: f64,
+    state: std::sync::Mutex<(f64, std::time::Instant)>,
+}
+
+impl FuelBudget {
+    pub fn new(per_second: u64) -> Self {
+        Self {
+            per_second: per_second as f64,
+            state: std::sync::Mutex::new((per_second as f64, std::time::Instant::now())),
+        }
+    }
+
+    fn refill(&self, s: &mut (f64, std::time::Instant)) {
+        let now = std::time::Instant::now();
+        s.0 = (s.0 + now.duration_since(s.1).as_secs_f64() * self.per_second).min(self.per_second);
+        s.1 = now;
+    }
+
+    /// How long until the bucket is no longer in debt (zero when it is not).
+    pub fn wait_time(&self) -> Duration {
+        let mut s = self.state.lock().unwrap();
+        self.refill(&mut s);
+        if s.0 >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-s.0 / self.per_second)
+        }
+    }
+
+    /// Takes `fuel` from the bucket (it may go into debt).
+    pub fn debit(&self, fuel: u64) {
+        let mut s = self.state.lock().unwrap();
+        self.refill(&mut s);
+        s.0 -= fuel as f64;
+    }
 }
 
 /// What the component file is, by its header.
@@ -149,6 +194,7 @@ impl LoadedHandler {
         let version = digest[..6].iter().map(|b| format!("{b:02x}")).collect();
         let handler = LoadedHandler {
             name: cfg.name.clone(),
+            config_entry: cfg.clone(),
             version,
             topics: cfg.topics.clone(),
             event_types: cfg.event_types.clone(),
@@ -162,12 +208,18 @@ impl LoadedHandler {
             config: Arc::new(cfg.config.clone()),
             engine: engine.clone(),
             pre,
+            budget: cfg.fuel_per_second.map(FuelBudget::new),
         };
         // Instantiating once proves the start-up code runs within the limits.
         handler.instantiate().with_context(|| {
             format!("handler {:?}: {} fails to start", cfg.name, path.display())
         })?;
         Ok(handler)
+    }
+
+    /// The fuel budget, when the handler has one.
+    pub fn budget(&self) -> Option<&FuelBudget> {
+        self.budget.as_ref()
     }
 
     /// Whether an event of this type is for this handler.
@@ -187,8 +239,23 @@ impl LoadedHandler {
 
     /// A fresh instance in its own store.
     pub fn instantiate(&self) -> Result<HandlerInstance> {
+        let mut wasi = WasiCtxBuilder::new();
+        wasi.stdout(GuestOutput::new(&self.name, "stdout"))
+            .stderr(GuestOutput::new(&self.name, "stderr"));
+        for name in &self.config_entry.allow_env {
+            if let Ok(value) = std::env::var(name) {
+                wasi.env(name, value);
+            }
+        }
+        if let Some(dir) = &self.config_entry.read_only_dir {
+            wasi.preopened_dir(dir, "/data", FsPerms::ReadOnly)
+                .map_err(anyhow::Error::from)
+                .with_context(|| {
+                    format!("cannot grant {} to handler {:?}", dir.display(), self.name)
+                })?;
+        }
         let state = HostState {
-            wasi: WasiCtxBuilder::new().build(),
+            wasi: wasi.build(),
             table: ResourceTable::new(),
             limiter: MemoryLimiter {
                 inner: StoreLimitsBuilder::new()

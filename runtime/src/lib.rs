@@ -8,11 +8,14 @@
 pub mod bench;
 pub mod config;
 pub mod deadletter;
+pub mod dedup;
 pub mod dev;
 pub mod envelope;
 pub mod failure;
+pub mod guest_output;
 pub mod handler;
 pub mod pipeline;
+pub mod replay;
 
 use std::sync::Arc;
 
@@ -28,4 +31,13 @@ pub fn load_handlers(
         .iter()
         .map(|h| handler::LoadedHandler::load(engine, h).map(Arc::new))
         .collect()
+}
+
+/// Opens the idempotency store the config asks for, if any.
+pub fn open_dedup(config: &config::Config) -> Result<Option<Arc<dedup::Dedup>>> {
+    if !config.idempotency.enabled {
+        return Ok(None);
+    }
+    let store = dedup::Dedup::open(&config.idempotency.path, config.idempotency.retention())?;
+    Ok(Some(Arc::new(store)))
 }

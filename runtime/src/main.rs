@@ -34,10 +34,30 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Inspect the idempotency store (the runtime must be stopped).
+    Idempotency {
+        #[command(subcommand)]
+        command: IdempotencyCommand,
+    },
+    /// Work with dead-letter topics.
+    Dlq {
+        #[command(subcommand)]
+        command: weir::replay::DlqCommand,
+    },
     /// Run the example pipeline on an in-process mock Kafka cluster.
     Dev(weir::dev::DevArgs),
     /// Measure throughput and handling latency against a real broker.
     Bench(weir::bench::BenchArgs),
+}
+
+#[derive(Subcommand)]
+enum IdempotencyCommand {
+    /// Print every unexpired mark as `handler<TAB>event id<TAB>marked at (ms)`.
+    List {
+        /// The TOML config file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
 }
 
 fn main() {
@@ -87,13 +107,34 @@ fn real_main(cli: Cli) -> Result<()> {
             for h in &handlers {
                 info!(handler = %h.name, version = %h.version, topics = ?h.topics, "handler loaded");
             }
+            let dedup = weir::open_dedup(&config)?;
             let stats = Arc::new(Stats::default());
             runtime.block_on(async move {
-                tokio::spawn(pipeline::run(config, handlers, stats, shutdown_signal()))
-                    .await
-                    .context("the pipeline task failed")?
+                tokio::spawn(pipeline::run(
+                    config,
+                    handlers,
+                    dedup,
+                    stats,
+                    shutdown_signal(),
+                ))
+                .await
+                .context("the pipeline task failed")?
             })
         }
+        Command::Idempotency {
+            command: IdempotencyCommand::List { config },
+        } => {
+            let config = Config::load(&config)?;
+            let store =
+                weir::dedup::Dedup::open(&config.idempotency.path, config.idempotency.retention())?;
+            use std::io::Write;
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            for (handler, id, at) in store.marks() {
+                writeln!(out, "{handler}\t{id}\t{at}")?;
+            }
+            Ok(())
+        }
+        Command::Dlq { command } => runtime.block_on(weir::replay::run(command)),
         Command::Dev(args) => runtime.block_on(weir::dev::run(args)),
         Command::Bench(args) => runtime.block_on(weir::bench::run(args)),
     }

@@ -28,8 +28,9 @@ use time::OffsetDateTime;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
 
-use crate::config::Config;
+use crate::config::{Config, RetryMode};
 use crate::deadletter::{self, DeadLetter};
+use crate::dedup::{self, Dedup};
 use crate::envelope::{self, Produce, Record};
 use crate::failure::FailureKind;
 use crate::handler::{CallOutcome, HandlerInstance, LoadedHandler};
@@ -49,6 +50,14 @@ pub struct Stats {
     pub outputs: AtomicU64,
     /// Retries of `retriable` failures.
     pub retries: AtomicU64,
+    /// Handler calls skipped because the event was already handled.
+    pub duplicates: AtomicU64,
+    /// Fuel used by handler calls.
+    pub fuel_used: AtomicU64,
+    /// Times a worker waited for its handler's fuel budget to refill.
+    pub budget_waits: AtomicU64,
+    /// Partitions resumed after a pause.
+    pub resumes: AtomicU64,
     /// Handler call durations in microseconds (for benchmarks).
     pub handle_micros: Mutex<Option<hdrhistogram::Histogram<u64>>>,
     /// Partitions paused for backpressure, since start.
@@ -56,6 +65,24 @@ pub struct Stats {
 }
 
 impl Stats {
+    /// One log line with the counters, for operators without a metrics scraper.
+    pub fn log_progress(&self) {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        info!(
+            final_events = g(&self.events_final),
+            handled = g(&self.handled),
+            outputs = g(&self.outputs),
+            dead_lettered = g(&self.dead_lettered),
+            retries = g(&self.retries),
+            duplicates = g(&self.duplicates),
+            fuel_used = g(&self.fuel_used),
+            pauses = g(&self.pauses),
+            resumes = g(&self.resumes),
+            budget_waits = g(&self.budget_waits),
+            "progress"
+        );
+    }
+
     fn record_handle(&self, d: Duration) {
         if let Some(h) = self.handle_micros.lock().unwrap().as_mut() {
             let _ = h.record(d.as_micros() as u64);
@@ -68,6 +95,7 @@ struct Shared {
     config: Config,
     producer: FutureProducer,
     by_topic: HashMap<String, Vec<Arc<LoadedHandler>>>,
+    dedup: Option<Arc<Dedup>>,
     stats: Arc<Stats>,
 }
 
@@ -103,6 +131,8 @@ impl Worker {
 #[derive(Default)]
 struct Workers {
     map: Mutex<HashMap<TopicPartition, Worker>>,
+    /// Set while the events queued over all partitions exceed the total bound.
+    over_total: AtomicBool,
 }
 
 /// The consumer context: flushes revoked partitions before they move.
@@ -217,6 +247,20 @@ fn consumer_config(config: &Config) -> ClientConfig {
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", &config.kafka.auto_offset_reset)
         .set("enable.partition.eof", "false");
+    if !config
+        .kafka
+        .options
+        .contains_key("queued.max.messages.kbytes")
+        && !config
+            .kafka
+            .consumer_options
+            .contains_key("queued.max.messages.kbytes")
+    {
+        c.set(
+            "queued.max.messages.kbytes",
+            config.pipeline.prefetch_kbytes.to_string(),
+        );
+    }
     c
 }
 
@@ -224,13 +268,22 @@ fn consumer_config(config: &Config) -> ClientConfig {
 pub async fn run(
     config: Config,
     handlers: Vec<Arc<LoadedHandler>>,
+    dedup: Option<Arc<Dedup>>,
     stats: Arc<Stats>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
     let mut by_topic: HashMap<String, Vec<Arc<LoadedHandler>>> = HashMap::new();
     for h in &handlers {
-        for t in &h.topics {
-            by_topic.entry(t.clone()).or_default().push(h.clone());
+        for t in h
+            .topics
+            .iter()
+            .cloned()
+            .chain(h.config_entry.retry_topics())
+        {
+            let subscribed = by_topic.entry(t).or_default();
+            if !subscribed.iter().any(|s| Arc::ptr_eq(s, h)) {
+                subscribed.push(h.clone());
+            }
         }
     }
     let producer: FutureProducer = producer_config(&config)
@@ -246,6 +299,7 @@ pub async fn run(
             .create_with_context(context)
             .context("cannot create the Kafka consumer")?,
     );
+    ensure_topics(&config, &consumer).await;
     let topics = config.topics();
     let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
     consumer
@@ -257,6 +311,7 @@ pub async fn run(
         config,
         producer,
         by_topic,
+        dedup,
         stats,
     });
     let commit_task = {
@@ -276,6 +331,7 @@ pub async fn run(
 
     tokio::pin!(shutdown);
     let mut resume_tick = tokio::time::interval(Duration::from_millis(20));
+    let mut stats_tick = tokio::time::interval(Duration::from_secs(10));
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
@@ -283,7 +339,8 @@ pub async fn run(
                 Ok(msg) => dispatch(&shared, &consumer, &workers, to_record(&msg)),
                 Err(e) => warn!(error = %e, "consumer error"),
             },
-            _ = resume_tick.tick() => unpark(&consumer, &workers),
+            _ = resume_tick.tick() => unpark(&consumer, &workers, &shared.stats, shared.config.pipeline.max_in_flight_total),
+            _ = stats_tick.tick() => shared.stats.log_progress(),
         }
     }
 
@@ -301,8 +358,81 @@ pub async fn run(
     let deadline = Instant::now() + shared.config.pipeline.drain_timeout();
     drain(&mut all, deadline);
     commit_sync(consumer.as_ref());
+    shared.stats.log_progress();
     info!("offsets committed; stopped");
     Ok(())
+}
+
+/// Creates missing dead-letter and retry topics with their source topic's
+/// partition count, so failures have somewhere to go even where the broker
+/// does not create topics on first use. Best effort: a failure is logged,
+/// and the partition waits at the first failure if the topic is still missing.
+async fn ensure_topics(config: &Config, consumer: &StreamConsumer<WeirContext>) {
+    let Ok(md) = consumer.fetch_metadata(None, Duration::from_secs(10)) else {
+        warn!("cannot read cluster metadata; dead-letter and retry topics are not checked");
+        return;
+    };
+    let partitions = |name: &str| {
+        md.topics()
+            .iter()
+            .find(|t| t.name() == name && t.error().is_none())
+            .map(|t| t.partitions().len() as i32)
+    };
+    let mut wanted: Vec<(String, i32)> = Vec::new();
+    for h in &config.handlers {
+        for source in &h.topics {
+            let Some(n) = partitions(source) else {
+                continue;
+            };
+            let dlq = h
+                .dead_letter_topic
+                .clone()
+                .unwrap_or_else(|| deadletter::default_topic(source));
+            for t in std::iter::once(dlq).chain(h.retry_topic_of(source)) {
+                if partitions(&t).is_none() && !wanted.iter().any(|(w, _)| *w == t) {
+                    wanted.push((t, n));
+                }
+            }
+        }
+    }
+    if wanted.is_empty() {
+        return;
+    }
+    let mut admin_config = ClientConfig::new();
+    for (k, v) in &config.kafka.options {
+        admin_config.set(k, v);
+    }
+    let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
+        match admin_config
+            .set("bootstrap.servers", &config.kafka.brokers)
+            .create()
+        {
+            Ok(a) => a,
+            Err(e) => return warn!(error = %e, "cannot create an admin client"),
+        };
+    let new: Vec<rdkafka::admin::NewTopic> = wanted
+        .iter()
+        .map(|(t, n)| {
+            rdkafka::admin::NewTopic::new(t, *n, rdkafka::admin::TopicReplication::Fixed(-1))
+        })
+        .collect();
+    let opts = rdkafka::admin::AdminOptions::new()
+        .operation_timeout(Some(Duration::from_secs(10)))
+        .request_timeout(Some(Duration::from_secs(10)));
+    match admin.create_topics(&new, &opts).await {
+        Ok(results) => {
+            for r in results {
+                match r {
+                    Ok(t) => info!(topic = %t, "created topic"),
+                    Err((t, RDKafkaErrorCode::TopicAlreadyExists)) => {
+                        debug!(topic = %t, "topic exists")
+                    }
+                    Err((t, e)) => warn!(topic = %t, error = %e, "cannot create topic"),
+                }
+            }
+        }
+        Err(e) => warn!(error = %e, "cannot create dead-letter/retry topics"),
+    }
 }
 
 fn to_record(msg: &BorrowedMessage<'_>) -> Record {
@@ -357,7 +487,13 @@ fn dispatch(
         return;
     }
     let Some(tx) = &w.tx else { return };
-    match tx.try_send(record) {
+    let full = workers.over_total.load(Ordering::Relaxed);
+    let sent = if full {
+        Err(mpsc::error::TrySendError::Full(record))
+    } else {
+        tx.try_send(record)
+    };
+    match sent {
         Ok(()) => {}
         Err(mpsc::error::TrySendError::Full(record)) => {
             w.parked.push_back(record);
@@ -377,8 +513,28 @@ fn dispatch(
 }
 
 /// Moves parked records into workers with room, resuming drained partitions.
-fn unpark(consumer: &StreamConsumer<WeirContext>, workers: &Workers) {
+fn unpark(
+    consumer: &StreamConsumer<WeirContext>,
+    workers: &Workers,
+    stats: &Stats,
+    max_total: usize,
+) {
     let mut map = workers.map.lock().unwrap();
+    let queued: usize = map
+        .values()
+        .filter_map(|w| w.tx.as_ref().map(|tx| tx.max_capacity() - tx.capacity()))
+        .sum();
+    let was_over = workers.over_total.load(Ordering::Relaxed);
+    // Hysteresis: over at the bound, under again at half of it.
+    let over = if was_over {
+        queued * 2 >= max_total
+    } else {
+        queued >= max_total
+    };
+    workers.over_total.store(over, Ordering::Relaxed);
+    if over {
+        return;
+    }
     for (tp, w) in map.iter_mut() {
         let Some(tx) = &w.tx else { continue };
         while let Some(record) = w.parked.pop_front() {
@@ -391,10 +547,12 @@ fn unpark(consumer: &StreamConsumer<WeirContext>, workers: &Workers) {
                 Err(mpsc::error::TrySendError::Closed(_)) => break,
             }
         }
-        if w.paused && w.parked.is_empty() {
+        // Resume once half the queue is free, so a partition does not flap.
+        if w.paused && w.parked.is_empty() && tx.capacity() * 2 >= tx.max_capacity() {
             match consumer.resume(&tpl_of(tp)) {
                 Ok(()) => {
                     w.paused = false;
+                    stats.resumes.fetch_add(1, Ordering::Relaxed);
                     debug!(topic = %tp.0, partition = tp.1, "partition resumed");
                 }
                 Err(e) => warn!(error = %e, "cannot resume partition"),
@@ -408,6 +566,8 @@ fn unpark(consumer: &StreamConsumer<WeirContext>, workers: &Workers) {
 struct Pending {
     offset: i64,
     deliveries: Vec<DeliveryFuture>,
+    /// Idempotency keys to mark once the deliveries are acknowledged.
+    marks: Vec<Vec<u8>>,
 }
 
 fn spawn_worker(
@@ -430,6 +590,7 @@ fn spawn_worker(
         pending_rx,
         consumer.clone(),
         shared.producer.clone(),
+        shared.dedup.clone(),
         shared.stats.clone(),
         cancel.clone(),
         done_tx,
@@ -457,34 +618,67 @@ fn spawn_worker(
     }
 }
 
-/// Awaits each event's acknowledgements in offset order, then stores the
-/// offset after it. A record the broker refused is sent again, so nothing
-/// is committed past an output or dead letter that is not durable.
+/// Awaits each event's acknowledgements in offset order, marks the
+/// events in the idempotency store, then stores the offset after them.
+/// Events that are ready together are marked in one batch. A record the
+/// broker refused is sent again, so nothing is committed past an output or
+/// dead letter that is not durable.
+#[allow(clippy::too_many_arguments)]
 async fn finalize(
     tp: TopicPartition,
     mut pending: mpsc::Receiver<Pending>,
     consumer: Arc<StreamConsumer<WeirContext>>,
     producer: FutureProducer,
+    dedup: Option<Arc<Dedup>>,
     stats: Arc<Stats>,
     cancel: Arc<AtomicBool>,
     done: watch::Sender<bool>,
 ) {
-    'events: while let Some(p) = pending.recv().await {
-        for delivery in p.deliveries {
-            if !acknowledged(delivery, &producer, &cancel).await {
-                break 'events;
+    const BATCH: usize = 512;
+    let mut batch = Vec::with_capacity(BATCH);
+    'events: while let Some(first) = pending.recv().await {
+        batch.push(first);
+        while batch.len() < BATCH {
+            match pending.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
             }
-            stats.outputs.fetch_add(1, Ordering::Relaxed);
+        }
+        for p in batch.iter_mut() {
+            for delivery in p.deliveries.drain(..) {
+                if !acknowledged(delivery, &producer, &cancel).await {
+                    break 'events;
+                }
+                stats.outputs.fetch_add(1, Ordering::Relaxed);
+            }
         }
         if cancel.load(Ordering::SeqCst) {
             break;
         }
-        if let Err(e) = consumer.store_offset(&tp.0, tp.1, p.offset) {
+        if let Some(dedup) = &dedup {
+            let keys = batch.iter().flat_map(|p| p.marks.iter().map(Vec::as_slice));
+            let mut backoff = Duration::from_millis(100);
+            while let Err(e) = dedup.mark(keys.clone()) {
+                // Committing without the marks would let duplicates through
+                // after a crash: wait for the store instead.
+                error!(error = %format!("{e:#}"), "cannot mark events as processed; retrying");
+                if cancel.load(Ordering::SeqCst) {
+                    break 'events;
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+        let last = batch.last().expect("a non-empty batch").offset;
+        if let Err(e) = consumer.store_offset(&tp.0, tp.1, last) {
             // Only fails when the partition is no longer ours; the new owner
             // starts from the last commit.
             debug!(topic = %tp.0, partition = tp.1, error = %e, "offset not stored");
         }
-        stats.events_final.fetch_add(1, Ordering::Relaxed);
+        stats
+            .events_final
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        batch.clear();
     }
     let _ = done.send(true);
 }
@@ -577,11 +771,51 @@ struct PartitionWorker {
     shared: Arc<Shared>,
     handlers: Vec<(Arc<LoadedHandler>, Option<HandlerInstance>)>,
     cancel: Arc<AtomicBool>,
+    /// Keys handled by this worker whose marks may not be written yet: a
+    /// duplicate close behind its original is caught here.
+    recent: RecentKeys,
 }
+
+/// A bounded set of recently handled idempotency keys, oldest evicted first.
+#[derive(Default)]
+struct RecentKeys {
+    set: std::collections::HashSet<Vec<u8>>,
+    order: VecDeque<Vec<u8>>,
+}
+
+impl RecentKeys {
+    const CAPACITY: usize = 65_536;
+
+    fn contains(&self, key: &[u8]) -> bool {
+        self.set.contains(key)
+    }
+
+    fn insert(&mut self, key: Vec<u8>) {
+        if self.set.insert(key.clone()) {
+            self.order.push_back(key);
+            if self.order.len() > Self::CAPACITY {
+                if let Some(old) = self.order.pop_front() {
+                    self.set.remove(&old);
+                }
+            }
+        }
+    }
+}
+
+/// The header `weir dlq replay` adds: a replayed record is a new delivery
+/// of its event, so it gets its own idempotency key.
+pub const REPLAY_HEADER: &str = "weir-replay-of";
 
 /// What became of one handler's call for one event.
 enum Verdict {
     Outputs(Vec<Produce>),
+    /// Retriable in `topic` mode: send to the retry topic for `attempt`.
+    Retry {
+        attempt: u32,
+        delay: Duration,
+        message: String,
+        first_failure: OffsetDateTime,
+    },
     Failed {
         kind: FailureKind,
         message: String,
@@ -600,6 +834,7 @@ impl PartitionWorker {
             shared,
             handlers: handlers.into_iter().map(|h| (h, None)).collect(),
             cancel,
+            recent: RecentKeys::default(),
         }
     }
 
@@ -624,11 +859,77 @@ impl PartitionWorker {
 
     /// Runs every subscribed handler on one record and enqueues what they
     /// produced or the dead letters. None when cancelled.
-    fn process(&mut self, record: &Record) -> Option<Pending> {
+    /// Whether `key` already has a final outcome. A store that cannot be
+    /// read is waited for: guessing either way would break a promise.
+    fn already_done(&self, key: &[u8]) -> Option<bool> {
+        let dedup = self.shared.dedup.as_ref()?;
+        if self.recent.contains(key) {
+            return Some(true);
+        }
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match dedup.contains(key) {
+                Ok(found) => return Some(found),
+                Err(e) => {
+                    error!(error = %format!("{e:#}"), "cannot read the idempotency store; retrying");
+                    if !self.sleep(backoff) {
+                        return None;
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+    }
+
+    fn dedup_id(event_id: &str, record: &Record) -> String {
+        match record.header(REPLAY_HEADER) {
+            Some(of) => format!("{event_id}@replay:{}", String::from_utf8_lossy(of)),
+            None => event_id.to_owned(),
+        }
+    }
+
+    fn process(&mut self, consumed: &Record) -> Option<Pending> {
+        let retry = take_retry(consumed);
+        let (record, retry) = match &retry {
+            Some((original, info)) => (original, Some(info)),
+            None => (consumed, None),
+        };
+        if let Some(info) = retry {
+            let wait = info.not_before_ms - OffsetDateTime::now_utc().unix_timestamp() * 1000;
+            if wait > 0 && !self.sleep(Duration::from_millis(wait as u64)) {
+                return None;
+            }
+        }
         let mut deliveries = Vec::new();
+        let mut marks = Vec::new();
         let group = self.shared.config.kafka.group_id.clone();
-        match envelope::decode(record) {
+        let dedup_on = self.shared.dedup.is_some();
+        let done = |deliveries, marks| {
+            Some(Pending {
+                offset: consumed.offset,
+                deliveries,
+                marks,
+            })
+        };
+        let event = match envelope::decode(record) {
+            Ok(event) => event,
             Err(undecodable) => {
+                let id = Self::dedup_id(&record.position_id(), record);
+                let keys: Vec<Vec<u8>> = self
+                    .handlers
+                    .iter()
+                    .map(|(h, _)| dedup::key(&h.name, &id))
+                    .collect();
+                if dedup_on {
+                    if self.already_done(&keys[0])? {
+                        self.shared.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                        return done(deliveries, marks);
+                    }
+                    for k in &keys {
+                        self.recent.insert(k.clone());
+                    }
+                    marks = keys;
+                }
                 let names: Vec<&str> = self.handlers.iter().map(|(h, _)| h.name.as_str()).collect();
                 let versions: Vec<&str> = self
                     .handlers
@@ -660,68 +961,101 @@ impl PartitionWorker {
                     .stats
                     .dead_lettered
                     .fetch_add(1, Ordering::Relaxed);
+                return done(deliveries, marks);
             }
-            Ok(event) => {
-                for i in 0..self.handlers.len() {
-                    if !self.handlers[i].0.accepts(&event.event_type) {
-                        continue;
+        };
+        let id = Self::dedup_id(&event.id, record);
+        for i in 0..self.handlers.len() {
+            let handler = self.handlers[i].0.clone();
+            if !handler.accepts(&event.event_type)
+                || retry.is_some_and(|r| r.handler != handler.name)
+            {
+                continue;
+            }
+            let key = dedup::key(&handler.name, &id);
+            if dedup_on && self.already_done(&key)? {
+                debug!(handler = %handler.name, event_id = %event.id, "duplicate skipped");
+                self.shared.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let verdict = self.call(i, &event, record, retry)?;
+            if dedup_on && !matches!(verdict, Verdict::Retry { .. }) {
+                self.recent.insert(key.clone());
+                marks.push(key);
+            }
+            match verdict {
+                Verdict::Outputs(outputs) => {
+                    debug!(handler = %handler.name, event_id = %event.id, outputs = outputs.len(), "handled");
+                    for o in &outputs {
+                        deliveries.push(send(&self.shared.producer, o, &self.cancel)?);
                     }
-                    let handler = self.handlers[i].0.clone();
-                    match self.call(i, &event, record)? {
-                        Verdict::Outputs(outputs) => {
-                            debug!(handler = %handler.name, event_id = %event.id, outputs = outputs.len(), "handled");
-                            for o in &outputs {
-                                deliveries.push(send(&self.shared.producer, o, &self.cancel)?);
-                            }
-                            self.shared.stats.handled.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Verdict::Failed {
-                            kind,
-                            message,
-                            attempts,
-                            first_failure,
-                        } => {
-                            let topic = handler
-                                .dead_letter_topic
-                                .clone()
-                                .unwrap_or_else(|| deadletter::default_topic(&record.topic));
-                            warn!(handler = %handler.name, event_id = %event.id, topic = %record.topic,
-                                partition = record.partition, offset = record.offset, kind = %kind,
-                                reason = %message, attempts, dead_letter_topic = %topic, "event dead-lettered");
-                            let dl = DeadLetter {
-                                record,
-                                kind,
-                                message,
-                                handler: handler.name.clone(),
-                                handler_version: handler.version.clone(),
-                                attempts,
-                                group_id: &group,
-                                first_failure,
-                                last_failure: OffsetDateTime::now_utc(),
-                            }
-                            .into_produce(topic);
-                            deliveries.push(send(&self.shared.producer, &dl, &self.cancel)?);
-                            self.shared
-                                .stats
-                                .dead_lettered
-                                .fetch_add(1, Ordering::Relaxed);
-                        }
+                    self.shared.stats.handled.fetch_add(1, Ordering::Relaxed);
+                }
+                Verdict::Retry {
+                    attempt,
+                    delay,
+                    message,
+                    first_failure,
+                } => {
+                    let topic = handler
+                        .config_entry
+                        .retry_topic_of(&record.topic)
+                        .expect("topic retry mode has a retry topic");
+                    debug!(handler = %handler.name, event_id = %event.id, attempt, ?delay,
+                        reason = %message, retry_topic = %topic, "sent to the retry topic");
+                    let p =
+                        retry_record(record, &handler.name, attempt, delay, first_failure, topic);
+                    deliveries.push(send(&self.shared.producer, &p, &self.cancel)?);
+                    self.shared.stats.retries.fetch_add(1, Ordering::Relaxed);
+                }
+                Verdict::Failed {
+                    kind,
+                    message,
+                    attempts,
+                    first_failure,
+                } => {
+                    let topic = handler
+                        .dead_letter_topic
+                        .clone()
+                        .unwrap_or_else(|| deadletter::default_topic(&record.topic));
+                    warn!(handler = %handler.name, event_id = %event.id, topic = %record.topic,
+                        partition = record.partition, offset = record.offset, kind = %kind,
+                        reason = %message, attempts, dead_letter_topic = %topic, "event dead-lettered");
+                    let dl = DeadLetter {
+                        record,
+                        kind,
+                        message,
+                        handler: handler.name.clone(),
+                        handler_version: handler.version.clone(),
+                        attempts,
+                        group_id: &group,
+                        first_failure,
+                        last_failure: OffsetDateTime::now_utc(),
                     }
+                    .into_produce(topic);
+                    deliveries.push(send(&self.shared.producer, &dl, &self.cancel)?);
+                    self.shared
+                        .stats
+                        .dead_lettered
+                        .fetch_add(1, Ordering::Relaxed);
                 }
             }
         }
-        Some(Pending {
-            offset: record.offset,
-            deliveries,
-        })
+        done(deliveries, marks)
     }
 
     /// Calls handler `i`, retrying `retriable` failures with exponential
     /// backoff and full jitter, in place (the partition waits, in order).
-    fn call(&mut self, i: usize, event: &envelope::Event, record: &Record) -> Option<Verdict> {
+    fn call(
+        &mut self,
+        i: usize,
+        event: &envelope::Event,
+        record: &Record,
+        retry: Option<&RetryInfo>,
+    ) -> Option<Verdict> {
         let handler = self.handlers[i].0.clone();
-        let mut first_failure = None;
-        let mut attempt = 1;
+        let mut first_failure = retry.map(|r| r.first_failure);
+        let mut attempt = retry.map_or(1, |r| r.attempt);
         loop {
             let instance = match &mut self.handlers[i].1 {
                 Some(inst) => inst,
@@ -739,9 +1073,34 @@ impl PartitionWorker {
                     }
                 },
             };
+            if let Some(budget) = handler.budget() {
+                // Spent budget: this partition waits (and, its queue full,
+                // pauses), so an expensive handler slows only its own input.
+                loop {
+                    let wait = budget.wait_time();
+                    if wait.is_zero() {
+                        break;
+                    }
+                    self.shared
+                        .stats
+                        .budget_waits
+                        .fetch_add(1, Ordering::Relaxed);
+                    if !sleep_cancellable(&self.cancel, wait) {
+                        return None;
+                    }
+                }
+            }
             let started = Instant::now();
             let outcome = instance.call(event, record, attempt);
             self.shared.stats.record_handle(started.elapsed());
+            let fuel = instance.last_fuel_used();
+            self.shared
+                .stats
+                .fuel_used
+                .fetch_add(fuel, Ordering::Relaxed);
+            if let Some(budget) = handler.budget() {
+                budget.debit(fuel);
+            }
             if instance.is_poisoned() {
                 self.handlers[i].1 = None;
             }
@@ -782,6 +1141,14 @@ impl PartitionWorker {
                         });
                     }
                     let delay = handler.backoff(attempt);
+                    if handler.config_entry.retry_mode == RetryMode::Topic {
+                        return Some(Verdict::Retry {
+                            attempt: attempt + 1,
+                            delay,
+                            message,
+                            first_failure: failed_at,
+                        });
+                    }
                     debug!(handler = %handler.name, event_id = %event.id, attempt, ?delay, reason = %message, "retrying");
                     self.shared.stats.retries.fetch_add(1, Ordering::Relaxed);
                     if !self.sleep(delay) {
@@ -795,13 +1162,115 @@ impl PartitionWorker {
 
     /// Sleeps for a backoff; false when cancelled meanwhile.
     fn sleep(&self, d: Duration) -> bool {
-        let until = Instant::now() + d;
-        while Instant::now() < until {
-            if self.cancel.load(Ordering::SeqCst) {
-                return false;
-            }
-            std::thread::sleep((until - Instant::now()).min(Duration::from_millis(50)));
+        sleep_cancellable(&self.cancel, d)
+    }
+}
+
+/// Sleeps for `d` in slices, so a cancel is noticed; false when cancelled.
+fn sleep_cancellable(cancel: &AtomicBool, d: Duration) -> bool {
+    let until = Instant::now() + d;
+    while Instant::now() < until {
+        if cancel.load(Ordering::SeqCst) {
+            return false;
         }
-        true
+        std::thread::sleep((until - Instant::now()).min(Duration::from_millis(50)));
+    }
+    true
+}
+
+/// Headers of a record in a retry topic.
+mod retry_header {
+    pub const HANDLER: &str = "weir-retry-handler";
+    pub const ATTEMPT: &str = "weir-retry-attempt";
+    pub const NOT_BEFORE: &str = "weir-retry-not-before";
+}
+
+/// Where a record read from a retry topic stands.
+struct RetryInfo {
+    handler: String,
+    attempt: u32,
+    not_before_ms: i64,
+    first_failure: OffsetDateTime,
+}
+
+/// The record a retry-topic record stands for (original position, original
+/// headers), and its retry state; None for an ordinary record.
+fn take_retry(record: &Record) -> Option<(Record, RetryInfo)> {
+    let text = |name: &str| {
+        record
+            .header(name)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    };
+    let handler = text(retry_header::HANDLER)?;
+    let info = RetryInfo {
+        handler,
+        attempt: text(retry_header::ATTEMPT)?.parse().ok()?,
+        not_before_ms: text(retry_header::NOT_BEFORE)?.parse().ok()?,
+        first_failure: text(deadletter::header::FIRST_FAILURE_AT)
+            .and_then(|t| {
+                OffsetDateTime::parse(&t, &time::format_description::well_known::Rfc3339).ok()
+            })
+            .unwrap_or_else(OffsetDateTime::now_utc),
+    };
+    let original = Record {
+        topic: text(deadletter::header::ORIGINAL_TOPIC)?,
+        partition: text(deadletter::header::ORIGINAL_PARTITION)?.parse().ok()?,
+        offset: text(deadletter::header::ORIGINAL_OFFSET)?.parse().ok()?,
+        timestamp_ms: text(deadletter::header::ORIGINAL_TIMESTAMP)?.parse().ok()?,
+        key: record.key.clone(),
+        value: record.value.clone(),
+        headers: record
+            .headers
+            .iter()
+            .filter(|(k, _)| {
+                !k.starts_with("weir-retry-")
+                    && !k.starts_with("weir-original-")
+                    && k != deadletter::header::FIRST_FAILURE_AT
+            })
+            .cloned()
+            .collect(),
+    };
+    Some((original, info))
+}
+
+/// The record to send to a retry topic for `attempt` after `delay`.
+fn retry_record(
+    record: &Record,
+    handler: &str,
+    attempt: u32,
+    delay: Duration,
+    first_failure: OffsetDateTime,
+    topic: String,
+) -> Produce {
+    let not_before = OffsetDateTime::now_utc().unix_timestamp() * 1000 + delay.as_millis() as i64;
+    let mut headers = record.headers.clone();
+    let mut add = |k: &str, v: String| headers.push((k.to_owned(), v.into_bytes()));
+    add(retry_header::HANDLER, handler.to_owned());
+    add(retry_header::ATTEMPT, attempt.to_string());
+    add(retry_header::NOT_BEFORE, not_before.to_string());
+    add(deadletter::header::ORIGINAL_TOPIC, record.topic.clone());
+    add(
+        deadletter::header::ORIGINAL_PARTITION,
+        record.partition.to_string(),
+    );
+    add(
+        deadletter::header::ORIGINAL_OFFSET,
+        record.offset.to_string(),
+    );
+    add(
+        deadletter::header::ORIGINAL_TIMESTAMP,
+        record.timestamp_ms.to_string(),
+    );
+    add(
+        deadletter::header::FIRST_FAILURE_AT,
+        first_failure
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default(),
+    );
+    Produce {
+        topic,
+        key: record.key.clone(),
+        value: record.value.clone(),
+        headers,
     }
 }

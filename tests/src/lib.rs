@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -202,7 +203,8 @@ pub fn end_offsets(topic: &str, partitions: i32) -> Result<Vec<i64>> {
         .collect()
 }
 
-/// The group's committed offsets (-1 where none).
+/// The group's committed offsets (0 where nothing was committed, which is
+/// where a partition that never had a record stands).
 pub fn committed(group: &str, topic: &str, partitions: i32) -> Result<Vec<i64>> {
     let c = base_consumer(Some(group));
     let mut tpl = TopicPartitionList::new();
@@ -213,7 +215,7 @@ pub fn committed(group: &str, topic: &str, partitions: i32) -> Result<Vec<i64>> 
     Ok((0..partitions)
         .map(|p| match tpl.find_partition(topic, p).map(|e| e.offset()) {
             Some(Offset::Offset(o)) => o,
-            _ => -1,
+            _ => 0,
         })
         .collect())
 }
@@ -351,15 +353,22 @@ pub fn config_toml(group: &str, handlers: &[HandlerSpec]) -> String {
 pub struct Weir {
     child: Child,
     _dir: tempfile::TempDir,
+    log: Arc<Mutex<Vec<String>>>,
+    reader: tokio::task::JoinHandle<()>,
 }
 
 impl Weir {
     /// Starts `weir run` on a config text.
     pub fn start(config: &str) -> Result<Weir> {
+        Self::start_with_env(config, &[])
+    }
+
+    /// Starts `weir run` with extra environment variables.
+    pub fn start_with_env(config: &str, env: &[(&str, &str)]) -> Result<Weir> {
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("weir.toml");
         std::fs::write(&path, config)?;
-        let child = Command::new(weir_bin())
+        let mut child = Command::new(weir_bin())
             .arg("run")
             .arg("--config")
             .arg(&path)
@@ -367,11 +376,79 @@ impl Weir {
                 "WEIR_LOG",
                 std::env::var("WEIR_LOG").unwrap_or_else(|_| "info".into()),
             )
+            .env("NO_COLOR", "1")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
+            .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
             .context("cannot start weir")?;
-        Ok(Weir { child, _dir: dir })
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().expect("piped stderr");
+        let sink = log.clone();
+        let reader = tokio::spawn(async move {
+            use tokio::io::AsyncBufReadExt;
+            let mut lines = tokio::io::BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                eprintln!("weir| {line}");
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Ok(Weir {
+            child,
+            _dir: dir,
+            log,
+            reader,
+        })
+    }
+
+    /// The log lines written so far.
+    pub fn log(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Resident memory of the process in KiB (from /proc).
+    pub fn rss_kib(&self) -> Option<u64> {
+        let pid = self.child.id()?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    }
+
+    /// Waits until a log line contains `needle`.
+    pub async fn await_log(&mut self, needle: &str, timeout: Duration) -> Result<String> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(l) = self.log().into_iter().find(|l| l.contains(needle)) {
+                return Ok(l);
+            }
+            if !self.running() {
+                bail!("weir exited before logging {needle:?}");
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("weir did not log {needle:?} within {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGTERM, waits for the exit, and returns the status with every log line.
+    pub async fn stop(mut self, timeout: Duration) -> Result<(ExitStatus, Vec<String>)> {
+        let pid = self.child.id().context("weir already exited")?;
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { libc_kill(pid as i32, 15) };
+        let status = tokio::time::timeout(timeout, self.child.wait())
+            .await
+            .context("weir did not exit after SIGTERM")??;
+        // The reader ends at the end of the stream: every line is in.
+        let _ = tokio::time::timeout(Duration::from_secs(5), &mut self.reader).await;
+        let lines = self.log.lock().unwrap().clone();
+        Ok((status, lines))
     }
 
     /// SIGTERM, then waits for the exit.
@@ -404,13 +481,49 @@ extern "C" {
 
 /// Runs `weir <args>` to completion and returns (success, stderr).
 pub fn run_weir(args: &[&str]) -> (bool, String) {
+    let (ok, _, stderr) = run_weir_output(args);
+    (ok, stderr)
+}
+
+/// Runs `weir <args>` to completion and returns (success, stdout, stderr).
+pub fn run_weir_output(args: &[&str]) -> (bool, String, String) {
     let out = std::process::Command::new(weir_bin())
         .args(args)
+        .env("NO_COLOR", "1")
         .stdin(Stdio::null())
         .output()
         .expect("running weir");
     (
         out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// Adds an `[idempotency]` table keeping the store in `dir`.
+pub fn with_store(config: String, dir: &std::path::Path, retention_secs: u64) -> String {
+    format!(
+        "{config}\n[idempotency]\npath = {:?}\nretention_secs = {retention_secs}\n",
+        dir.display().to_string()
+    )
+}
+
+/// Writes a config file into `dir` and returns its path.
+pub fn write_config(dir: &std::path::Path, text: &str) -> String {
+    let path = dir.join("weir.toml");
+    std::fs::write(&path, text).expect("writing a config");
+    path.display().to_string()
+}
+
+/// The idempotency marks of a stopped runtime: (handler, event id) pairs.
+pub fn marks(config_path: &str) -> Vec<(String, String)> {
+    let (ok, stdout, stderr) = run_weir_output(&["idempotency", "list", "--config", config_path]);
+    assert!(ok, "weir idempotency list failed: {stderr}");
+    stdout
+        .lines()
+        .filter_map(|l| {
+            let mut parts = l.split('\t');
+            Some((parts.next()?.to_owned(), parts.next()?.to_owned()))
+        })
+        .collect()
 }

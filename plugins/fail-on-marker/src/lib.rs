@@ -1,7 +1,9 @@
 //! Fail on marker: behaves like echo, except that an event whose payload
 //! contains the configured `marker` (default `FAIL`) fails fatally, and one
-//! containing `retry_marker` (default `RETRY`) fails retriably on every
-//! attempt. Used by the end-to-end tests of dead-lettering.
+//! containing `retry_marker` (default `RETRY`) fails retriably until the
+//! attempt `succeed_on_attempt` (default: never). Each output carries the
+//! attempt that produced it in an `attempt` header. Used by the end-to-end
+//! tests of retries and dead-lettering.
 
 use weir_sdk::{Event, HandlerError, HandlerResult, Output};
 
@@ -22,7 +24,14 @@ pub fn handle(event: Event) -> HandlerResult {
             event.id
         )));
     }
-    if contains(&event.payload, &retry_marker) {
+    let succeed_on: u32 = weir_sdk::config("succeed_on_attempt")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    if contains(&event.payload, &retry_marker) && (succeed_on == 0 || event.attempt < succeed_on) {
+        weir_sdk::log::warn(&format!(
+            "event {} fails on attempt {}",
+            event.id, event.attempt
+        ));
         return Err(HandlerError::retriable(format!(
             "event {} carries the retry marker (attempt {})",
             event.id, event.attempt
@@ -33,7 +42,7 @@ pub fn handle(event: Event) -> HandlerResult {
     out.key = event.key;
     out.event_type = event.event_type;
     out.content_type = event.content_type;
-    Ok(vec![out])
+    Ok(vec![out.with_header("attempt", event.attempt.to_string())])
 }
 
 weir_sdk::handler!(handle);

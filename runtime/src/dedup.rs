@@ -1,0 +1,189 @@
+//! The idempotency store: which (handler, event id) pairs have a final
+//! outcome, in RocksDB.
+//!
+//! A pair is marked after the handler's outputs (or its dead letter) were
+//! acknowledged and before the offset commit that covers the event, so an
+//! event redelivered after a crash or rebalance is skipped instead of being
+//! handled twice. Marks are written in batches to the WAL without fsync: a
+//! killed process loses nothing the OS had accepted.
+//!
+//! Entries expire after the retention: a read ignores an expired mark, and
+//! a compaction filter drops them from disk, so expiry never scans.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use rocksdb::compaction_filter::Decision;
+use rocksdb::{IteratorMode, Options, WriteBatch, WriteOptions, DB};
+
+/// The store, shared by every partition worker of the process.
+pub struct Dedup {
+    db: DB,
+    path: PathBuf,
+    retention_ms: u64,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// `handler \0 event id`: a handler's marks share a prefix.
+pub fn key(handler: &str, event_id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(handler.len() + 1 + event_id.len());
+    k.extend_from_slice(handler.as_bytes());
+    k.push(0);
+    k.extend_from_slice(event_id.as_bytes());
+    k
+}
+
+fn marked_at(value: &[u8]) -> u64 {
+    value
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_be_bytes)
+        .unwrap_or(0)
+}
+
+impl Dedup {
+    /// Opens (creating if needed) the store at `path`. Fails naming the path
+    /// when it is corrupt, unwritable, or held by another process.
+    pub fn open(path: &Path, retention: Duration) -> Result<Dedup> {
+        let retention_ms = retention.as_millis() as u64;
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.set_compaction_filter(
+            "weir-expired-marks",
+            move |_level, _key: &[u8], value: &[u8]| {
+                if marked_at(value).saturating_add(retention_ms) < now_ms() {
+                    Decision::Remove
+                } else {
+                    Decision::Keep
+                }
+            },
+        );
+        // Files untouched for a retention period get compacted, so expired
+        // marks leave the disk even when little is written.
+        opts.set_periodic_compaction_seconds(retention.as_secs().max(60));
+        let db = DB::open(&opts, path).map_err(|e| {
+            let hint = if e.to_string().contains("lock") {
+                " (is another weir process using it? each instance needs its own store)"
+            } else {
+                ""
+            };
+            anyhow::anyhow!(
+                "cannot open the idempotency store at {}: {e}{hint}",
+                path.display()
+            )
+        })?;
+        Ok(Dedup {
+            db,
+            path: path.to_owned(),
+            retention_ms,
+        })
+    }
+
+    /// Whether `key` has an unexpired mark.
+    pub fn contains(&self, key: &[u8]) -> Result<bool> {
+        let value = self
+            .db
+            .get_pinned(key)
+            .with_context(|| format!("reading the idempotency store at {}", self.path.display()))?;
+        Ok(value.is_some_and(|v| marked_at(&v).saturating_add(self.retention_ms) >= now_ms()))
+    }
+
+    /// Marks keys in one write (WAL on, no fsync).
+    pub fn mark<'a>(&self, keys: impl IntoIterator<Item = &'a [u8]>) -> Result<()> {
+        let now = now_ms().to_be_bytes();
+        let mut batch = WriteBatch::default();
+        for k in keys {
+            batch.put(k, now);
+        }
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let mut opts = WriteOptions::default();
+        opts.set_sync(false);
+        self.db
+            .write_opt(batch, &opts)
+            .with_context(|| format!("writing the idempotency store at {}", self.path.display()))
+    }
+
+    /// Every unexpired mark as (handler, event id, marked at ms).
+    pub fn marks(&self) -> impl Iterator<Item = (String, String, u64)> + '_ {
+        let now = now_ms();
+        self.db
+            .iterator(IteratorMode::Start)
+            .filter_map(move |item| {
+                let (k, v) = item.ok()?;
+                let at = marked_at(&v);
+                if at.saturating_add(self.retention_ms) < now {
+                    return None;
+                }
+                let split = k.iter().position(|b| *b == 0)?;
+                Some((
+                    String::from_utf8_lossy(&k[..split]).into_owned(),
+                    String::from_utf8_lossy(&k[split + 1..]).into_owned(),
+                    at,
+                ))
+            })
+    }
+
+    /// Runs a full compaction (drops expired marks now); for tests and tools.
+    pub fn compact(&self) {
+        self.db.compact_range::<&[u8], &[u8]>(None, None);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn marks_are_found_and_expire() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = Dedup::open(dir.path(), Duration::from_secs(3600)).unwrap();
+        let k = key("h", "e-1");
+        assert!(!d.contains(&k).unwrap());
+        d.mark([k.as_slice()]).unwrap();
+        assert!(d.contains(&k).unwrap());
+        assert!(
+            !d.contains(&key("other", "e-1")).unwrap(),
+            "marks are per handler"
+        );
+        drop(d);
+
+        let d = Dedup::open(dir.path(), Duration::ZERO).unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(!d.contains(&k).unwrap(), "an expired mark is ignored");
+        d.compact();
+        assert_eq!(d.marks().count(), 0);
+    }
+
+    #[test]
+    fn a_second_process_cannot_open_the_same_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let _held = Dedup::open(dir.path(), Duration::from_secs(60)).unwrap();
+        let err = Dedup::open(dir.path(), Duration::from_secs(60))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains(&dir.path().display().to_string()), "{err}");
+        assert!(err.contains("another weir process"), "{err}");
+    }
+
+    #[test]
+    fn a_corrupt_store_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(Dedup::open(dir.path(), Duration::from_secs(60)).unwrap());
+        std::fs::write(dir.path().join("CURRENT"), b"garbage\n").unwrap();
+        let err = Dedup::open(dir.path(), Duration::from_secs(60))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains(&dir.path().display().to_string()), "{err}");
+    }
+}

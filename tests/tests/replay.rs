@@ -1,0 +1,89 @@
+//! `weir dlq replay`: dead letters go back to their topic and a fixed
+//! handler processes them, once however often they are replayed.
+
+use std::time::Duration;
+
+use serde_json::json;
+use weir_e2e::*;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replayed_dead_letters_are_processed_after_the_fix() -> anyhow::Result<()> {
+    let input = unique("replay-in");
+    let output = format!("{input}.out");
+    let dlq = format!("{input}.dlq");
+    let group = unique("replay-group");
+    create_topic(&input, 2).await?;
+    create_topic(&output, 2).await?;
+    create_topic(&dlq, 2).await?;
+    let state = tempfile::tempdir()?;
+    let files = tempfile::tempdir()?;
+    let broken = HandlerSpec::new("orders", "fail-on-marker", &input);
+    let config = with_store(config_toml(&group, &[broken]), state.path(), 3600);
+    produce(
+        &input,
+        &[
+            In::envelope("a", "o-1", "c", "t", json!("fine")),
+            In::envelope("b", "o-2", "c", "t", json!("FAIL until fixed")),
+            In::envelope("c", "o-3", "c", "t", json!("FAIL until fixed")),
+        ],
+    )
+    .await?;
+    let weir = Weir::start(&config)?;
+    await_committed_to_end(&group, &input, 2, Duration::from_secs(60)).await?;
+    assert!(weir.terminate(Duration::from_secs(30)).await?.success());
+    assert_eq!(read_all(&dlq)?.len(), 2);
+
+    // The fix: the marker no longer fails.
+    let fixed = HandlerSpec::new("orders", "fail-on-marker", &input).config("marker", "NEVER");
+    let config = with_store(config_toml(&group, &[fixed]), state.path(), 3600);
+    let path = write_config(files.path(), &config);
+    let (ok, stdout, stderr) = run_weir_output(&[
+        "dlq",
+        "replay",
+        "--config",
+        &path,
+        "--topic",
+        &dlq,
+        "--handler",
+        "orders",
+    ]);
+    assert!(ok, "replay failed: {stderr}");
+    assert!(
+        stdout.contains("replayed 2 dead letters"),
+        "stdout: {stdout}"
+    );
+
+    let weir = Weir::start(&config)?;
+    await_committed_to_end(&group, &input, 2, Duration::from_secs(60)).await?;
+    // Replaying the same dead letters again changes nothing.
+    let (ok, stdout, _) = run_weir_output(&["dlq", "replay", "--config", &path, "--topic", &dlq]);
+    assert!(
+        ok && stdout.contains("replayed 2 dead letters"),
+        "stdout: {stdout}"
+    );
+    await_committed_to_end(&group, &input, 2, Duration::from_secs(60)).await?;
+    assert!(weir.terminate(Duration::from_secs(30)).await?.success());
+
+    let mut ids: Vec<String> = read_all(&output)?
+        .iter()
+        .map(|m| header(m, "causation-id").unwrap())
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["o-1", "o-2", "o-3"]);
+    // Filters: nothing of another handler or kind.
+    let (ok, stdout, _) = run_weir_output(&[
+        "dlq",
+        "replay",
+        "--config",
+        &path,
+        "--topic",
+        &dlq,
+        "--error-kind",
+        "trap",
+    ]);
+    assert!(
+        ok && stdout.contains("replayed 0 dead letters") && stdout.contains("skipped 2"),
+        "stdout: {stdout}"
+    );
+    Ok(())
+}
