@@ -121,16 +121,34 @@ struct Worker {
 impl Worker {
     /// Stops taking records; the event being handled is finished and its
     /// outcome made final, the queued ones are dropped (not committed).
-    fn close(&mut self) {
+    fn close(&mut self, workers: &Workers) {
         self.stop.store(true, Ordering::SeqCst);
         self.tx = None;
+        let bytes: usize = self.parked.iter().map(record_size).sum();
+        workers.parked_bytes.fetch_sub(bytes, Ordering::Relaxed);
         self.parked.clear();
     }
+}
+
+/// Approximate memory of a record.
+fn record_size(r: &Record) -> usize {
+    64 + r.topic.len()
+        + r.value.len()
+        + r.key.as_ref().map_or(0, Vec::len)
+        + r.headers
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 16)
+            .sum::<usize>()
 }
 
 #[derive(Default)]
 struct Workers {
     map: Mutex<HashMap<TopicPartition, Worker>>,
+    /// Bytes of records parked over all partitions. Pausing a partition is
+    /// expensive (librdkafka resumes its fetching only after a delay), so
+    /// records beyond a full worker queue are first held here, up to the
+    /// prefetch budget, and the partition is paused only past it.
+    parked_bytes: std::sync::atomic::AtomicUsize,
     /// Set while the events queued over all partitions exceed the total bound.
     over_total: AtomicBool,
 }
@@ -153,7 +171,7 @@ impl ConsumerContext for WeirContext {
             let mut map = self.workers.map.lock().unwrap();
             for e in tpl.elements() {
                 if let Some(mut w) = map.remove(&(e.topic().to_owned(), e.partition())) {
-                    w.close();
+                    w.close(&self.workers);
                     revoked.push(w);
                 }
             }
@@ -350,7 +368,7 @@ pub async fn run(
         let mut map = workers.map.lock().unwrap();
         map.drain()
             .map(|(_, mut w)| {
-                w.close();
+                w.close(&workers);
                 w
             })
             .collect()
@@ -482,33 +500,32 @@ fn dispatch(
         return; // already handed over; refetched after a pause
     }
     w.next_offset = record.offset + 1;
-    if !w.parked.is_empty() {
-        w.parked.push_back(record);
-        return;
-    }
-    let Some(tx) = &w.tx else { return };
     let full = workers.over_total.load(Ordering::Relaxed);
-    let sent = if full {
-        Err(mpsc::error::TrySendError::Full(record))
+    let record = if !w.parked.is_empty() || full {
+        record
     } else {
-        tx.try_send(record)
-    };
-    match sent {
-        Ok(()) => {}
-        Err(mpsc::error::TrySendError::Full(record)) => {
-            w.parked.push_back(record);
-            if !w.paused {
-                match consumer.pause(&tpl_of(&tp)) {
-                    Ok(()) => {
-                        w.paused = true;
-                        shared.stats.pauses.fetch_add(1, Ordering::Relaxed);
-                        debug!(topic = %tp.0, partition = tp.1, "partition paused: worker queue full");
-                    }
-                    Err(e) => warn!(error = %e, "cannot pause partition"),
-                }
-            }
+        let Some(tx) = &w.tx else { return };
+        match tx.try_send(record) {
+            Ok(()) => return,
+            Err(mpsc::error::TrySendError::Full(record)) => record,
+            Err(mpsc::error::TrySendError::Closed(_)) => return,
         }
-        Err(mpsc::error::TrySendError::Closed(_)) => {}
+    };
+    let parked = workers
+        .parked_bytes
+        .fetch_add(record_size(&record), Ordering::Relaxed)
+        + record_size(&record);
+    w.parked.push_back(record);
+    let budget = shared.config.pipeline.prefetch_kbytes as usize * 1024;
+    if !w.paused && (parked >= budget || full) {
+        match consumer.pause(&tpl_of(&tp)) {
+            Ok(()) => {
+                w.paused = true;
+                shared.stats.pauses.fetch_add(1, Ordering::Relaxed);
+                debug!(topic = %tp.0, partition = tp.1, "partition paused: work in flight at its bound");
+            }
+            Err(e) => warn!(error = %e, "cannot pause partition"),
+        }
     }
 }
 
@@ -538,8 +555,11 @@ fn unpark(
     for (tp, w) in map.iter_mut() {
         let Some(tx) = &w.tx else { continue };
         while let Some(record) = w.parked.pop_front() {
+            let size = record_size(&record);
             match tx.try_send(record) {
-                Ok(()) => {}
+                Ok(()) => {
+                    workers.parked_bytes.fetch_sub(size, Ordering::Relaxed);
+                }
                 Err(mpsc::error::TrySendError::Full(record)) => {
                     w.parked.push_front(record);
                     break;
