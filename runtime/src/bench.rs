@@ -92,6 +92,31 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         }
     }
 
+    println!("\nhandler call cost by metering (no Kafka; µs per call, reused instance):");
+    println!("| handler | fuel+epochs | fuel only | epochs only | neither |");
+    println!("|---|---:|---:|---:|---:|");
+    let misbehave = args.plugins.join("misbehave.wasm");
+    for (name, wasm, payload, calls) in [
+        ("trivial (echo, discard)", &echo, "\"x\"", 20_000),
+        (
+            "CPU-heavy (misbehave burn:2000000)",
+            &misbehave,
+            "\"burn:2000000\"",
+            200,
+        ),
+    ] {
+        let mut cells = Vec::new();
+        for (fuel, epochs) in [(true, true), (true, false), (false, true), (false, false)] {
+            let us = call_cost(
+                wasm,
+                payload,
+                calls,
+                crate::handler::Metering { fuel, epochs },
+            )?;
+            cells.push(format!("{us:.2}"));
+        }
+        println!("| {name} | {} |", cells.join(" | "));
+    }
     let (check_us, mark_us) = dedup_cost(args.events)?;
     println!(
         "\nidempotency store alone ({} ids): check {check_us:.2} µs/event, mark {mark_us:.2} µs/event (batches of 512)",
@@ -112,6 +137,49 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Mean time of one `handle` call on a reused instance.
+fn call_cost(
+    wasm: &std::path::Path,
+    payload: &str,
+    calls: usize,
+    metering: crate::handler::Metering,
+) -> Result<f64> {
+    let engine = PluginEngine::with_metering(metering)?;
+    let mut cfg: HandlerConfig = toml::from_str(&format!(
+        "name = \"bench\"\nwasm = {:?}\ntopics = [\"t\"]\nfuel_per_event = 100000000000\ndeadline_ms = 60000\n",
+        wasm.display().to_string()
+    ))?;
+    cfg.config = BTreeMap::from([("discard".to_string(), "true".to_string())]);
+    let handler = crate::handler::LoadedHandler::load(&engine, &cfg)?;
+    let mut instance = handler.instantiate()?;
+    let record = crate::envelope::Record {
+        topic: "t".into(),
+        partition: 0,
+        offset: 0,
+        timestamp_ms: 0,
+        key: None,
+        value: payload.as_bytes().to_vec(),
+        headers: vec![("content-type".into(), b"application/json".to_vec())],
+    };
+    let event = crate::envelope::Event {
+        id: "e".into(),
+        event_type: "bench".into(),
+        schema_version: "1".into(),
+        payload: payload.as_bytes().to_vec(),
+        content_type: "application/json".into(),
+        timestamp_ms: 0,
+        correlation_id: "c".into(),
+        causation_id: None,
+    };
+    let started = Instant::now();
+    for _ in 0..calls {
+        if let crate::handler::CallOutcome::Failed(kind, m) = instance.call(&event, &record, 1) {
+            bail!("benchmark call failed: {kind}: {m}");
+        }
+    }
+    Ok(started.elapsed().as_secs_f64() * 1e6 / calls as f64)
 }
 
 /// The store's own cost per event: one lookup, and one mark written in

@@ -319,6 +319,9 @@ impl Config {
             if h.topics.is_empty() || h.topics.iter().any(|t| t.is_empty()) {
                 bail!("{at}.topics: must list at least one non-empty topic");
             }
+            if let Some(t) = h.topics.iter().find(|t| t.starts_with('^')) {
+                bail!("{at}.topics: {t:?} is a pattern; name topics exactly");
+            }
             if h.max_attempts == 0 {
                 bail!("{at}.max_attempts: must be at least 1");
             }

@@ -50,7 +50,17 @@ impl DeadLetter<'_> {
         let mut headers = self.record.headers.clone();
         let mut add = |k: &str, v: String| headers.push((k.to_owned(), v.into_bytes()));
         add(header::ERROR_KIND, self.kind.name().to_owned());
-        add(header::ERROR_MESSAGE, self.message);
+        // A handler controls its error text; keep the record small.
+        let mut message = self.message;
+        if message.len() > 4096 {
+            let mut cut = 4096;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+            message.push('…');
+        }
+        add(header::ERROR_MESSAGE, message);
         add(header::HANDLER, self.handler);
         add(header::HANDLER_VERSION, self.handler_version);
         add(header::ATTEMPTS, self.attempts.to_string());

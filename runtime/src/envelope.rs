@@ -281,9 +281,20 @@ pub struct Produce {
 /// Encodes an output of `parent`: a fresh id, the parent's correlation id,
 /// the parent's id as causation id; in the envelope when it uses one, and
 /// always as headers.
-pub fn encode_output(output: Output, parent: &Event) -> Result<Produce, String> {
-    if output.topic.is_empty() {
-        return Err("output has an empty topic".into());
+pub fn encode_output(output: Output, parent: &Event, max_bytes: usize) -> Result<Produce, String> {
+    let legal = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+    if output.topic.is_empty() || output.topic.len() > 249 || !output.topic.chars().all(legal) {
+        return Err(format!(
+            "output topic {:?} is not a legal Kafka topic name",
+            output.topic
+        ));
+    }
+    let size = output.payload.len() + output.key.as_ref().map_or(0, Vec::len);
+    if size > max_bytes {
+        return Err(format!(
+            "output to {} is {size} bytes, over the {max_bytes} bytes a record may have",
+            output.topic
+        ));
     }
     let id = new_id();
     let encoding = Encoding::from_content_type(&output.content_type);
@@ -453,6 +464,7 @@ mod tests {
                 ..Default::default()
             },
             &parent,
+            1 << 20,
         )
         .unwrap();
         let v: serde_json::Value = serde_json::from_slice(&p.value).unwrap();
@@ -483,8 +495,30 @@ mod tests {
                 ..Default::default()
             },
             &parent,
+            1 << 20,
         )
         .unwrap_err();
         assert!(err.contains("not JSON"));
+        let err = encode_output(
+            Output {
+                topic: "bad topic!".into(),
+                ..Default::default()
+            },
+            &parent,
+            1 << 20,
+        )
+        .unwrap_err();
+        assert!(err.contains("not a legal Kafka topic name"), "{err}");
+        let err = encode_output(
+            Output {
+                topic: "big".into(),
+                payload: vec![0; 2000],
+                ..Default::default()
+            },
+            &parent,
+            1000,
+        )
+        .unwrap_err();
+        assert!(err.contains("over the 1000 bytes"), "{err}");
     }
 }

@@ -38,6 +38,7 @@ const EPOCH_TICK: Duration = Duration::from_millis(10);
 #[derive(Clone)]
 pub struct PluginEngine {
     engine: Engine,
+    metering: Metering,
     linker: Arc<Linker<HostState>>,
     _ticker: Arc<Ticker>,
 }
@@ -53,9 +54,19 @@ impl Drop for Ticker {
 }
 
 impl PluginEngine {
+    /// The engine the runtime uses: fuel metering and deadlines on.
     pub fn new() -> Result<Self> {
+        Self::with_metering(Metering::default())
+    }
+
+    /// An engine with fuel metering and/or epoch deadlines off, for
+    /// measuring what they cost (`weir bench`). Without them the matching
+    /// limits are not enforced.
+    pub fn with_metering(metering: Metering) -> Result<Self> {
         let mut config = wasmtime::Config::new();
-        config.consume_fuel(true).epoch_interruption(true);
+        config
+            .consume_fuel(metering.fuel)
+            .epoch_interruption(metering.epochs);
         let engine = Engine::new(&config)?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
@@ -75,9 +86,28 @@ impl PluginEngine {
         }
         Ok(Self {
             engine,
+            metering,
             linker: Arc::new(linker),
             _ticker: Arc::new(Ticker { stop }),
         })
+    }
+}
+
+/// Which per-call limits the engine enforces.
+#[derive(Debug, Clone, Copy)]
+pub struct Metering {
+    /// Fuel metering (CPU budget per call and per second).
+    pub fuel: bool,
+    /// Epoch interruption (wall-clock deadline per call).
+    pub epochs: bool,
+}
+
+impl Default for Metering {
+    fn default() -> Self {
+        Self {
+            fuel: true,
+            epochs: true,
+        }
     }
 }
 
@@ -271,12 +301,18 @@ impl LoadedHandler {
         };
         let mut store = Store::new(&self.engine.engine, state);
         store.limiter(|s| &mut s.limiter);
-        store.set_fuel(self.fuel_per_event)?;
-        store.set_epoch_deadline(self.deadline_ticks);
+        let metering = self.engine.metering;
+        if metering.fuel {
+            store.set_fuel(self.fuel_per_event)?;
+        }
+        if metering.epochs {
+            store.set_epoch_deadline(self.deadline_ticks);
+        }
         let bindings = self.pre.instantiate(&mut store)?;
         Ok(HandlerInstance {
             store,
             bindings,
+            metering,
             fuel_per_event: self.fuel_per_event,
             deadline_ticks: self.deadline_ticks,
             poisoned: false,
@@ -297,6 +333,7 @@ pub enum CallOutcome {
 pub struct HandlerInstance {
     store: Store<HostState>,
     bindings: Handler,
+    metering: Metering,
     fuel_per_event: u64,
     deadline_ticks: u64,
     poisoned: bool,
@@ -306,11 +343,15 @@ pub struct HandlerInstance {
 impl HandlerInstance {
     /// Calls `handle` with fresh fuel and deadline.
     pub fn call(&mut self, event: &envelope::Event, record: &Record, attempt: u32) -> CallOutcome {
-        if let Err(e) = self.store.set_fuel(self.fuel_per_event) {
-            self.poisoned = true;
-            return CallOutcome::Failed(FailureKind::Trap, format!("cannot set fuel: {e}"));
+        if self.metering.fuel {
+            if let Err(e) = self.store.set_fuel(self.fuel_per_event) {
+                self.poisoned = true;
+                return CallOutcome::Failed(FailureKind::Trap, format!("cannot set fuel: {e}"));
+            }
         }
-        self.store.set_epoch_deadline(self.deadline_ticks);
+        if self.metering.epochs {
+            self.store.set_epoch_deadline(self.deadline_ticks);
+        }
         self.store.data_mut().limiter.hit = false;
         let arg = wit::Event {
             id: event.id.clone(),
@@ -336,9 +377,11 @@ impl HandlerInstance {
             attempt,
         };
         let result = self.bindings.call_handle(&mut self.store, &arg);
-        self.last_fuel_used = self
-            .fuel_per_event
-            .saturating_sub(self.store.get_fuel().unwrap_or(0));
+        if self.metering.fuel {
+            self.last_fuel_used = self
+                .fuel_per_event
+                .saturating_sub(self.store.get_fuel().unwrap_or(0));
+        }
         match result {
             Ok(Ok(outputs)) => CallOutcome::Ok(
                 outputs

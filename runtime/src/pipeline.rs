@@ -21,7 +21,7 @@ use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::TopicPartitionList;
 use time::OffsetDateTime;
@@ -95,6 +95,7 @@ struct Shared {
     config: Config,
     producer: FutureProducer,
     by_topic: HashMap<String, Vec<Arc<LoadedHandler>>>,
+    retry_topics: std::collections::HashSet<String>,
     dedup: Option<Arc<Dedup>>,
     stats: Arc<Stats>,
 }
@@ -187,9 +188,15 @@ impl ConsumerContext for WeirContext {
         commit_sync(base);
     }
 
-    fn post_rebalance(&self, _base: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, base: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
             info!(partitions = tpl.count(), "partitions assigned");
+            // A partition paused before it was revoked stays paused in
+            // librdkafka when it comes back; it has no worker yet, so
+            // nothing else would resume it.
+            if let Err(e) = base.resume(tpl) {
+                warn!(error = %e, "cannot resume assigned partitions");
+            }
         }
     }
 }
@@ -215,8 +222,13 @@ fn drain(workers: &mut [Worker], deadline: Instant) {
         }
     }
     for w in workers.iter_mut() {
+        // A cancelled worker stops at its next check; one stuck in a long
+        // handler call is left to finish on its own rather than holding up
+        // the rebalance.
         if let Some(t) = w.thread.take() {
-            let _ = t.join();
+            if t.is_finished() || *w.done.borrow() {
+                let _ = t.join();
+            }
         }
     }
 }
@@ -329,6 +341,10 @@ pub async fn run(
         config,
         producer,
         by_topic,
+        retry_topics: handlers
+            .iter()
+            .flat_map(|h| h.config_entry.retry_topics())
+            .collect(),
         dedup,
         stats,
     });
@@ -453,7 +469,7 @@ async fn ensure_topics(config: &Config, consumer: &StreamConsumer<WeirContext>) 
     }
 }
 
-fn to_record(msg: &BorrowedMessage<'_>) -> Record {
+fn to_record(msg: &impl Message) -> Record {
     Record {
         topic: msg.topic().to_owned(),
         partition: msg.partition(),
@@ -508,7 +524,7 @@ fn dispatch(
         match tx.try_send(record) {
             Ok(()) => return,
             Err(mpsc::error::TrySendError::Full(record)) => record,
-            Err(mpsc::error::TrySendError::Closed(_)) => return,
+            Err(mpsc::error::TrySendError::Closed(_)) => worker_died(&tp),
         }
     };
     let parked = workers
@@ -527,6 +543,15 @@ fn dispatch(
             Err(e) => warn!(error = %e, "cannot pause partition"),
         }
     }
+}
+
+/// A worker thread that ended while its partition is assigned is a bug;
+/// carrying on would commit past the events it dropped. Exiting keeps the
+/// promise: everything after the last commit is redelivered.
+fn worker_died(tp: &TopicPartition) -> ! {
+    error!(topic = %tp.0, partition = tp.1,
+        "a partition worker stopped unexpectedly; exiting so that its events are redelivered");
+    std::process::exit(70)
 }
 
 /// Moves parked records into workers with room, resuming drained partitions.
@@ -564,7 +589,7 @@ fn unpark(
                     w.parked.push_front(record);
                     break;
                 }
-                Err(mpsc::error::TrySendError::Closed(_)) => break,
+                Err(mpsc::error::TrySendError::Closed(_)) => worker_died(tp),
             }
         }
         // Resume once half the queue is free, so a partition does not flap.
@@ -712,7 +737,17 @@ async fn acknowledged(
 ) -> bool {
     let mut backoff = Duration::from_millis(100);
     loop {
-        let (err, msg) = match delivery.await {
+        let outcome = loop {
+            tokio::select! {
+                r = &mut delivery => break r,
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {
+                    if cancel.load(Ordering::SeqCst) {
+                        return false;
+                    }
+                }
+            }
+        };
+        let (err, msg) = match outcome {
             Ok(Ok(_)) => return true,
             Ok(Err((err, msg))) => (err, msg),
             Err(_) => return false, // the producer is gone: shutting down
@@ -724,23 +759,12 @@ async fn acknowledged(
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(10));
+        let again = to_record(&msg);
         let produce = Produce {
-            topic: msg.topic().to_owned(),
-            key: msg.key().map(<[u8]>::to_vec),
-            value: msg.payload().map(<[u8]>::to_vec).unwrap_or_default(),
-            headers: msg
-                .headers()
-                .map(|hs| {
-                    hs.iter()
-                        .map(|h| {
-                            (
-                                h.key.to_owned(),
-                                h.value.map(<[u8]>::to_vec).unwrap_or_default(),
-                            )
-                        })
-                        .collect()
-                })
-                .unwrap_or_default(),
+            topic: again.topic,
+            key: again.key,
+            value: again.value,
+            headers: again.headers,
         };
         match send(producer, &produce, cancel) {
             Some(d) => delivery = d,
@@ -794,26 +818,43 @@ struct PartitionWorker {
     /// Keys handled by this worker whose marks may not be written yet: a
     /// duplicate close behind its original is caught here.
     recent: RecentKeys,
+    /// The producer's record size limit (`message.max.bytes`).
+    max_record_bytes: usize,
 }
 
-/// A bounded set of recently handled idempotency keys, oldest evicted first.
-#[derive(Default)]
+/// A bounded set of recently handled idempotency keys, oldest evicted
+/// first. Keys are kept as 128-bit digests, so memory does not depend on
+/// the length of event ids.
 struct RecentKeys {
-    set: std::collections::HashSet<Vec<u8>>,
-    order: VecDeque<Vec<u8>>,
+    capacity: usize,
+    set: std::collections::HashSet<[u8; 16]>,
+    order: VecDeque<[u8; 16]>,
 }
 
 impl RecentKeys {
-    const CAPACITY: usize = 65_536;
+    fn new(capacity: usize) -> Self {
+        Self {
+            capacity,
+            set: Default::default(),
+            order: VecDeque::new(),
+        }
+    }
+
+    fn digest(key: &[u8]) -> [u8; 16] {
+        use sha2::Digest;
+        let d = sha2::Sha256::digest(key);
+        d[..16].try_into().expect("16 bytes")
+    }
 
     fn contains(&self, key: &[u8]) -> bool {
-        self.set.contains(key)
+        self.set.contains(&Self::digest(key))
     }
 
     fn insert(&mut self, key: Vec<u8>) {
-        if self.set.insert(key.clone()) {
-            self.order.push_back(key);
-            if self.order.len() > Self::CAPACITY {
+        let d = Self::digest(&key);
+        if self.set.insert(d) {
+            self.order.push_back(d);
+            if self.order.len() > self.capacity {
                 if let Some(old) = self.order.pop_front() {
                     self.set.remove(&old);
                 }
@@ -851,10 +892,19 @@ impl PartitionWorker {
         cancel: Arc<AtomicBool>,
     ) -> Self {
         Self {
-            shared,
             handlers: handlers.into_iter().map(|h| (h, None)).collect(),
+            // What the finalizer may hold unmarked: its queue and one batch.
+            recent: RecentKeys::new(shared.config.pipeline.max_in_flight_per_partition + 1024),
+            max_record_bytes: shared
+                .config
+                .kafka
+                .producer_options
+                .get("message.max.bytes")
+                .or(shared.config.kafka.options.get("message.max.bytes"))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(1_000_000),
+            shared,
             cancel,
-            recent: RecentKeys::default(),
         }
     }
 
@@ -914,9 +964,27 @@ impl PartitionWorker {
             Some((original, info)) => (original, Some(info)),
             None => (consumed, None),
         };
+        if retry.is_none() && self.shared.retry_topics.contains(&consumed.topic) {
+            let d = self.dead_letter_unrouted(
+                consumed,
+                "a record in a retry topic without valid retry headers",
+            )?;
+            return Some(Pending {
+                offset: consumed.offset,
+                deliveries: vec![d],
+                marks: Vec::new(),
+            });
+        }
         if let Some(info) = retry {
-            let wait = info.not_before_ms - OffsetDateTime::now_utc().unix_timestamp() * 1000;
-            if wait > 0 && !self.sleep(Duration::from_millis(wait as u64)) {
+            let now = OffsetDateTime::now_utc().unix_timestamp() * 1000;
+            let wait = info.not_before_ms.saturating_sub(now).max(0) as u64;
+            // Never longer than the longest backoff of the handler it names.
+            let cap = self
+                .handlers
+                .iter()
+                .find(|(h, _)| h.name == info.handler)
+                .map_or(0, |(h, _)| h.config_entry.max_backoff_ms);
+            if wait > 0 && !self.sleep(Duration::from_millis(wait.min(cap))) {
                 return None;
             }
         }
@@ -940,8 +1008,8 @@ impl PartitionWorker {
                     .iter()
                     .map(|(h, _)| dedup::key(&h.name, &id))
                     .collect();
-                if dedup_on {
-                    if self.already_done(&keys[0])? {
+                if let (true, Some(first)) = (dedup_on, keys.first()) {
+                    if self.already_done(first)? {
                         self.shared.stats.duplicates.fetch_add(1, Ordering::Relaxed);
                         return done(deliveries, marks);
                     }
@@ -985,6 +1053,7 @@ impl PartitionWorker {
             }
         };
         let id = Self::dedup_id(&event.id, record);
+        let mut routed = false;
         for i in 0..self.handlers.len() {
             let handler = self.handlers[i].0.clone();
             if !handler.accepts(&event.event_type)
@@ -992,6 +1061,7 @@ impl PartitionWorker {
             {
                 continue;
             }
+            routed = true;
             let key = dedup::key(&handler.name, &id);
             if dedup_on && self.already_done(&key)? {
                 debug!(handler = %handler.name, event_id = %event.id, "duplicate skipped");
@@ -1061,7 +1131,41 @@ impl PartitionWorker {
                 }
             }
         }
+        if let (false, Some(info)) = (routed, retry) {
+            // The handler was renamed, removed or no longer takes this
+            // event type: dead-letter rather than drop it.
+            let message = format!(
+                "retry record for handler {:?}, which no longer handles {} events of {}",
+                info.handler, event.event_type, record.topic
+            );
+            deliveries.push(self.dead_letter_unrouted(consumed, &message)?);
+        }
         done(deliveries, marks)
+    }
+
+    /// Dead-letters a record no handler can take.
+    fn dead_letter_unrouted(&mut self, record: &Record, message: &str) -> Option<DeliveryFuture> {
+        let topic = deadletter::default_topic(&record.topic);
+        error!(topic = %record.topic, partition = record.partition, offset = record.offset,
+            reason = message, dead_letter_topic = %topic, "unroutable record dead-lettered");
+        let now = OffsetDateTime::now_utc();
+        let dl = DeadLetter {
+            record,
+            kind: FailureKind::Undecodable,
+            message: message.to_owned(),
+            handler: String::new(),
+            handler_version: String::new(),
+            attempts: 1,
+            group_id: &self.shared.config.kafka.group_id,
+            first_failure: now,
+            last_failure: now,
+        }
+        .into_produce(topic);
+        self.shared
+            .stats
+            .dead_lettered
+            .fetch_add(1, Ordering::Relaxed);
+        send(&self.shared.producer, &dl, &self.cancel)
     }
 
     /// Calls handler `i`, retrying `retriable` failures with exponential
@@ -1129,7 +1233,7 @@ impl PartitionWorker {
                 CallOutcome::Ok(outputs) => {
                     let mut produced = Vec::with_capacity(outputs.len());
                     for o in outputs {
-                        match envelope::encode_output(o, event) {
+                        match envelope::encode_output(o, event, self.max_record_bytes) {
                             Ok(p) => produced.push(p),
                             Err(message) => {
                                 return Some(Verdict::Failed {

@@ -386,11 +386,15 @@ impl Weir {
         let log = Arc::new(Mutex::new(Vec::new()));
         let stderr = child.stderr.take().expect("piped stderr");
         let sink = log.clone();
+        // The runtime's log is kept for assertions; echoed only on request.
+        let echo = std::env::var_os("WEIR_TEST_ECHO_LOG").is_some();
         let reader = tokio::spawn(async move {
             use tokio::io::AsyncBufReadExt;
             let mut lines = tokio::io::BufReader::new(stderr).lines();
             while let Ok(Some(line)) = lines.next_line().await {
-                eprintln!("weir| {line}");
+                if echo {
+                    eprintln!("weir| {line}");
+                }
                 sink.lock().unwrap().push(line);
             }
         });
