@@ -244,35 +244,30 @@ fn commit_sync<C: ConsumerContext>(consumer: &impl Consumer<C>) {
 /// The producer every output and dead letter goes through: idempotent,
 /// acks from all replicas, Java-compatible key partitioning.
 pub fn producer_config(config: &Config) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    for (k, v) in config
-        .kafka
-        .options
-        .iter()
-        .chain(&config.kafka.producer_options)
-    {
-        c.set(k, v);
-    }
-    c.set("bootstrap.servers", &config.kafka.brokers)
-        .set("enable.idempotence", "true")
+    let mut c = client_config(config, &config.kafka.producer_options);
+    c.set("enable.idempotence", "true")
         .set("acks", "all")
         .set("partitioner", "murmur2_random")
         .set("linger.ms", "5");
     c
 }
 
-fn consumer_config(config: &Config) -> ClientConfig {
+/// The user's raw options (shared, then client-specific) and the brokers.
+fn client_config(
+    config: &Config,
+    specific: &std::collections::BTreeMap<String, String>,
+) -> ClientConfig {
     let mut c = ClientConfig::new();
-    for (k, v) in config
-        .kafka
-        .options
-        .iter()
-        .chain(&config.kafka.consumer_options)
-    {
+    for (k, v) in config.kafka.options.iter().chain(specific) {
         c.set(k, v);
     }
-    c.set("bootstrap.servers", &config.kafka.brokers)
-        .set("group.id", &config.kafka.group_id)
+    c.set("bootstrap.servers", &config.kafka.brokers);
+    c
+}
+
+fn consumer_config(config: &Config) -> ClientConfig {
+    let mut c = client_config(config, &config.kafka.consumer_options);
+    c.set("group.id", &config.kafka.group_id)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", &config.kafka.auto_offset_reset)
@@ -432,15 +427,8 @@ async fn ensure_topics(config: &Config, consumer: &StreamConsumer<WeirContext>) 
     if wanted.is_empty() {
         return;
     }
-    let mut admin_config = ClientConfig::new();
-    for (k, v) in &config.kafka.options {
-        admin_config.set(k, v);
-    }
     let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
-        match admin_config
-            .set("bootstrap.servers", &config.kafka.brokers)
-            .create()
-        {
+        match client_config(config, &Default::default()).create() {
             Ok(a) => a,
             Err(e) => return warn!(error = %e, "cannot create an admin client"),
         };
