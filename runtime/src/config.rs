@@ -414,6 +414,13 @@ mod tests {
     }
 
     #[test]
+    fn topic_patterns_are_refused() {
+        let c = Config::parse(&MINIMAL.replace("[\"in\"]", "[\"^in.*\"]")).unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("pattern"), "{err}");
+    }
+
+    #[test]
     fn missing_wasm_file_is_named() {
         let c = Config::parse(MINIMAL).unwrap();
         let err = c.validate().unwrap_err().to_string();

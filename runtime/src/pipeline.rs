@@ -1386,3 +1386,71 @@ fn retry_record(
         headers,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> Record {
+        Record {
+            topic: "orders".into(),
+            partition: 2,
+            offset: 40,
+            timestamp_ms: 7,
+            key: Some(b"k".to_vec()),
+            value: b"v".to_vec(),
+            headers: vec![("content-type".into(), b"application/json".to_vec())],
+        }
+    }
+
+    #[test]
+    fn a_retry_record_stands_for_its_original() {
+        let first = OffsetDateTime::now_utc();
+        let p = retry_record(
+            &record(),
+            "h",
+            3,
+            Duration::from_millis(500),
+            first,
+            "orders.retry".into(),
+        );
+        assert_eq!(p.topic, "orders.retry");
+        let consumed = Record {
+            topic: p.topic,
+            partition: 0,
+            offset: 9,
+            timestamp_ms: 8,
+            key: p.key,
+            value: p.value,
+            headers: p.headers,
+        };
+        let (original, info) = take_retry(&consumed).expect("a retry record");
+        assert_eq!(original.topic, "orders");
+        assert_eq!(
+            (original.partition, original.offset, original.timestamp_ms),
+            (2, 40, 7)
+        );
+        assert_eq!(
+            original.headers,
+            record().headers,
+            "retry headers are stripped"
+        );
+        assert_eq!((info.handler.as_str(), info.attempt), ("h", 3));
+        assert!(info.not_before_ms >= first.unix_timestamp() * 1000 + 500);
+    }
+
+    #[test]
+    fn an_ordinary_record_is_not_a_retry() {
+        assert!(take_retry(&record()).is_none());
+    }
+
+    #[test]
+    fn recent_keys_forget_the_oldest_past_capacity() {
+        let mut recent = RecentKeys::new(2);
+        for k in [b"a", b"b", b"c"] {
+            recent.insert(k.to_vec());
+        }
+        assert!(!recent.contains(b"a"));
+        assert!(recent.contains(b"b") && recent.contains(b"c"));
+    }
+}
