@@ -313,7 +313,7 @@ async fn weir(
     let engine = PluginEngine::new()?;
     let handlers = crate::load_handlers(&engine, &config)?;
     let stats = Arc::new(Stats {
-        handle_micros: Mutex::new(Some(hdrhistogram::Histogram::new(3)?)),
+        handle_micros: Some(Mutex::new(hdrhistogram::Histogram::new(3)?)),
         ..Stats::default()
     });
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -346,10 +346,11 @@ async fn weir(
     task.await??;
     let hist = stats
         .handle_micros
+        .as_ref()
+        .expect("histogram")
         .lock()
         .unwrap()
-        .take()
-        .expect("histogram");
+        .clone();
     Ok(Run {
         name: match (discard, dedup) {
             (true, false) => "weir, trivial handler (no outputs), dedup off",

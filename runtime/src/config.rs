@@ -358,6 +358,18 @@ impl Config {
 }
 
 impl HandlerConfig {
+    /// The dead-letter topic of a source topic.
+    pub fn dead_letter_topic_of(&self, source: &str) -> String {
+        self.dead_letter_topic
+            .clone()
+            .unwrap_or_else(|| crate::deadletter::default_topic(source))
+    }
+
+    /// Whether an event of this type is for this handler.
+    pub fn accepts(&self, event_type: &str) -> bool {
+        self.event_types.is_empty() || self.event_types.iter().any(|t| t == event_type)
+    }
+
     /// The retry topic of a source topic, in `topic` retry mode.
     pub fn retry_topic_of(&self, source: &str) -> Option<String> {
         (self.retry_mode == RetryMode::Topic).then(|| {

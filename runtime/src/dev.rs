@@ -183,7 +183,9 @@ pub async fn run(args: DevArgs) -> Result<()> {
     for h in &handlers {
         println!(
             "loaded handler {} (version {}) on {:?}",
-            h.name, h.version, h.topics
+            h.name,
+            h.version,
+            h.topics()
         );
     }
 

@@ -119,10 +119,6 @@ pub struct LoadedHandler {
     pub config_entry: HandlerConfig,
     /// Content hash of the component (first 12 hex digits of its SHA-256).
     pub version: String,
-    pub topics: Vec<String>,
-    pub event_types: Vec<String>,
-    pub dead_letter_topic: Option<String>,
-    pub max_attempts: u32,
     initial_backoff: Duration,
     max_backoff: Duration,
     fuel_per_event: u64,
@@ -226,10 +222,6 @@ impl LoadedHandler {
             name: cfg.name.clone(),
             config_entry: cfg.clone(),
             version,
-            topics: cfg.topics.clone(),
-            event_types: cfg.event_types.clone(),
-            dead_letter_topic: cfg.dead_letter_topic.clone(),
-            max_attempts: cfg.max_attempts,
             initial_backoff: Duration::from_millis(cfg.initial_backoff_ms),
             max_backoff: Duration::from_millis(cfg.max_backoff_ms),
             fuel_per_event: cfg.fuel_per_event,
@@ -252,9 +244,9 @@ impl LoadedHandler {
         self.budget.as_ref()
     }
 
-    /// Whether an event of this type is for this handler.
-    pub fn accepts(&self, event_type: &str) -> bool {
-        self.event_types.is_empty() || self.event_types.iter().any(|t| t == event_type)
+    /// The topics the handler subscribes to.
+    pub fn topics(&self) -> &[String] {
+        &self.config_entry.topics
     }
 
     /// The delay before attempt `attempt + 1`: exponential, capped, full jitter.

@@ -95,7 +95,9 @@ fn real_main(cli: Cli) -> Result<()> {
             for h in weir::load_handlers(&engine, &config)? {
                 println!(
                     "ok: handler {} version {} on {:?}",
-                    h.name, h.version, h.topics
+                    h.name,
+                    h.version,
+                    h.topics()
                 );
             }
             Ok(())
@@ -105,7 +107,7 @@ fn real_main(cli: Cli) -> Result<()> {
             let engine = PluginEngine::new()?;
             let handlers = weir::load_handlers(&engine, &config)?;
             for h in &handlers {
-                info!(handler = %h.name, version = %h.version, topics = ?h.topics, "handler loaded");
+                info!(handler = %h.name, version = %h.version, topics = ?h.topics(), "handler loaded");
             }
             let dedup = weir::open_dedup(&config)?;
             let stats = Arc::new(Stats::default());

@@ -59,7 +59,7 @@ pub struct Stats {
     /// Partitions resumed after a pause.
     pub resumes: AtomicU64,
     /// Handler call durations in microseconds (for benchmarks).
-    pub handle_micros: Mutex<Option<hdrhistogram::Histogram<u64>>>,
+    pub handle_micros: Option<Mutex<hdrhistogram::Histogram<u64>>>,
     /// Partitions paused for backpressure, since start.
     pub pauses: AtomicU64,
 }
@@ -84,8 +84,8 @@ impl Stats {
     }
 
     fn record_handle(&self, d: Duration) {
-        if let Some(h) = self.handle_micros.lock().unwrap().as_mut() {
-            let _ = h.record(d.as_micros() as u64);
+        if let Some(h) = &self.handle_micros {
+            let _ = h.lock().unwrap().record(d.as_micros() as u64);
         }
     }
 }
@@ -300,7 +300,7 @@ pub async fn run(
     let mut by_topic: HashMap<String, Vec<Arc<LoadedHandler>>> = HashMap::new();
     for h in &handlers {
         for t in h
-            .topics
+            .topics()
             .iter()
             .cloned()
             .chain(h.config_entry.retry_topics())
@@ -413,10 +413,7 @@ async fn ensure_topics(config: &Config, consumer: &StreamConsumer<WeirContext>) 
             let Some(n) = partitions(source) else {
                 continue;
             };
-            let dlq = h
-                .dead_letter_topic
-                .clone()
-                .unwrap_or_else(|| deadletter::default_topic(source));
+            let dlq = h.dead_letter_topic_of(source);
             for t in std::iter::once(dlq).chain(h.retry_topic_of(source)) {
                 if partitions(&t).is_none() && !wanted.iter().any(|(w, _)| *w == t) {
                     wanted.push((t, n));
@@ -838,8 +835,8 @@ impl RecentKeys {
         self.set.contains(&Self::digest(key))
     }
 
-    fn insert(&mut self, key: Vec<u8>) {
-        let d = Self::digest(&key);
+    fn insert(&mut self, key: &[u8]) {
+        let d = Self::digest(key);
         if self.set.insert(d) {
             self.order.push_back(d);
             if self.order.len() > self.capacity {
@@ -978,8 +975,9 @@ impl PartitionWorker {
         }
         let mut deliveries = Vec::new();
         let mut marks = Vec::new();
-        let group = self.shared.config.kafka.group_id.clone();
-        let dedup_on = self.shared.dedup.is_some();
+        let shared = self.shared.clone();
+        let group = shared.config.kafka.group_id.as_str();
+        let dedup_on = shared.dedup.is_some();
         let done = |deliveries, marks| {
             Some(Pending {
                 offset: consumed.offset,
@@ -1002,7 +1000,7 @@ impl PartitionWorker {
                         return done(deliveries, marks);
                     }
                     for k in &keys {
-                        self.recent.insert(k.clone());
+                        self.recent.insert(k);
                     }
                     marks = keys;
                 }
@@ -1012,11 +1010,10 @@ impl PartitionWorker {
                     .iter()
                     .map(|(h, _)| h.version.as_str())
                     .collect();
-                let topic = self
-                    .handlers
-                    .first()
-                    .and_then(|(h, _)| h.dead_letter_topic.clone())
-                    .unwrap_or_else(|| deadletter::default_topic(&record.topic));
+                let topic = self.handlers.first().map_or_else(
+                    || deadletter::default_topic(&record.topic),
+                    |(h, _)| h.config_entry.dead_letter_topic_of(&record.topic),
+                );
                 warn!(topic = %record.topic, partition = record.partition, offset = record.offset,
                     reason = %undecodable, dead_letter_topic = %topic, "undecodable event dead-lettered");
                 let now = OffsetDateTime::now_utc();
@@ -1027,16 +1024,11 @@ impl PartitionWorker {
                     handler: names.join(","),
                     handler_version: versions.join(","),
                     attempts: 1,
-                    group_id: &group,
+                    group_id: group,
                     first_failure: now,
                     last_failure: now,
-                }
-                .into_produce(topic);
-                deliveries.push(send(&self.shared.producer, &dl, &self.cancel)?);
-                self.shared
-                    .stats
-                    .dead_lettered
-                    .fetch_add(1, Ordering::Relaxed);
+                };
+                deliveries.push(self.send_dead_letter(dl, topic)?);
                 return done(deliveries, marks);
             }
         };
@@ -1044,7 +1036,7 @@ impl PartitionWorker {
         let mut routed = false;
         for i in 0..self.handlers.len() {
             let handler = self.handlers[i].0.clone();
-            if !handler.accepts(&event.event_type)
+            if !handler.config_entry.accepts(&event.event_type)
                 || retry.is_some_and(|r| r.handler != handler.name)
             {
                 continue;
@@ -1058,7 +1050,7 @@ impl PartitionWorker {
             }
             let verdict = self.call(i, &event, record, retry)?;
             if dedup_on && !matches!(verdict, Verdict::Retry { .. }) {
-                self.recent.insert(key.clone());
+                self.recent.insert(&key);
                 marks.push(key);
             }
             match verdict {
@@ -1092,10 +1084,7 @@ impl PartitionWorker {
                     attempts,
                     first_failure,
                 } => {
-                    let topic = handler
-                        .dead_letter_topic
-                        .clone()
-                        .unwrap_or_else(|| deadletter::default_topic(&record.topic));
+                    let topic = handler.config_entry.dead_letter_topic_of(&record.topic);
                     warn!(handler = %handler.name, event_id = %event.id, topic = %record.topic,
                         partition = record.partition, offset = record.offset, kind = %kind,
                         reason = %message, attempts, dead_letter_topic = %topic, "event dead-lettered");
@@ -1106,16 +1095,11 @@ impl PartitionWorker {
                         handler: handler.name.clone(),
                         handler_version: handler.version.clone(),
                         attempts,
-                        group_id: &group,
+                        group_id: group,
                         first_failure,
                         last_failure: OffsetDateTime::now_utc(),
-                    }
-                    .into_produce(topic);
-                    deliveries.push(send(&self.shared.producer, &dl, &self.cancel)?);
-                    self.shared
-                        .stats
-                        .dead_lettered
-                        .fetch_add(1, Ordering::Relaxed);
+                    };
+                    deliveries.push(self.send_dead_letter(dl, topic)?);
                 }
             }
         }
@@ -1147,13 +1131,18 @@ impl PartitionWorker {
             group_id: &self.shared.config.kafka.group_id,
             first_failure: now,
             last_failure: now,
-        }
-        .into_produce(topic);
+        };
+        self.send_dead_letter(dl, topic)
+    }
+
+    /// Publishes a dead letter (its acknowledgement makes the event final).
+    fn send_dead_letter(&self, dl: DeadLetter<'_>, topic: String) -> Option<DeliveryFuture> {
+        let produce = dl.into_produce(topic);
         self.shared
             .stats
             .dead_lettered
             .fetch_add(1, Ordering::Relaxed);
-        send(&self.shared.producer, &dl, &self.cancel)
+        send(&self.shared.producer, &produce, &self.cancel)
     }
 
     /// Calls handler `i`, retrying `retriable` failures with exponential
@@ -1244,7 +1233,7 @@ impl PartitionWorker {
                     })
                 }
                 CallOutcome::Retriable(message) => {
-                    if attempt >= handler.max_attempts {
+                    if attempt >= handler.config_entry.max_attempts {
                         return Some(Verdict::Failed {
                             kind: FailureKind::RetriesExhausted,
                             message,
@@ -1448,7 +1437,7 @@ mod tests {
     fn recent_keys_forget_the_oldest_past_capacity() {
         let mut recent = RecentKeys::new(2);
         for k in [b"a", b"b", b"c"] {
-            recent.insert(k.to_vec());
+            recent.insert(k);
         }
         assert!(!recent.contains(b"a"));
         assert!(recent.contains(b"b") && recent.contains(b"c"));
