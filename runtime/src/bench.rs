@@ -37,7 +37,7 @@ pub struct BenchArgs {
 }
 
 struct Run {
-    name: &'static str,
+    name: String,
     seconds: f64,
     events: usize,
     p50_us: Option<u64>,
@@ -88,8 +88,16 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     let mut runs = vec![baseline(&args.brokers, &topic, args.events).await?];
     for discard in [true, false] {
         for dedup in [false, true] {
-            runs.push(weir(&args, &topic, &echo, discard, dedup).await?);
+            runs.push(weir(&args, &topic, &echo, discard, dedup, Observe::Off).await?);
         }
+    }
+    let sink = OtlpSink::start().await?;
+    for observe in [
+        Observe::Metrics,
+        Observe::Traces(&sink, 0.1),
+        Observe::Traces(&sink, 1.0),
+    ] {
+        runs.push(weir(&args, &topic, &echo, false, true, observe).await?);
     }
 
     println!("\nhandler call cost by metering (no Kafka; µs per call, reused instance):");
@@ -121,6 +129,11 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     println!(
         "\nidempotency store alone ({} ids): check {check_us:.2} µs/event, mark {mark_us:.2} µs/event (batches of 512)",
         args.events
+    );
+    println!(
+        "\nOTLP receiver: {} requests, {} KiB of spans",
+        sink.requests.load(Ordering::Relaxed),
+        sink.bytes.load(Ordering::Relaxed) / 1024
     );
     println!("\n| run | events | seconds | events/s | handle p50 µs | handle p99 µs |");
     println!("|---|---:|---:|---:|---:|---:|");
@@ -175,7 +188,7 @@ fn call_cost(
     };
     let started = Instant::now();
     for _ in 0..calls {
-        if let crate::handler::CallOutcome::Failed(kind, m) = instance.call(&event, &record, 1) {
+        if let crate::handler::CallOutcome::Failed(kind, m) = instance.call(&event, &record, 1, "") {
             bail!("benchmark call failed: {kind}: {m}");
         }
     }
@@ -272,12 +285,54 @@ async fn baseline(brokers: &str, topic: &str, n: usize) -> Result<Run> {
         seen += 1;
     }
     Ok(Run {
-        name: "librdkafka consume only (baseline)",
+        name: "librdkafka consume only (baseline)".into(),
         seconds: started.elapsed().as_secs_f64(),
         events: n,
         p50_us: None,
         p99_us: None,
     })
+}
+
+/// What the pipeline reports while it is measured.
+#[derive(Clone, Copy)]
+enum Observe<'a> {
+    /// No metrics, no spans (context is still propagated).
+    Off,
+    /// Prometheus metrics recorded (the default of `weir run`).
+    Metrics,
+    /// Metrics, and spans sampled at a ratio exported to an OTLP receiver.
+    Traces(&'a OtlpSink, f64),
+}
+
+/// An OTLP/HTTP receiver that counts and discards what it gets.
+struct OtlpSink {
+    url: String,
+    requests: Arc<std::sync::atomic::AtomicU64>,
+    bytes: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl OtlpSink {
+    async fn start() -> Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}/v1/traces", listener.local_addr()?);
+        let requests = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (r, b) = (requests.clone(), bytes.clone());
+        let app = axum::Router::new().route(
+            "/v1/traces",
+            axum::routing::post(move |body: axum::body::Bytes| async move {
+                r.fetch_add(1, Ordering::Relaxed);
+                b.fetch_add(body.len() as u64, Ordering::Relaxed);
+                ([("content-type", "application/x-protobuf")], Vec::<u8>::new())
+            }),
+        );
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Ok(Self {
+            url,
+            requests,
+            bytes,
+        })
+    }
 }
 
 /// The full pipeline with the echo handler: `discard` makes it trivial
@@ -288,6 +343,7 @@ async fn weir(
     echo: &std::path::Path,
     discard: bool,
     dedup: bool,
+    observe: Observe<'_>,
 ) -> Result<Run> {
     let mut handler: HandlerConfig = toml::from_str(&format!(
         "name = \"echo\"\nwasm = {:?}\ntopics = [{topic:?}]\n",
@@ -308,7 +364,31 @@ async fn weir(
         },
         pipeline: PipelineConfig::default(),
         idempotency: Default::default(),
+        tracing: crate::config::TracingConfig {
+            otlp_endpoint: match observe {
+                Observe::Traces(sink, _) => Some(sink.url.clone()),
+                _ => None,
+            },
+            sample_ratio: match observe {
+                Observe::Traces(_, ratio) => ratio,
+                _ => 1.0,
+            },
+            ..Default::default()
+        },
+        metrics: crate::config::MetricsConfig {
+            enabled: !matches!(observe, Observe::Off),
+            ..Default::default()
+        },
         handlers: vec![handler],
+    };
+    let tracing = Arc::new(crate::telemetry::Tracing::from_config(&config.tracing)?);
+    let obs = pipeline::Observability {
+        tracing: tracing.clone(),
+        metrics: config
+            .metrics
+            .enabled
+            .then(|| Arc::new(crate::metrics::Metrics::new())),
+        health: Default::default(),
     };
     let engine = PluginEngine::new()?;
     let handlers = crate::load_handlers(&engine, &config)?;
@@ -330,6 +410,7 @@ async fn weir(
         handlers,
         store.as_ref().map(|d| d.0.clone()),
         stats.clone(),
+        obs,
         async {
             let _ = stop_rx.await;
         },
@@ -344,6 +425,7 @@ async fn weir(
     let seconds = started.elapsed().as_secs_f64();
     let _ = stop_tx.send(());
     task.await??;
+    tokio::task::spawn_blocking(move || tracing.shutdown()).await?;
     let hist = stats
         .handle_micros
         .as_ref()
@@ -352,12 +434,20 @@ async fn weir(
         .unwrap()
         .clone();
     Ok(Run {
-        name: match (discard, dedup) {
-            (true, false) => "weir, trivial handler (no outputs), dedup off",
-            (true, true) => "weir, trivial handler (no outputs), dedup on",
-            (false, false) => "weir, echo handler (one output per event), dedup off",
-            (false, true) => "weir, echo handler (one output per event), dedup on",
-        },
+        name: format!(
+            "{}{}",
+            match (discard, dedup) {
+                (true, false) => "weir, trivial handler (no outputs), dedup off",
+                (true, true) => "weir, trivial handler (no outputs), dedup on",
+                (false, false) => "weir, echo handler (one output per event), dedup off",
+                (false, true) => "weir, echo handler (one output per event), dedup on",
+            },
+            match observe {
+                Observe::Off => String::new(),
+                Observe::Metrics => ", metrics on".into(),
+                Observe::Traces(_, ratio) => format!(", metrics on, spans sampled at {ratio}"),
+            }
+        ),
         seconds,
         events: args.events,
         p50_us: Some(hist.value_at_quantile(0.5)),

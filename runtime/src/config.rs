@@ -22,6 +22,12 @@ pub struct Config {
     /// The store of processed event ids.
     #[serde(default)]
     pub idempotency: IdempotencyConfig,
+    /// OpenTelemetry traces: sampling and OTLP export.
+    #[serde(default)]
+    pub tracing: TracingConfig,
+    /// The HTTP server of `/metrics`, `/healthz` and `/readyz`.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
     /// The handlers to load, each a WebAssembly component.
     #[serde(default, rename = "handler")]
     pub handlers: Vec<HandlerConfig>,
@@ -88,6 +94,100 @@ pub struct IdempotencyConfig {
     /// How long a mark is kept, in seconds.
     #[serde(default = "default_retention_secs")]
     pub retention_secs: u64,
+}
+
+/// OpenTelemetry traces. Trace context is always read from and written to
+/// Kafka headers; spans are recorded and exported only with an endpoint.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TracingConfig {
+    /// OTLP/HTTP (protobuf) endpoint, e.g. `http://collector:4318`
+    /// (`/v1/traces` is added when the URL has no path). No endpoint: no export.
+    #[serde(default)]
+    pub otlp_endpoint: Option<String>,
+    /// Fraction of new traces recorded; an event whose trace context says
+    /// "sampled" or "not sampled" follows its parent (parent-based).
+    #[serde(default = "default_sample_ratio")]
+    pub sample_ratio: f64,
+    /// `service.name` of the exported spans.
+    #[serde(default = "default_service_name")]
+    pub service_name: String,
+    /// Spans waiting for export; past it new spans are dropped (and counted).
+    #[serde(default = "default_max_queued_spans")]
+    pub max_queued_spans: usize,
+    /// How often a batch is exported, in milliseconds.
+    #[serde(default = "default_export_interval_ms")]
+    pub export_interval_ms: u64,
+}
+
+fn default_sample_ratio() -> f64 {
+    1.0
+}
+fn default_service_name() -> String {
+    "weir".into()
+}
+const fn default_max_queued_spans() -> usize {
+    8192
+}
+const fn default_export_interval_ms() -> u64 {
+    1000
+}
+
+impl Default for TracingConfig {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: None,
+            sample_ratio: default_sample_ratio(),
+            service_name: default_service_name(),
+            max_queued_spans: default_max_queued_spans(),
+            export_interval_ms: default_export_interval_ms(),
+        }
+    }
+}
+
+impl TracingConfig {
+    /// The endpoint URL spans are posted to, `/v1/traces` added to a bare
+    /// `scheme://host:port`.
+    pub fn traces_url(&self) -> Option<String> {
+        let e = self.otlp_endpoint.as_deref()?.trim();
+        let after_scheme = e.split_once("://").map_or(e, |(_, rest)| rest);
+        Some(match after_scheme.find('/') {
+            Some(i) if i + 1 < after_scheme.len() => e.to_owned(),
+            _ => format!("{}/v1/traces", e.trim_end_matches('/')),
+        })
+    }
+}
+
+/// The HTTP server of metrics and health.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Serve `/metrics`, `/healthz` and `/readyz` (and record the metrics).
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Address of the server; port 0 picks a free port (logged).
+    #[serde(default = "default_metrics_listen")]
+    pub listen: String,
+    /// How often consumer lag is refreshed from the client, in milliseconds.
+    #[serde(default = "default_lag_interval_ms")]
+    pub lag_interval_ms: u64,
+}
+
+fn default_metrics_listen() -> String {
+    "0.0.0.0:9464".into()
+}
+const fn default_lag_interval_ms() -> u64 {
+    5000
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: default_metrics_listen(),
+            lag_interval_ms: default_lag_interval_ms(),
+        }
+    }
 }
 
 const fn default_true() -> bool {
@@ -304,6 +404,31 @@ impl Config {
         if self.pipeline.max_in_flight_total == 0 {
             bail!("pipeline.max_in_flight_total: must be at least 1");
         }
+        if !(0.0..=1.0).contains(&self.tracing.sample_ratio) {
+            bail!(
+                "tracing.sample_ratio: must be between 0 and 1, not {}",
+                self.tracing.sample_ratio
+            );
+        }
+        if let Some(e) = &self.tracing.otlp_endpoint {
+            if !e.starts_with("http://") {
+                bail!("tracing.otlp_endpoint: {e:?} must be an http:// URL (OTLP over HTTP; use a local collector for TLS)");
+            }
+        }
+        if self.tracing.max_queued_spans == 0 || self.tracing.export_interval_ms == 0 {
+            bail!("tracing: max_queued_spans and export_interval_ms must be above 0");
+        }
+        if self.metrics.enabled {
+            if let Err(e) = self.metrics.listen.parse::<std::net::SocketAddr>() {
+                bail!(
+                    "metrics.listen: {:?} is not an address like 0.0.0.0:9464 ({e})",
+                    self.metrics.listen
+                );
+            }
+        }
+        if self.metrics.lag_interval_ms == 0 {
+            bail!("metrics.lag_interval_ms: must be above 0");
+        }
         if self.handlers.is_empty() {
             bail!("handler: at least one [[handler]] is required");
         }
@@ -437,5 +562,33 @@ mod tests {
         let c = Config::parse(MINIMAL).unwrap();
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("h.wasm") && err.contains("wasm"), "{err}");
+    }
+
+    #[test]
+    fn observability_settings_are_checked_naming_the_key() {
+        let bad = |extra: &str| {
+            let c = Config::parse(&format!("{extra}\n{MINIMAL}")).unwrap();
+            c.validate().unwrap_err().to_string()
+        };
+        assert!(bad("[tracing]\nsample_ratio = 1.5").contains("tracing.sample_ratio"));
+        assert!(bad("[tracing]\notlp_endpoint = \"https://x:4318\"")
+            .contains("tracing.otlp_endpoint"));
+        assert!(bad("[metrics]\nlisten = \"localhost\"").contains("metrics.listen"));
+    }
+
+    #[test]
+    fn a_bare_otlp_endpoint_gets_the_traces_path() {
+        let url = |e: &str| {
+            TracingConfig {
+                otlp_endpoint: Some(e.into()),
+                ..Default::default()
+            }
+            .traces_url()
+            .unwrap()
+        };
+        assert_eq!(url("http://c:4318"), "http://c:4318/v1/traces");
+        assert_eq!(url("http://c:4318/"), "http://c:4318/v1/traces");
+        assert_eq!(url("http://c:4318/custom/traces"), "http://c:4318/custom/traces");
+        assert!(TracingConfig::default().traces_url().is_none());
     }
 }

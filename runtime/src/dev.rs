@@ -162,6 +162,8 @@ pub async fn run(args: DevArgs) -> Result<()> {
             ..PipelineConfig::default()
         },
         idempotency: Default::default(),
+        tracing: Default::default(),
+        metrics: Default::default(),
         handlers: vec![
             handler(
                 "order-enricher",
@@ -219,6 +221,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
         handlers,
         Some(Arc::new(dedup)),
         stats.clone(),
+        pipeline::Observability::off(),
         async {
             let _ = stop_rx.await;
         },

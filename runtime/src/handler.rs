@@ -289,6 +289,7 @@ impl LoadedHandler {
                 hit: false,
             },
             handler: self.name.clone(),
+            current: CurrentEvent::default(),
             config: self.config.clone(),
         };
         let mut store = Store::new(&self.engine.engine, state);
@@ -333,8 +334,16 @@ pub struct HandlerInstance {
 }
 
 impl HandlerInstance {
-    /// Calls `handle` with fresh fuel and deadline.
-    pub fn call(&mut self, event: &envelope::Event, record: &Record, attempt: u32) -> CallOutcome {
+    /// Calls `handle` with fresh fuel and deadline; the handler's log lines
+    /// name the event and `trace_id`.
+    pub fn call(
+        &mut self,
+        event: &envelope::Event,
+        record: &Record,
+        attempt: u32,
+        trace_id: &str,
+    ) -> CallOutcome {
+        self.store.data_mut().current.set(event, record, trace_id);
         if self.metering.fuel {
             if let Err(e) = self.store.set_fuel(self.fuel_per_event) {
                 self.poisoned = true;
@@ -426,6 +435,36 @@ pub struct HostState {
     limiter: MemoryLimiter,
     handler: String,
     config: Arc<BTreeMap<String, String>>,
+    /// The event being handled, for the handler's log lines.
+    current: CurrentEvent,
+}
+
+/// What a handler's log line says about the event it is handling. The
+/// strings are reused from call to call.
+#[derive(Default)]
+struct CurrentEvent {
+    trace_id: String,
+    event_id: String,
+    correlation_id: String,
+    topic: String,
+    partition: i32,
+    offset: i64,
+}
+
+impl CurrentEvent {
+    fn set(&mut self, event: &envelope::Event, record: &Record, trace_id: &str) {
+        for (to, from) in [
+            (&mut self.trace_id, trace_id),
+            (&mut self.event_id, event.id.as_str()),
+            (&mut self.correlation_id, event.correlation_id.as_str()),
+            (&mut self.topic, record.topic.as_str()),
+        ] {
+            to.clear();
+            to.push_str(from);
+        }
+        self.partition = record.partition;
+        self.offset = record.offset;
+    }
 }
 
 impl WasiView for HostState {
@@ -440,12 +479,20 @@ impl WasiView for HostState {
 impl host::Host for HostState {
     fn log(&mut self, level: Level, message: String) {
         let handler = self.handler.as_str();
+        let e = &self.current;
+        macro_rules! log {
+            ($level:ident) => {
+                tracing::$level!(target: "weir::handler", handler, trace_id = %e.trace_id,
+                    event_id = %e.event_id, correlation_id = %e.correlation_id, topic = %e.topic,
+                    partition = e.partition, offset = e.offset, "{message}")
+            };
+        }
         match level {
-            Level::Trace => tracing::trace!(target: "weir::handler", handler, "{message}"),
-            Level::Debug => tracing::debug!(target: "weir::handler", handler, "{message}"),
-            Level::Info => tracing::info!(target: "weir::handler", handler, "{message}"),
-            Level::Warn => tracing::warn!(target: "weir::handler", handler, "{message}"),
-            Level::Error => tracing::error!(target: "weir::handler", handler, "{message}"),
+            Level::Trace => log!(trace),
+            Level::Debug => log!(debug),
+            Level::Info => log!(info),
+            Level::Warn => log!(warn),
+            Level::Error => log!(error),
         }
     }
 

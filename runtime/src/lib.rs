@@ -3,7 +3,7 @@
 //! The binary `weir` is a thin shell over this library: [`config`] reads
 //! the TOML file, [`handler`] compiles and calls components, [`pipeline`]
 //! moves events from Kafka through handlers to outputs, dead letters and
-//! committed offsets.
+//! committed offsets; [`telemetry`] and [`metrics`] let operators see it.
 
 pub mod bench;
 pub mod config;
@@ -14,8 +14,10 @@ pub mod envelope;
 pub mod failure;
 pub mod guest_output;
 pub mod handler;
+pub mod metrics;
 pub mod pipeline;
 pub mod replay;
+pub mod telemetry;
 
 use std::sync::Arc;
 

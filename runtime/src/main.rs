@@ -7,7 +7,9 @@ use tracing::info;
 
 use weir::config::Config;
 use weir::handler::PluginEngine;
-use weir::pipeline::{self, Stats};
+use weir::metrics::{Health, Metrics};
+use weir::pipeline::{self, Observability, Stats};
+use weir::telemetry::Tracing;
 
 /// Runs sandboxed WebAssembly event handlers on Kafka.
 #[derive(Parser)]
@@ -104,6 +106,21 @@ fn real_main(cli: Cli) -> Result<()> {
         }
         Command::Run { config } => {
             let config = Config::load(&config)?;
+            // The exporter's HTTP client is made outside the async runtime.
+            let tracing = Arc::new(Tracing::from_config(&config.tracing)?);
+            let obs = Observability {
+                tracing: tracing.clone(),
+                metrics: config.metrics.enabled.then(|| Arc::new(Metrics::new())),
+                health: Arc::new(Health::default()),
+            };
+            // Health is served while the handlers compile (not ready yet).
+            if let Some(metrics) = &obs.metrics {
+                runtime.block_on(weir::metrics::serve(
+                    &config.metrics.listen,
+                    metrics.clone(),
+                    obs.health.clone(),
+                ))?;
+            }
             let engine = PluginEngine::new()?;
             let handlers = weir::load_handlers(&engine, &config)?;
             for h in &handlers {
@@ -111,17 +128,20 @@ fn real_main(cli: Cli) -> Result<()> {
             }
             let dedup = weir::open_dedup(&config)?;
             let stats = Arc::new(Stats::default());
-            runtime.block_on(async move {
+            let result = runtime.block_on(async move {
                 tokio::spawn(pipeline::run(
                     config,
                     handlers,
                     dedup,
                     stats,
+                    obs,
                     shutdown_signal(),
                 ))
                 .await
                 .context("the pipeline task failed")?
-            })
+            });
+            tracing.shutdown();
+            result
         }
         Command::Idempotency {
             command: IdempotencyCommand::List { config },

@@ -9,12 +9,15 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
+use opentelemetry::trace::SpanKind;
+use opentelemetry::{Context as TraceContext, KeyValue};
+use prometheus::IntCounter;
 use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{
@@ -34,6 +37,8 @@ use crate::dedup::{self, Dedup};
 use crate::envelope::{self, Produce, Record};
 use crate::failure::FailureKind;
 use crate::handler::{CallOutcome, HandlerInstance, LoadedHandler};
+use crate::metrics::{HandlerMetrics, Health, Metrics};
+use crate::telemetry::{self, attr, Tracing};
 
 type TopicPartition = (String, i32);
 
@@ -90,6 +95,29 @@ impl Stats {
     }
 }
 
+/// What the pipeline reports to operators: spans, metrics, readiness.
+#[derive(Clone, Default)]
+pub struct Observability {
+    pub tracing: Arc<Tracing>,
+    /// None when metrics are off (nothing is recorded).
+    pub metrics: Option<Arc<Metrics>>,
+    pub health: Arc<Health>,
+}
+
+impl Observability {
+    /// No spans, no metrics (trace context is still propagated).
+    pub fn off() -> Self {
+        Self::default()
+    }
+
+    fn handler_metrics(&self, h: &LoadedHandler) -> HandlerMetrics {
+        match &self.metrics {
+            Some(m) => m.handler(&h.name, &h.version),
+            None => HandlerMetrics::off(),
+        }
+    }
+}
+
 /// Everything a worker and a finalizer need, shared.
 struct Shared {
     config: Config,
@@ -98,6 +126,21 @@ struct Shared {
     retry_topics: std::collections::HashSet<String>,
     dedup: Option<Arc<Dedup>>,
     stats: Arc<Stats>,
+    obs: Observability,
+    /// Per handler name.
+    handler_metrics: HashMap<String, HandlerMetrics>,
+}
+
+impl Shared {
+    fn tracing(&self) -> &Tracing {
+        &self.obs.tracing
+    }
+
+    fn produce_error(&self) {
+        if let Some(m) = &self.obs.metrics {
+            m.produce_errors.inc();
+        }
+    }
 }
 
 /// A partition's worker as the poll loop and the rebalance callback see it.
@@ -117,6 +160,8 @@ struct Worker {
     cancel: Arc<AtomicBool>,
     done: watch::Receiver<bool>,
     thread: Option<JoinHandle<()>>,
+    /// Events handed to this partition's worker (or parked) and not final yet.
+    in_flight: Arc<AtomicI64>,
 }
 
 impl Worker {
@@ -154,13 +199,21 @@ struct Workers {
     over_total: AtomicBool,
 }
 
-/// The consumer context: flushes revoked partitions before they move.
+/// The consumer context: flushes revoked partitions before they move,
+/// reports joining the group and consumer lag.
 struct WeirContext {
     workers: Arc<Workers>,
     drain_timeout: Duration,
+    obs: Observability,
 }
 
-impl ClientContext for WeirContext {}
+impl ClientContext for WeirContext {
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        if let Some(m) = &self.obs.metrics {
+            m.record_lag(&statistics);
+        }
+    }
+}
 
 impl ConsumerContext for WeirContext {
     fn pre_rebalance(&self, base: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -191,6 +244,7 @@ impl ConsumerContext for WeirContext {
     fn post_rebalance(&self, base: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
             info!(partitions = tpl.count(), "partitions assigned");
+            self.obs.health.joined.store(true, Ordering::Relaxed);
             // A partition paused before it was revoked stays paused in
             // librdkafka when it comes back; it has no worker yet, so
             // nothing else would resume it.
@@ -272,6 +326,13 @@ fn consumer_config(config: &Config) -> ClientConfig {
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", &config.kafka.auto_offset_reset)
         .set("enable.partition.eof", "false");
+    if config.metrics.enabled {
+        // Consumer lag comes from the client's statistics.
+        c.set(
+            "statistics.interval.ms",
+            config.metrics.lag_interval_ms.to_string(),
+        );
+    }
     if !config
         .kafka
         .options
@@ -295,6 +356,7 @@ pub async fn run(
     handlers: Vec<Arc<LoadedHandler>>,
     dedup: Option<Arc<Dedup>>,
     stats: Arc<Stats>,
+    obs: Observability,
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
     let mut by_topic: HashMap<String, Vec<Arc<LoadedHandler>>> = HashMap::new();
@@ -318,6 +380,7 @@ pub async fn run(
     let context = WeirContext {
         workers: workers.clone(),
         drain_timeout: config.pipeline.drain_timeout(),
+        obs: obs.clone(),
     };
     let consumer: Arc<StreamConsumer<WeirContext>> = Arc::new(
         consumer_config(&config)
@@ -342,7 +405,13 @@ pub async fn run(
             .collect(),
         dedup,
         stats,
+        handler_metrics: handlers
+            .iter()
+            .map(|h| (h.name.clone(), obs.handler_metrics(h)))
+            .collect(),
+        obs,
     });
+    shared.obs.health.handlers_loaded.store(true, Ordering::Relaxed);
     let commit_task = {
         let consumer = consumer.clone();
         let every = shared.config.pipeline.commit_interval();
@@ -368,12 +437,13 @@ pub async fn run(
                 Ok(msg) => dispatch(&shared, &consumer, &workers, to_record(&msg)),
                 Err(e) => warn!(error = %e, "consumer error"),
             },
-            _ = resume_tick.tick() => unpark(&consumer, &workers, &shared.stats, shared.config.pipeline.max_in_flight_total),
+            _ = resume_tick.tick() => unpark(&consumer, &workers, &shared),
             _ = stats_tick.tick() => shared.stats.log_progress(),
         }
     }
 
     info!("shutting down: finishing in-flight events");
+    shared.obs.health.stopping.store(true, Ordering::Relaxed);
     commit_task.abort();
     let mut all: Vec<Worker> = {
         let mut map = workers.map.lock().unwrap();
@@ -501,6 +571,7 @@ fn dispatch(
         return; // already handed over; refetched after a pause
     }
     w.next_offset = record.offset + 1;
+    w.in_flight.fetch_add(1, Ordering::Relaxed);
     let full = workers.over_total.load(Ordering::Relaxed);
     let record = if !w.parked.is_empty() || full {
         record
@@ -540,13 +611,16 @@ fn worker_died(tp: &TopicPartition) -> ! {
 }
 
 /// Moves parked records into workers with room, resuming drained partitions.
-fn unpark(
-    consumer: &StreamConsumer<WeirContext>,
-    workers: &Workers,
-    stats: &Stats,
-    max_total: usize,
-) {
+fn unpark(consumer: &StreamConsumer<WeirContext>, workers: &Workers, shared: &Shared) {
+    let stats = &shared.stats;
+    let max_total = shared.config.pipeline.max_in_flight_total;
     let mut map = workers.map.lock().unwrap();
+    if let Some(m) = &shared.obs.metrics {
+        m.in_flight
+            .set(map.values().map(|w| w.in_flight.load(Ordering::Relaxed)).sum());
+        m.paused_partitions
+            .set(map.values().filter(|w| w.paused).count() as i64);
+    }
     let queued: usize = map
         .values()
         .filter_map(|w| w.tx.as_ref().map(|tx| tx.max_capacity() - tx.capacity()))
@@ -595,9 +669,18 @@ fn unpark(
 /// is final.
 struct Pending {
     offset: i64,
-    deliveries: Vec<DeliveryFuture>,
+    deliveries: Vec<Delivery>,
     /// Idempotency keys to mark once the deliveries are acknowledged.
     marks: Vec<Vec<u8>>,
+}
+
+/// A record sent for an event, awaited before the event is final.
+struct Delivery {
+    future: DeliveryFuture,
+    /// The producer span, ended at the acknowledgement.
+    span: Option<TraceContext>,
+    /// Counted once acknowledged (outputs or dead letters of a handler).
+    counter: Option<IntCounter>,
 }
 
 fn spawn_worker(
@@ -613,15 +696,15 @@ fn spawn_worker(
     let cancel = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
     let handlers = shared.by_topic.get(&tp.0).cloned().unwrap_or_default();
+    let in_flight = Arc::new(AtomicI64::new(0));
     debug!(topic = %tp.0, partition = tp.1, first_offset, "starting partition worker");
 
     tokio::spawn(finalize(
         tp.clone(),
         pending_rx,
         consumer.clone(),
-        shared.producer.clone(),
-        shared.dedup.clone(),
-        shared.stats.clone(),
+        shared.clone(),
+        in_flight.clone(),
         cancel.clone(),
         done_tx,
     ));
@@ -645,6 +728,7 @@ fn spawn_worker(
         cancel,
         done: done_rx,
         thread: Some(thread),
+        in_flight,
     }
 }
 
@@ -653,17 +737,16 @@ fn spawn_worker(
 /// Events that are ready together are marked in one batch. A record the
 /// broker refused is sent again, so nothing is committed past an output or
 /// dead letter that is not durable.
-#[allow(clippy::too_many_arguments)]
 async fn finalize(
     tp: TopicPartition,
     mut pending: mpsc::Receiver<Pending>,
     consumer: Arc<StreamConsumer<WeirContext>>,
-    producer: FutureProducer,
-    dedup: Option<Arc<Dedup>>,
-    stats: Arc<Stats>,
+    shared: Arc<Shared>,
+    in_flight: Arc<AtomicI64>,
     cancel: Arc<AtomicBool>,
     done: watch::Sender<bool>,
 ) {
+    let (stats, dedup) = (&shared.stats, &shared.dedup);
     const BATCH: usize = 512;
     let mut batch = Vec::with_capacity(BATCH);
     'events: while let Some(first) = pending.recv().await {
@@ -676,10 +759,16 @@ async fn finalize(
         }
         for p in batch.iter_mut() {
             for delivery in p.deliveries.drain(..) {
-                if !acknowledged(delivery, &producer, &cancel).await {
+                if !acknowledged(delivery.future, &shared, &cancel, delivery.span.as_ref()).await {
                     break 'events;
                 }
                 stats.outputs.fetch_add(1, Ordering::Relaxed);
+                if let Some(c) = delivery.counter {
+                    c.inc();
+                }
+                if let Some(span) = delivery.span {
+                    telemetry::end(&span);
+                }
             }
         }
         if cancel.load(Ordering::SeqCst) {
@@ -708,6 +797,7 @@ async fn finalize(
         stats
             .events_final
             .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        in_flight.fetch_sub(batch.len() as i64, Ordering::Relaxed);
         batch.clear();
     }
     let _ = done.send(true);
@@ -717,8 +807,9 @@ async fn finalize(
 /// refuses it. False when cancelled before it was acknowledged.
 async fn acknowledged(
     mut delivery: DeliveryFuture,
-    producer: &FutureProducer,
+    shared: &Shared,
     cancel: &AtomicBool,
+    span: Option<&TraceContext>,
 ) -> bool {
     let mut backoff = Duration::from_millis(100);
     loop {
@@ -739,6 +830,12 @@ async fn acknowledged(
         };
         error!(topic = msg.topic(), error = %err,
             "a record could not be published; the partition waits and retries (nothing is committed past it)");
+        shared.produce_error();
+        if let Some(span) = span {
+            telemetry::event(span, || {
+                ("produce error", vec![KeyValue::new("error", err.to_string())])
+            });
+        }
         if cancel.load(Ordering::SeqCst) {
             return false;
         }
@@ -751,7 +848,7 @@ async fn acknowledged(
             value: again.value,
             headers: again.headers,
         };
-        match send(producer, &produce, cancel) {
+        match send(shared, &produce, cancel) {
             Some(d) => delivery = d,
             None => return false,
         }
@@ -760,7 +857,8 @@ async fn acknowledged(
 
 /// Enqueues a record, waiting while the producer's queue is full. None
 /// when cancelled.
-fn send(producer: &FutureProducer, p: &Produce, cancel: &AtomicBool) -> Option<DeliveryFuture> {
+fn send(shared: &Shared, p: &Produce, cancel: &AtomicBool) -> Option<DeliveryFuture> {
+    let producer = &shared.producer;
     let mut headers = OwnedHeaders::new_with_capacity(p.headers.len());
     for (k, v) in &p.headers {
         headers = headers.insert(Header {
@@ -786,6 +884,7 @@ fn send(producer: &FutureProducer, p: &Produce, cancel: &AtomicBool) -> Option<D
             }
             Err((e, _)) => {
                 error!(topic = %p.topic, error = %e, "cannot enqueue a record; retrying");
+                shared.produce_error();
                 if cancel.load(Ordering::SeqCst) {
                     return None;
                 }
@@ -798,7 +897,7 @@ fn send(producer: &FutureProducer, p: &Produce, cancel: &AtomicBool) -> Option<D
 /// Handles one partition's events, in order, on its own thread.
 struct PartitionWorker {
     shared: Arc<Shared>,
-    handlers: Vec<(Arc<LoadedHandler>, Option<HandlerInstance>)>,
+    handlers: Vec<(Arc<LoadedHandler>, Option<HandlerInstance>, HandlerMetrics)>,
     cancel: Arc<AtomicBool>,
     /// Keys handled by this worker whose marks may not be written yet: a
     /// duplicate close behind its original is caught here.
@@ -877,7 +976,17 @@ impl PartitionWorker {
         cancel: Arc<AtomicBool>,
     ) -> Self {
         Self {
-            handlers: handlers.into_iter().map(|h| (h, None)).collect(),
+            handlers: handlers
+                .into_iter()
+                .map(|h| {
+                    let m = shared
+                        .handler_metrics
+                        .get(&h.name)
+                        .cloned()
+                        .unwrap_or_default();
+                    (h, None, m)
+                })
+                .collect(),
             // What the finalizer may hold unmarked: its queue and one batch.
             recent: RecentKeys::new(shared.config.pipeline.max_in_flight_per_partition + 1024),
             max_record_bytes: shared
@@ -949,9 +1058,13 @@ impl PartitionWorker {
             Some((original, info)) => (original, Some(info)),
             None => (consumed, None),
         };
+        // The context the event arrived with (for a retry record: the
+        // context of the span that sent it to the retry topic).
+        let parent = self.shared.tracing().extract(&record.headers);
         if retry.is_none() && self.shared.retry_topics.contains(&consumed.topic) {
             let d = self.dead_letter_unrouted(
                 consumed,
+                &parent,
                 "a record in a retry topic without valid retry headers",
             )?;
             return Some(Pending {
@@ -967,8 +1080,8 @@ impl PartitionWorker {
             let cap = self
                 .handlers
                 .iter()
-                .find(|(h, _)| h.name == info.handler)
-                .map_or(0, |(h, _)| h.config_entry.max_backoff_ms);
+                .find(|(h, _, _)| h.name == info.handler)
+                .map_or(0, |(h, _, _)| h.config_entry.max_backoff_ms);
             if wait > 0 && !self.sleep(Duration::from_millis(wait.min(cap))) {
                 return None;
             }
@@ -992,11 +1105,14 @@ impl PartitionWorker {
                 let keys: Vec<Vec<u8>> = self
                     .handlers
                     .iter()
-                    .map(|(h, _)| dedup::key(&h.name, &id))
+                    .map(|(h, _, _)| dedup::key(&h.name, &id))
                     .collect();
                 if let (true, Some(first)) = (dedup_on, keys.first()) {
                     if self.already_done(first)? {
                         self.shared.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                        if let Some((_, _, m)) = self.handlers.first() {
+                            m.duplicate();
+                        }
                         return done(deliveries, marks);
                     }
                     for k in &keys {
@@ -1004,31 +1120,41 @@ impl PartitionWorker {
                     }
                     marks = keys;
                 }
-                let names: Vec<&str> = self.handlers.iter().map(|(h, _)| h.name.as_str()).collect();
+                let names: Vec<&str> = self.handlers.iter().map(|(h, _, _)| h.name.as_str()).collect();
                 let versions: Vec<&str> = self
                     .handlers
                     .iter()
-                    .map(|(h, _)| h.version.as_str())
+                    .map(|(h, _, _)| h.version.as_str())
                     .collect();
                 let topic = self.handlers.first().map_or_else(
                     || deadletter::default_topic(&record.topic),
-                    |(h, _)| h.config_entry.dead_letter_topic_of(&record.topic),
+                    |(h, _, _)| h.config_entry.dead_letter_topic_of(&record.topic),
                 );
-                warn!(topic = %record.topic, partition = record.partition, offset = record.offset,
-                    reason = %undecodable, dead_letter_topic = %topic, "undecodable event dead-lettered");
+                let handler = names.join(",");
+                let cx = self.shared.tracing().start(&parent, || {
+                    consumer_span(record, None, &handler, &versions.join(","), group)
+                });
+                telemetry::fail(&cx, FailureKind::Undecodable.name(), &undecodable.0);
+                warn!(trace_id = %telemetry::trace_id(&cx), topic = %record.topic, partition = record.partition,
+                    offset = record.offset, handler = %handler, reason = %undecodable,
+                    dead_letter_topic = %topic, "undecodable event dead-lettered");
+                // Counted against the handler whose dead-letter topic takes it.
+                let metrics = self.handlers.first().map(|(_, _, m)| m.clone()).unwrap_or_default();
+                metrics.failed(FailureKind::Undecodable, None);
                 let now = OffsetDateTime::now_utc();
                 let dl = DeadLetter {
                     record,
                     kind: FailureKind::Undecodable,
                     message: undecodable.0,
-                    handler: names.join(","),
+                    handler: handler.clone(),
                     handler_version: versions.join(","),
                     attempts: 1,
                     group_id: group,
                     first_failure: now,
                     last_failure: now,
                 };
-                deliveries.push(self.send_dead_letter(dl, topic)?);
+                deliveries.push(self.send_dead_letter(dl, topic, &cx, &metrics)?);
+                telemetry::end(&cx);
                 return done(deliveries, marks);
             }
         };
@@ -1036,30 +1162,49 @@ impl PartitionWorker {
         let mut routed = false;
         for i in 0..self.handlers.len() {
             let handler = self.handlers[i].0.clone();
+            let metrics = self.handlers[i].2.clone();
             if !handler.config_entry.accepts(&event.event_type)
                 || retry.is_some_and(|r| r.handler != handler.name)
             {
                 continue;
             }
             routed = true;
+            let cx = self.shared.tracing().start(&parent, || {
+                consumer_span(record, Some(&event), &handler.name, &handler.version, group)
+            });
             let key = dedup::key(&handler.name, &id);
             if dedup_on && self.already_done(&key)? {
-                debug!(handler = %handler.name, event_id = %event.id, "duplicate skipped");
+                debug!(trace_id = %telemetry::trace_id(&cx), handler = %handler.name, event_id = %event.id,
+                    topic = %record.topic, partition = record.partition, offset = record.offset,
+                    "duplicate skipped");
+                telemetry::event(&cx, || ("duplicate skipped", Vec::new()));
                 self.shared.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                metrics.duplicate();
                 continue;
             }
-            let verdict = self.call(i, &event, record, retry)?;
+            let started = Instant::now();
+            let verdict = self.call(i, &event, record, retry, &cx)?;
+            let took = started.elapsed();
             if dedup_on && !matches!(verdict, Verdict::Retry { .. }) {
                 self.recent.insert(&key);
                 marks.push(key);
             }
             match verdict {
                 Verdict::Outputs(outputs) => {
-                    debug!(handler = %handler.name, event_id = %event.id, outputs = outputs.len(), "handled");
-                    for o in &outputs {
-                        deliveries.push(send(&self.shared.producer, o, &self.cancel)?);
+                    debug!(trace_id = %telemetry::trace_id(&cx), handler = %handler.name, event_id = %event.id,
+                        correlation_id = %event.correlation_id, topic = %record.topic,
+                        partition = record.partition, offset = record.offset,
+                        outputs = outputs.len(), "handled");
+                    for mut o in outputs {
+                        let span = self.publish_span(&cx, &mut o, &event.correlation_id, None);
+                        deliveries.push(Delivery {
+                            future: send(&self.shared, &o, &self.cancel)?,
+                            span,
+                            counter: metrics.output_counter(),
+                        });
                     }
                     self.shared.stats.handled.fetch_add(1, Ordering::Relaxed);
+                    metrics.handled(took);
                 }
                 Verdict::Retry {
                     attempt,
@@ -1071,12 +1216,26 @@ impl PartitionWorker {
                         .config_entry
                         .retry_topic_of(&record.topic)
                         .expect("topic retry mode has a retry topic");
-                    debug!(handler = %handler.name, event_id = %event.id, attempt, ?delay,
-                        reason = %message, retry_topic = %topic, "sent to the retry topic");
-                    let p =
+                    debug!(trace_id = %telemetry::trace_id(&cx), handler = %handler.name, event_id = %event.id,
+                        topic = %record.topic, partition = record.partition, offset = record.offset,
+                        attempt, ?delay, reason = %message, retry_topic = %topic, "sent to the retry topic");
+                    telemetry::event(&cx, || {
+                        ("retry scheduled", vec![
+                            KeyValue::new(attr::ATTEMPT, attempt as i64),
+                            KeyValue::new("weir.retry.delay_ms", delay.as_millis() as i64),
+                            KeyValue::new("weir.retry.reason", message.clone()),
+                        ])
+                    });
+                    let mut p =
                         retry_record(record, &handler.name, attempt, delay, first_failure, topic);
-                    deliveries.push(send(&self.shared.producer, &p, &self.cancel)?);
+                    let span = self.publish_span(&cx, &mut p, &event.correlation_id, None);
+                    deliveries.push(Delivery {
+                        future: send(&self.shared, &p, &self.cancel)?,
+                        span,
+                        counter: None,
+                    });
                     self.shared.stats.retries.fetch_add(1, Ordering::Relaxed);
+                    metrics.sent_to_retry(took);
                 }
                 Verdict::Failed {
                     kind,
@@ -1085,9 +1244,12 @@ impl PartitionWorker {
                     first_failure,
                 } => {
                     let topic = handler.config_entry.dead_letter_topic_of(&record.topic);
-                    warn!(handler = %handler.name, event_id = %event.id, topic = %record.topic,
+                    telemetry::fail(&cx, kind.name(), &message);
+                    warn!(trace_id = %telemetry::trace_id(&cx), handler = %handler.name, event_id = %event.id,
+                        correlation_id = %event.correlation_id, topic = %record.topic,
                         partition = record.partition, offset = record.offset, kind = %kind,
                         reason = %message, attempts, dead_letter_topic = %topic, "event dead-lettered");
+                    metrics.failed(kind, Some(took));
                     let dl = DeadLetter {
                         record,
                         kind,
@@ -1099,9 +1261,10 @@ impl PartitionWorker {
                         first_failure,
                         last_failure: OffsetDateTime::now_utc(),
                     };
-                    deliveries.push(self.send_dead_letter(dl, topic)?);
+                    deliveries.push(self.send_dead_letter(dl, topic, &cx, &metrics)?);
                 }
             }
+            telemetry::end(&cx);
         }
         if let (false, Some(info)) = (routed, retry) {
             // The handler was renamed, removed or no longer takes this
@@ -1110,16 +1273,69 @@ impl PartitionWorker {
                 "retry record for handler {:?}, which no longer handles {} events of {}",
                 info.handler, event.event_type, record.topic
             );
-            deliveries.push(self.dead_letter_unrouted(consumed, &message)?);
+            deliveries.push(self.dead_letter_unrouted(consumed, &parent, &message)?);
         }
         done(deliveries, marks)
     }
 
+    /// Starts the producer span of a record sent on behalf of the span in
+    /// `cx` and writes its context into the record's headers, so whoever
+    /// consumes the record continues the trace.
+    fn publish_span(
+        &self,
+        cx: &TraceContext,
+        p: &mut Produce,
+        correlation_id: &str,
+        dead_letter_reason: Option<&str>,
+    ) -> Option<TraceContext> {
+        let tracing = self.shared.tracing();
+        let span = tracing.start(cx, || {
+            let mut attributes = vec![
+                KeyValue::new(attr::SYSTEM, "kafka"),
+                KeyValue::new(attr::OPERATION_TYPE, "send"),
+                KeyValue::new(attr::OPERATION_NAME, "send"),
+                KeyValue::new(attr::DESTINATION, p.topic.clone()),
+                KeyValue::new(attr::BODY_SIZE, p.value.len() as i64),
+            ];
+            if let Some(id) = p
+                .headers
+                .iter()
+                .find(|(k, _)| k == envelope::header::EVENT_ID)
+            {
+                attributes.push(KeyValue::new(
+                    attr::MESSAGE_ID,
+                    String::from_utf8_lossy(&id.1).into_owned(),
+                ));
+            }
+            if !correlation_id.is_empty() {
+                attributes.push(KeyValue::new(attr::CONVERSATION_ID, correlation_id.to_owned()));
+            }
+            if let Some(reason) = dead_letter_reason {
+                attributes.push(KeyValue::new(attr::DEAD_LETTER_REASON, reason.to_owned()));
+            }
+            (format!("send {}", p.topic), SpanKind::Producer, attributes)
+        });
+        tracing.inject(&span, &mut p.headers);
+        tracing.enabled().then_some(span)
+    }
+
     /// Dead-letters a record no handler can take.
-    fn dead_letter_unrouted(&mut self, record: &Record, message: &str) -> Option<DeliveryFuture> {
+    fn dead_letter_unrouted(
+        &mut self,
+        record: &Record,
+        parent: &TraceContext,
+        message: &str,
+    ) -> Option<Delivery> {
         let topic = deadletter::default_topic(&record.topic);
-        error!(topic = %record.topic, partition = record.partition, offset = record.offset,
-            reason = message, dead_letter_topic = %topic, "unroutable record dead-lettered");
+        let group = self.shared.config.kafka.group_id.clone();
+        let cx = self
+            .shared
+            .tracing()
+            .start(parent, || consumer_span(record, None, "", "", &group));
+        telemetry::fail(&cx, FailureKind::Undecodable.name(), message);
+        error!(trace_id = %telemetry::trace_id(&cx), topic = %record.topic, partition = record.partition,
+            offset = record.offset, reason = message, dead_letter_topic = %topic,
+            "unroutable record dead-lettered");
         let now = OffsetDateTime::now_utc();
         let dl = DeadLetter {
             record,
@@ -1128,35 +1344,58 @@ impl PartitionWorker {
             handler: String::new(),
             handler_version: String::new(),
             attempts: 1,
-            group_id: &self.shared.config.kafka.group_id,
+            group_id: &group,
             first_failure: now,
             last_failure: now,
         };
-        self.send_dead_letter(dl, topic)
+        let d = self.send_dead_letter(dl, topic, &cx, &HandlerMetrics::off());
+        telemetry::end(&cx);
+        d
     }
 
     /// Publishes a dead letter (its acknowledgement makes the event final).
-    fn send_dead_letter(&self, dl: DeadLetter<'_>, topic: String) -> Option<DeliveryFuture> {
-        let produce = dl.into_produce(topic);
+    fn send_dead_letter(
+        &self,
+        dl: DeadLetter<'_>,
+        topic: String,
+        cx: &TraceContext,
+        metrics: &HandlerMetrics,
+    ) -> Option<Delivery> {
+        let kind = dl.kind;
+        let correlation = dl
+            .record
+            .header(envelope::header::CORRELATION_ID)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+            .unwrap_or_default();
+        let mut produce = dl.into_produce(topic);
+        let span = self.publish_span(cx, &mut produce, &correlation, Some(kind.name()));
         self.shared
             .stats
             .dead_lettered
             .fetch_add(1, Ordering::Relaxed);
-        send(&self.shared.producer, &produce, &self.cancel)
+        Some(Delivery {
+            future: send(&self.shared, &produce, &self.cancel)?,
+            span,
+            counter: metrics.dead_letter_counter(),
+        })
     }
 
     /// Calls handler `i`, retrying `retriable` failures with exponential
     /// backoff and full jitter, in place (the partition waits, in order).
+    /// Each attempt is a child span of `cx`.
     fn call(
         &mut self,
         i: usize,
         event: &envelope::Event,
         record: &Record,
         retry: Option<&RetryInfo>,
+        cx: &TraceContext,
     ) -> Option<Verdict> {
         let handler = self.handlers[i].0.clone();
+        let metrics = self.handlers[i].2.clone();
         let mut first_failure = retry.map(|r| r.first_failure);
         let mut attempt = retry.map_or(1, |r| r.attempt);
+        let trace_id = telemetry::trace_id(cx);
         loop {
             let instance = match &mut self.handlers[i].1 {
                 Some(inst) => inst,
@@ -1191,14 +1430,34 @@ impl PartitionWorker {
                     }
                 }
             }
+            let call_cx = self.shared.tracing().start(cx, || {
+                (
+                    format!("call {}", handler.name),
+                    SpanKind::Internal,
+                    vec![
+                        KeyValue::new(attr::HANDLER, handler.name.clone()),
+                        KeyValue::new(attr::ATTEMPT, attempt as i64),
+                    ],
+                )
+            });
             let started = Instant::now();
-            let outcome = instance.call(event, record, attempt);
+            let outcome = instance.call(event, record, attempt, &trace_id);
             self.shared.stats.record_handle(started.elapsed());
             let fuel = instance.last_fuel_used();
             self.shared
                 .stats
                 .fuel_used
                 .fetch_add(fuel, Ordering::Relaxed);
+            metrics.fuel(fuel);
+            telemetry::set(&call_cx, || KeyValue::new(attr::FUEL, fuel as i64));
+            match &outcome {
+                CallOutcome::Ok(_) => {}
+                CallOutcome::Failed(kind, message) => {
+                    telemetry::fail(&call_cx, kind.name(), message)
+                }
+                CallOutcome::Retriable(message) => telemetry::fail(&call_cx, "retriable", message),
+            }
+            telemetry::end(&call_cx);
             if let Some(budget) = handler.budget() {
                 budget.debit(fuel);
             }
@@ -1250,8 +1509,18 @@ impl PartitionWorker {
                             first_failure: failed_at,
                         });
                     }
-                    debug!(handler = %handler.name, event_id = %event.id, attempt, ?delay, reason = %message, "retrying");
+                    debug!(trace_id = %trace_id, handler = %handler.name, event_id = %event.id,
+                        topic = %record.topic, partition = record.partition, offset = record.offset,
+                        attempt, ?delay, reason = %message, "retrying");
+                    telemetry::event(cx, || {
+                        ("retry", vec![
+                            KeyValue::new(attr::ATTEMPT, attempt as i64 + 1),
+                            KeyValue::new("weir.retry.delay_ms", delay.as_millis() as i64),
+                            KeyValue::new("weir.retry.reason", message.clone()),
+                        ])
+                    });
                     self.shared.stats.retries.fetch_add(1, Ordering::Relaxed);
+                    metrics.retried();
                     if !self.sleep(delay) {
                         return None;
                     }
@@ -1265,6 +1534,40 @@ impl PartitionWorker {
     fn sleep(&self, d: Duration) -> bool {
         sleep_cancellable(&self.cancel, d)
     }
+}
+
+/// The consumer span of one event and handler (messaging conventions).
+fn consumer_span(
+    record: &Record,
+    event: Option<&envelope::Event>,
+    handler: &str,
+    version: &str,
+    group: &str,
+) -> (String, SpanKind, Vec<KeyValue>) {
+    let mut a = vec![
+        KeyValue::new(attr::SYSTEM, "kafka"),
+        KeyValue::new(attr::OPERATION_TYPE, "process"),
+        KeyValue::new(attr::OPERATION_NAME, "process"),
+        KeyValue::new(attr::DESTINATION, record.topic.clone()),
+        KeyValue::new(attr::PARTITION, record.partition.to_string()),
+        KeyValue::new(attr::OFFSET, record.offset),
+        KeyValue::new(attr::GROUP, group.to_owned()),
+        KeyValue::new(attr::BODY_SIZE, record.value.len() as i64),
+        KeyValue::new(attr::HANDLER, handler.to_owned()),
+        KeyValue::new(attr::HANDLER_VERSION, version.to_owned()),
+    ];
+    if let Some(key) = record.key.as_deref().and_then(|k| std::str::from_utf8(k).ok()) {
+        a.push(KeyValue::new(attr::KEY, key.to_owned()));
+    }
+    if let Some(e) = event {
+        a.push(KeyValue::new(attr::MESSAGE_ID, e.id.clone()));
+        a.push(KeyValue::new(attr::CONVERSATION_ID, e.correlation_id.clone()));
+        a.push(KeyValue::new(attr::EVENT_TYPE, e.event_type.clone()));
+        if let Some(c) = &e.causation_id {
+            a.push(KeyValue::new(attr::CAUSATION_ID, c.clone()));
+        }
+    }
+    (format!("process {}", record.topic), SpanKind::Consumer, a)
 }
 
 /// Sleeps for `d` in slices, so a cancel is noticed; false when cancelled.

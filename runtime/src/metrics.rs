@@ -1,0 +1,370 @@
+//! Prometheus metrics and the HTTP server of `/metrics`, `/healthz` and
+//! `/readyz`.
+//!
+//! Label sets are bounded: `handler` takes the configured handler names,
+//! `class` the failure kinds, `topic`/`partition` the assigned partitions.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry,
+};
+use tracing::info;
+
+use crate::failure::FailureKind;
+
+/// Buckets of the handling duration, in seconds: from a 10 µs call to a
+/// retried one of several seconds.
+const DURATION_BUCKETS: &[f64] = &[
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// Every metric the runtime exports.
+pub struct Metrics {
+    registry: Registry,
+    consumer_lag: IntGaugeVec,
+    duration: HistogramVec,
+    handled: IntCounterVec,
+    failed: IntCounterVec,
+    retried: IntCounterVec,
+    dead_lettered: IntCounterVec,
+    duplicates: IntCounterVec,
+    outputs: IntCounterVec,
+    fuel: IntCounterVec,
+    handler_info: IntGaugeVec,
+    /// Records the broker refused or that could not be enqueued (each is
+    /// retried; nothing is committed past it).
+    pub produce_errors: IntCounter,
+    /// Events fetched whose outcome is not final yet.
+    pub in_flight: IntGauge,
+    /// Partitions paused for backpressure now.
+    pub paused_partitions: IntGauge,
+}
+
+fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("a valid metric");
+    registry.register(Box::new(c.clone())).expect("unique name");
+    c
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("a valid metric");
+    registry.register(Box::new(g.clone())).expect("unique name");
+    g
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let r = Registry::new();
+        let consumer_lag = IntGaugeVec::new(
+            Opts::new(
+                "weir_consumer_lag",
+                "Records between the committed offset and the high watermark, per assigned partition",
+            ),
+            &["topic", "partition"],
+        )
+        .expect("a valid metric");
+        r.register(Box::new(consumer_lag.clone()))
+            .expect("unique name");
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "weir_handling_duration_seconds",
+                "Time one handler took over one event, retries in place included, by outcome (ok, failed, retry)",
+            )
+            .buckets(DURATION_BUCKETS.to_vec()),
+            &["handler", "outcome"],
+        )
+        .expect("a valid metric");
+        r.register(Box::new(duration.clone())).expect("unique name");
+        let handler_info = IntGaugeVec::new(
+            Opts::new(
+                "weir_handler_info",
+                "1 for each handler version loaded",
+            ),
+            &["handler", "version"],
+        )
+        .expect("a valid metric");
+        r.register(Box::new(handler_info.clone()))
+            .expect("unique name");
+        Self {
+            consumer_lag,
+            duration,
+            handled: counter(&r, "weir_events_handled_total", "Events a handler handled successfully", &["handler"]),
+            failed: counter(&r, "weir_events_failed_total", "Events a handler failed on for good, by failure class", &["handler", "class"]),
+            retried: counter(&r, "weir_events_retried_total", "Retries of retriable failures", &["handler"]),
+            dead_lettered: counter(&r, "weir_events_dead_lettered_total", "Dead letters published (acknowledged)", &["handler"]),
+            duplicates: counter(&r, "weir_duplicates_skipped_total", "Events skipped because the handler already handled them", &["handler"]),
+            outputs: counter(&r, "weir_outputs_published_total", "Handler outputs published (acknowledged)", &["handler"]),
+            fuel: counter(&r, "weir_fuel_consumed_total", "Wasm fuel consumed by handler calls", &["handler"]),
+            handler_info,
+            produce_errors: gauge_counter(&r, "weir_produce_errors_total", "Records the broker refused or the producer could not take; each is retried"),
+            in_flight: gauge(&r, "weir_events_in_flight", "Events fetched whose outcome is not final yet"),
+            paused_partitions: gauge(&r, "weir_paused_partitions", "Partitions paused for backpressure"),
+            registry: r,
+        }
+    }
+
+    /// The metrics of one handler, with their label values resolved once.
+    pub fn handler(self: &Arc<Self>, name: &str, version: &str) -> HandlerMetrics {
+        self.handler_info.with_label_values(&[name, version]).set(1);
+        let c = |v: &IntCounterVec| v.with_label_values(&[name]);
+        HandlerMetrics(Some(Arc::new(Resolved {
+            name: name.to_owned(),
+            metrics: self.clone(),
+            handled: c(&self.handled),
+            retried: c(&self.retried),
+            dead_lettered: c(&self.dead_lettered),
+            duplicates: c(&self.duplicates),
+            outputs: c(&self.outputs),
+            fuel: c(&self.fuel),
+            ok: self.duration.with_label_values(&[name, "ok"]),
+            failed: self.duration.with_label_values(&[name, "failed"]),
+            retry: self.duration.with_label_values(&[name, "retry"]),
+        })))
+    }
+
+    /// Replaces the lag gauges with the partitions in a statistics report.
+    pub fn record_lag(&self, stats: &rdkafka::Statistics) {
+        self.consumer_lag.reset();
+        for (topic, t) in &stats.topics {
+            for (partition, p) in &t.partitions {
+                if *partition < 0 || !p.desired || p.consumer_lag < 0 {
+                    continue;
+                }
+                self.consumer_lag
+                    .with_label_values(&[topic.as_str(), &partition.to_string()])
+                    .set(p.consumer_lag);
+            }
+        }
+    }
+
+    /// Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        prometheus::TextEncoder::new()
+            .encode_to_string(&self.registry.gather())
+            .unwrap_or_else(|e| format!("# cannot encode metrics: {e}\n"))
+    }
+}
+
+fn gauge_counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).expect("a valid metric");
+    registry.register(Box::new(c.clone())).expect("unique name");
+    c
+}
+
+struct Resolved {
+    name: String,
+    metrics: Arc<Metrics>,
+    handled: IntCounter,
+    retried: IntCounter,
+    dead_lettered: IntCounter,
+    duplicates: IntCounter,
+    outputs: IntCounter,
+    fuel: IntCounter,
+    ok: Histogram,
+    failed: Histogram,
+    retry: Histogram,
+}
+
+/// How one handler's event ended, for the duration histogram.
+#[derive(Debug, Clone, Copy)]
+pub enum Outcome {
+    Ok,
+    Failed,
+    /// Sent to the retry topic.
+    Retry,
+}
+
+/// One handler's metrics; every method is a no-op when metrics are off.
+#[derive(Clone, Default)]
+pub struct HandlerMetrics(Option<Arc<Resolved>>);
+
+impl HandlerMetrics {
+    /// Metrics off.
+    pub fn off() -> Self {
+        Self(None)
+    }
+
+    pub fn handled(&self, took: Duration) {
+        if let Some(m) = &self.0 {
+            m.handled.inc();
+            m.ok.observe(took.as_secs_f64());
+        }
+    }
+
+    pub fn failed(&self, class: FailureKind, took: Option<Duration>) {
+        if let Some(m) = &self.0 {
+            m.metrics
+                .failed
+                .with_label_values(&[m.name.as_str(), class.name()])
+                .inc();
+            if let Some(took) = took {
+                m.failed.observe(took.as_secs_f64());
+            }
+        }
+    }
+
+    pub fn sent_to_retry(&self, took: Duration) {
+        if let Some(m) = &self.0 {
+            m.retried.inc();
+            m.retry.observe(took.as_secs_f64());
+        }
+    }
+
+    pub fn retried(&self) {
+        if let Some(m) = &self.0 {
+            m.retried.inc();
+        }
+    }
+
+    pub fn duplicate(&self) {
+        if let Some(m) = &self.0 {
+            m.duplicates.inc();
+        }
+    }
+
+    pub fn fuel(&self, used: u64) {
+        if let Some(m) = &self.0 {
+            m.fuel.inc_by(used);
+        }
+    }
+
+    /// The counter an acknowledged output of this handler increments.
+    pub fn output_counter(&self) -> Option<IntCounter> {
+        self.0.as_ref().map(|m| m.outputs.clone())
+    }
+
+    /// The counter an acknowledged dead letter of this handler increments.
+    pub fn dead_letter_counter(&self) -> Option<IntCounter> {
+        self.0.as_ref().map(|m| m.dead_lettered.clone())
+    }
+}
+
+/// What `/readyz` reports.
+#[derive(Debug, Default)]
+pub struct Health {
+    /// Every configured handler compiled and instantiated.
+    pub handlers_loaded: AtomicBool,
+    /// The consumer joined its group and got an assignment (maybe empty).
+    pub joined: AtomicBool,
+    /// A shutdown started: load balancers should stop sending traffic.
+    pub stopping: AtomicBool,
+}
+
+impl Health {
+    /// None when ready, else why not.
+    pub fn not_ready(&self) -> Option<&'static str> {
+        if self.stopping.load(Ordering::Relaxed) {
+            Some("shutting down")
+        } else if !self.handlers_loaded.load(Ordering::Relaxed) {
+            Some("loading handlers")
+        } else if !self.joined.load(Ordering::Relaxed) {
+            Some("joining the consumer group")
+        } else {
+            None
+        }
+    }
+}
+
+/// Binds `listen` and serves `/metrics`, `/healthz` and `/readyz` on the
+/// current tokio runtime; returns the bound address.
+pub async fn serve(
+    listen: &str,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+) -> Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("metrics.listen: cannot listen on {listen}"))?;
+    let addr = listener.local_addr()?;
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let metrics = metrics.clone();
+                async move {
+                    (
+                        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+                        metrics.render(),
+                    )
+                }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let health = health.clone();
+                async move {
+                    match health.not_ready() {
+                        None => (StatusCode::OK, "ready\n".to_owned()).into_response(),
+                        Some(why) => (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!("not ready: {why}\n"),
+                        )
+                            .into_response(),
+                    }
+                }
+            }),
+        );
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "the metrics server stopped");
+        }
+    });
+    info!(address = %addr, "serving /metrics, /healthz and /readyz");
+    Ok(addr)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handler_metrics_render_with_bounded_labels() {
+        let m = Arc::new(Metrics::new());
+        let h = m.handler("enrich", "1.2.0");
+        h.handled(Duration::from_micros(30));
+        h.failed(FailureKind::Fatal, Some(Duration::from_micros(10)));
+        h.duplicate();
+        h.output_counter().unwrap().inc();
+        let text = m.render();
+        for line in [
+            "weir_events_handled_total{handler=\"enrich\"} 1",
+            "weir_events_failed_total{class=\"fatal\",handler=\"enrich\"} 1",
+            "weir_duplicates_skipped_total{handler=\"enrich\"} 1",
+            "weir_outputs_published_total{handler=\"enrich\"} 1",
+            "weir_handler_info{handler=\"enrich\",version=\"1.2.0\"} 1",
+            "weir_handling_duration_seconds_count{handler=\"enrich\",outcome=\"ok\"} 1",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn readiness_needs_handlers_and_a_group() {
+        let h = Health::default();
+        assert_eq!(h.not_ready(), Some("loading handlers"));
+        h.handlers_loaded.store(true, Ordering::Relaxed);
+        assert_eq!(h.not_ready(), Some("joining the consumer group"));
+        h.joined.store(true, Ordering::Relaxed);
+        assert_eq!(h.not_ready(), None);
+        h.stopping.store(true, Ordering::Relaxed);
+        assert_eq!(h.not_ready(), Some("shutting down"));
+    }
+}
