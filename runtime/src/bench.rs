@@ -130,6 +130,29 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         "\nidempotency store alone ({} ids): check {check_us:.2} µs/event, mark {mark_us:.2} µs/event (batches of 512)",
         args.events
     );
+    println!("\nobservability cost per event and handler (no Kafka; µs):");
+    println!("| what | µs/event |");
+    println!("|---|---:|");
+    println!(
+        "| metrics (counters, fuel, duration histogram) | {:.3} |",
+        metrics_cost(args.events)
+    );
+    for (what, endpoint, ratio) in [
+        ("spans off, traceparent passed on", None, 1.0),
+        (
+            "spans on, trace not sampled (ratio 0)",
+            Some(&sink.url),
+            0.0,
+        ),
+        (
+            "spans on, sampled (3 spans: process, call, send)",
+            Some(&sink.url),
+            1.0,
+        ),
+    ] {
+        let us = spans_cost(args.events, endpoint, ratio).await?;
+        println!("| {what} | {us:.3} |");
+    }
     println!(
         "\nOTLP receiver: {} requests, {} KiB of spans",
         sink.requests.load(Ordering::Relaxed),
@@ -188,7 +211,8 @@ fn call_cost(
     };
     let started = Instant::now();
     for _ in 0..calls {
-        if let crate::handler::CallOutcome::Failed(kind, m) = instance.call(&event, &record, 1, "") {
+        if let crate::handler::CallOutcome::Failed(kind, m) = instance.call(&event, &record, 1, "")
+        {
             bail!("benchmark call failed: {kind}: {m}");
         }
     }
@@ -214,6 +238,76 @@ fn dedup_cost(n: usize) -> Result<(f64, f64)> {
     }
     let mark = started.elapsed().as_secs_f64() * 1e6 / n as f64;
     Ok((check, mark))
+}
+
+/// Mean cost of recording one handled event's metrics.
+fn metrics_cost(n: usize) -> f64 {
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    let h = metrics.handler("echo", "bench");
+    let started = Instant::now();
+    for i in 0..n {
+        h.fuel(1000 + i as u64);
+        h.handled(Duration::from_nanos(5000 + i as u64));
+        if let Some(c) = h.output_counter() {
+            c.inc();
+        }
+    }
+    started.elapsed().as_secs_f64() * 1e6 / n as f64
+}
+
+/// Mean cost of one event's trace work: read the context from headers,
+/// a consumer span, a call span, a send span and its context written into
+/// the output's headers.
+async fn spans_cost(n: usize, endpoint: Option<&String>, ratio: f64) -> Result<f64> {
+    use crate::telemetry::{self, Tracing};
+    use opentelemetry::trace::SpanKind;
+    use opentelemetry::KeyValue;
+    let cfg = crate::config::TracingConfig {
+        otlp_endpoint: endpoint.cloned(),
+        sample_ratio: ratio,
+        ..Default::default()
+    };
+    let tracing = Arc::new(Tracing::from_config(&cfg)?);
+    let t = tracing.clone();
+    let new_traces = endpoint.is_some();
+    let us = tokio::task::spawn_blocking(move || {
+        let incoming = vec![(
+            "traceparent".to_string(),
+            b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00".to_vec(),
+        )];
+        let started = Instant::now();
+        for i in 0..n {
+            // New traces (no parent) so that the ratio decides.
+            let parent = if new_traces {
+                opentelemetry::Context::new()
+            } else {
+                t.extract(&incoming)
+            };
+            let cx = t.start(&parent, || {
+                let a = vec![
+                    KeyValue::new(telemetry::attr::SYSTEM, "kafka"),
+                    KeyValue::new(telemetry::attr::DESTINATION, "bench"),
+                    KeyValue::new(telemetry::attr::OFFSET, i as i64),
+                    KeyValue::new(telemetry::attr::MESSAGE_ID, format!("evt-{i}")),
+                ];
+                ("process bench".into(), SpanKind::Consumer, a)
+            });
+            let call = t.start(&cx, || ("call echo".into(), SpanKind::Internal, Vec::new()));
+            telemetry::end(&call);
+            let send = t.start(&cx, || {
+                ("send bench.out".into(), SpanKind::Producer, Vec::new())
+            });
+            let mut headers = Vec::new();
+            t.inject(&send, &mut headers);
+            std::hint::black_box(&headers);
+            telemetry::end(&send);
+            telemetry::end(&cx);
+        }
+        started.elapsed().as_secs_f64() * 1e6 / n as f64
+    })
+    .await?;
+    tokio::task::spawn_blocking(move || tracing.shutdown()).await?;
+    Ok(us)
 }
 
 fn sample(i: usize) -> Vec<u8> {
@@ -323,7 +417,10 @@ impl OtlpSink {
             axum::routing::post(move |body: axum::body::Bytes| async move {
                 r.fetch_add(1, Ordering::Relaxed);
                 b.fetch_add(body.len() as u64, Ordering::Relaxed);
-                ([("content-type", "application/x-protobuf")], Vec::<u8>::new())
+                (
+                    [("content-type", "application/x-protobuf")],
+                    Vec::<u8>::new(),
+                )
             }),
         );
         tokio::spawn(async move { axum::serve(listener, app).await });

@@ -571,8 +571,9 @@ mod tests {
             c.validate().unwrap_err().to_string()
         };
         assert!(bad("[tracing]\nsample_ratio = 1.5").contains("tracing.sample_ratio"));
-        assert!(bad("[tracing]\notlp_endpoint = \"https://x:4318\"")
-            .contains("tracing.otlp_endpoint"));
+        assert!(
+            bad("[tracing]\notlp_endpoint = \"https://x:4318\"").contains("tracing.otlp_endpoint")
+        );
         assert!(bad("[metrics]\nlisten = \"localhost\"").contains("metrics.listen"));
     }
 
@@ -588,7 +589,10 @@ mod tests {
         };
         assert_eq!(url("http://c:4318"), "http://c:4318/v1/traces");
         assert_eq!(url("http://c:4318/"), "http://c:4318/v1/traces");
-        assert_eq!(url("http://c:4318/custom/traces"), "http://c:4318/custom/traces");
+        assert_eq!(
+            url("http://c:4318/custom/traces"),
+            "http://c:4318/custom/traces"
+        );
         assert!(TracingConfig::default().traces_url().is_none());
     }
 }

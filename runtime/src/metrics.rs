@@ -14,8 +14,8 @@ use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
 };
 use tracing::info;
 
@@ -92,10 +92,7 @@ impl Metrics {
         .expect("a valid metric");
         r.register(Box::new(duration.clone())).expect("unique name");
         let handler_info = IntGaugeVec::new(
-            Opts::new(
-                "weir_handler_info",
-                "1 for each handler version loaded",
-            ),
+            Opts::new("weir_handler_info", "1 for each handler version loaded"),
             &["handler", "version"],
         )
         .expect("a valid metric");
@@ -104,17 +101,64 @@ impl Metrics {
         Self {
             consumer_lag,
             duration,
-            handled: counter(&r, "weir_events_handled_total", "Events a handler handled successfully", &["handler"]),
-            failed: counter(&r, "weir_events_failed_total", "Events a handler failed on for good, by failure class", &["handler", "class"]),
-            retried: counter(&r, "weir_events_retried_total", "Retries of retriable failures", &["handler"]),
-            dead_lettered: counter(&r, "weir_events_dead_lettered_total", "Dead letters published (acknowledged)", &["handler"]),
-            duplicates: counter(&r, "weir_duplicates_skipped_total", "Events skipped because the handler already handled them", &["handler"]),
-            outputs: counter(&r, "weir_outputs_published_total", "Handler outputs published (acknowledged)", &["handler"]),
-            fuel: counter(&r, "weir_fuel_consumed_total", "Wasm fuel consumed by handler calls", &["handler"]),
+            handled: counter(
+                &r,
+                "weir_events_handled_total",
+                "Events a handler handled successfully",
+                &["handler"],
+            ),
+            failed: counter(
+                &r,
+                "weir_events_failed_total",
+                "Events a handler failed on for good, by failure class",
+                &["handler", "class"],
+            ),
+            retried: counter(
+                &r,
+                "weir_events_retried_total",
+                "Retries of retriable failures",
+                &["handler"],
+            ),
+            dead_lettered: counter(
+                &r,
+                "weir_events_dead_lettered_total",
+                "Dead letters published (acknowledged)",
+                &["handler"],
+            ),
+            duplicates: counter(
+                &r,
+                "weir_duplicates_skipped_total",
+                "Events skipped because the handler already handled them",
+                &["handler"],
+            ),
+            outputs: counter(
+                &r,
+                "weir_outputs_published_total",
+                "Handler outputs published (acknowledged)",
+                &["handler"],
+            ),
+            fuel: counter(
+                &r,
+                "weir_fuel_consumed_total",
+                "Wasm fuel consumed by handler calls",
+                &["handler"],
+            ),
             handler_info,
-            produce_errors: gauge_counter(&r, "weir_produce_errors_total", "Records the broker refused or the producer could not take; each is retried"),
-            in_flight: gauge(&r, "weir_events_in_flight", "Events fetched whose outcome is not final yet"),
-            paused_partitions: gauge(&r, "weir_paused_partitions", "Partitions paused for backpressure"),
+            produce_errors: gauge_counter(
+                &r,
+                "weir_produce_errors_total",
+                "Records the broker refused or the producer could not take; each is retried",
+            ),
+            in_flight: gauge(
+                &r,
+                "weir_events_in_flight",
+                "Events fetched whose outcome is not final yet",
+            ),
+            paused_partitions: gauge(
+                &r,
+                "weir_paused_partitions",
+                "Partitions paused for backpressure",
+            ),
             registry: r,
         }
     }
@@ -283,11 +327,7 @@ impl Health {
 
 /// Binds `listen` and serves `/metrics`, `/healthz` and `/readyz` on the
 /// current tokio runtime; returns the bound address.
-pub async fn serve(
-    listen: &str,
-    metrics: Arc<Metrics>,
-    health: Arc<Health>,
-) -> Result<SocketAddr> {
+pub async fn serve(listen: &str, metrics: Arc<Metrics>, health: Arc<Health>) -> Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("metrics.listen: cannot listen on {listen}"))?;
@@ -299,7 +339,10 @@ pub async fn serve(
                 let metrics = metrics.clone();
                 async move {
                     (
-                        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+                        [(
+                            header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4; charset=utf-8",
+                        )],
                         metrics.render(),
                     )
                 }

@@ -411,7 +411,11 @@ pub async fn run(
             .collect(),
         obs,
     });
-    shared.obs.health.handlers_loaded.store(true, Ordering::Relaxed);
+    shared
+        .obs
+        .health
+        .handlers_loaded
+        .store(true, Ordering::Relaxed);
     let commit_task = {
         let consumer = consumer.clone();
         let every = shared.config.pipeline.commit_interval();
@@ -616,8 +620,11 @@ fn unpark(consumer: &StreamConsumer<WeirContext>, workers: &Workers, shared: &Sh
     let max_total = shared.config.pipeline.max_in_flight_total;
     let mut map = workers.map.lock().unwrap();
     if let Some(m) = &shared.obs.metrics {
-        m.in_flight
-            .set(map.values().map(|w| w.in_flight.load(Ordering::Relaxed)).sum());
+        m.in_flight.set(
+            map.values()
+                .map(|w| w.in_flight.load(Ordering::Relaxed))
+                .sum(),
+        );
         m.paused_partitions
             .set(map.values().filter(|w| w.paused).count() as i64);
     }
@@ -833,7 +840,10 @@ async fn acknowledged(
         shared.produce_error();
         if let Some(span) = span {
             telemetry::event(span, || {
-                ("produce error", vec![KeyValue::new("error", err.to_string())])
+                (
+                    "produce error",
+                    vec![KeyValue::new("error", err.to_string())],
+                )
             });
         }
         if cancel.load(Ordering::SeqCst) {
@@ -1120,7 +1130,11 @@ impl PartitionWorker {
                     }
                     marks = keys;
                 }
-                let names: Vec<&str> = self.handlers.iter().map(|(h, _, _)| h.name.as_str()).collect();
+                let names: Vec<&str> = self
+                    .handlers
+                    .iter()
+                    .map(|(h, _, _)| h.name.as_str())
+                    .collect();
                 let versions: Vec<&str> = self
                     .handlers
                     .iter()
@@ -1139,7 +1153,11 @@ impl PartitionWorker {
                     offset = record.offset, handler = %handler, reason = %undecodable,
                     dead_letter_topic = %topic, "undecodable event dead-lettered");
                 // Counted against the handler whose dead-letter topic takes it.
-                let metrics = self.handlers.first().map(|(_, _, m)| m.clone()).unwrap_or_default();
+                let metrics = self
+                    .handlers
+                    .first()
+                    .map(|(_, _, m)| m.clone())
+                    .unwrap_or_default();
                 metrics.failed(FailureKind::Undecodable, None);
                 let now = OffsetDateTime::now_utc();
                 let dl = DeadLetter {
@@ -1220,11 +1238,14 @@ impl PartitionWorker {
                         topic = %record.topic, partition = record.partition, offset = record.offset,
                         attempt, ?delay, reason = %message, retry_topic = %topic, "sent to the retry topic");
                     telemetry::event(&cx, || {
-                        ("retry scheduled", vec![
-                            KeyValue::new(attr::ATTEMPT, attempt as i64),
-                            KeyValue::new("weir.retry.delay_ms", delay.as_millis() as i64),
-                            KeyValue::new("weir.retry.reason", message.clone()),
-                        ])
+                        (
+                            "retry scheduled",
+                            vec![
+                                KeyValue::new(attr::ATTEMPT, attempt as i64),
+                                KeyValue::new("weir.retry.delay_ms", delay.as_millis() as i64),
+                                KeyValue::new("weir.retry.reason", message.clone()),
+                            ],
+                        )
                     });
                     let mut p =
                         retry_record(record, &handler.name, attempt, delay, first_failure, topic);
@@ -1308,7 +1329,10 @@ impl PartitionWorker {
                 ));
             }
             if !correlation_id.is_empty() {
-                attributes.push(KeyValue::new(attr::CONVERSATION_ID, correlation_id.to_owned()));
+                attributes.push(KeyValue::new(
+                    attr::CONVERSATION_ID,
+                    correlation_id.to_owned(),
+                ));
             }
             if let Some(reason) = dead_letter_reason {
                 attributes.push(KeyValue::new(attr::DEAD_LETTER_REASON, reason.to_owned()));
@@ -1513,11 +1537,14 @@ impl PartitionWorker {
                         topic = %record.topic, partition = record.partition, offset = record.offset,
                         attempt, ?delay, reason = %message, "retrying");
                     telemetry::event(cx, || {
-                        ("retry", vec![
-                            KeyValue::new(attr::ATTEMPT, attempt as i64 + 1),
-                            KeyValue::new("weir.retry.delay_ms", delay.as_millis() as i64),
-                            KeyValue::new("weir.retry.reason", message.clone()),
-                        ])
+                        (
+                            "retry",
+                            vec![
+                                KeyValue::new(attr::ATTEMPT, attempt as i64 + 1),
+                                KeyValue::new("weir.retry.delay_ms", delay.as_millis() as i64),
+                                KeyValue::new("weir.retry.reason", message.clone()),
+                            ],
+                        )
                     });
                     self.shared.stats.retries.fetch_add(1, Ordering::Relaxed);
                     metrics.retried();
@@ -1556,12 +1583,19 @@ fn consumer_span(
         KeyValue::new(attr::HANDLER, handler.to_owned()),
         KeyValue::new(attr::HANDLER_VERSION, version.to_owned()),
     ];
-    if let Some(key) = record.key.as_deref().and_then(|k| std::str::from_utf8(k).ok()) {
+    if let Some(key) = record
+        .key
+        .as_deref()
+        .and_then(|k| std::str::from_utf8(k).ok())
+    {
         a.push(KeyValue::new(attr::KEY, key.to_owned()));
     }
     if let Some(e) = event {
         a.push(KeyValue::new(attr::MESSAGE_ID, e.id.clone()));
-        a.push(KeyValue::new(attr::CONVERSATION_ID, e.correlation_id.clone()));
+        a.push(KeyValue::new(
+            attr::CONVERSATION_ID,
+            e.correlation_id.clone(),
+        ));
         a.push(KeyValue::new(attr::EVENT_TYPE, e.event_type.clone()));
         if let Some(c) = &e.causation_id {
             a.push(KeyValue::new(attr::CAUSATION_ID, c.clone()));

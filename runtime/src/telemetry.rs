@@ -237,7 +237,10 @@ struct HeaderInjector<'a>(&'a mut Vec<(String, Vec<u8>)>);
 
 impl Injector for HeaderInjector<'_> {
     fn set(&mut self, key: &str, value: String) {
-        self.0.push((key.to_owned(), value.into_bytes()));
+        // An empty `tracestate` says nothing; leave the header out.
+        if !value.is_empty() {
+            self.0.push((key.to_owned(), value.into_bytes()));
+        }
     }
 }
 

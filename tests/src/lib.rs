@@ -573,7 +573,10 @@ impl Scrape {
     /// Parses `name{label="value",...} number` lines; comments are skipped.
     pub fn parse(text: &str) -> Result<Scrape> {
         let mut samples = Vec::new();
-        for line in text.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
+        for line in text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        {
             let (series, value) = line
                 .rsplit_once(' ')
                 .with_context(|| format!("bad sample line {line:?}"))?;

@@ -42,7 +42,10 @@ async fn a_two_hop_chain_is_one_trace() -> anyhow::Result<()> {
         config_toml(
             &group,
             &[
-                HandlerSpec::new("hop-a", "fail-on-marker", &first).config("output_topic", &second),
+                HandlerSpec::new("hop-a", "fail-on-marker", &first)
+                    .config("output_topic", &second)
+                    .config("succeed_on_attempt", "2")
+                    .extra("initial_backoff_ms = 10"),
                 HandlerSpec::new("hop-b", "echo", &second).config("output_topic", &third),
             ],
         ),
@@ -55,8 +58,7 @@ async fn a_two_hop_chain_is_one_trace() -> anyhow::Result<()> {
         "traceparent".into(),
         format!("00-{TRACE}-{TEST_SPAN}-01").into_bytes(),
     ));
-    ok.headers
-        .push(("baggage".into(), b"tenant=acme".to_vec()));
+    ok.headers.push(("baggage".into(), b"tenant=acme".to_vec()));
     // A second event that fails, in a trace of its own.
     let fail_trace = "0af7651916cd43dd8448eb211c80319c";
     let mut bad = In::envelope("k", "evt-2", "corr-2", "order.placed", json!("FAIL"));
@@ -64,11 +66,18 @@ async fn a_two_hop_chain_is_one_trace() -> anyhow::Result<()> {
         "traceparent".into(),
         format!("00-{fail_trace}-b7ad6b7169203331-01").into_bytes(),
     ));
-    produce(&first, &[ok, bad]).await?;
-    await_records(&third, 1, 1, Duration::from_secs(60)).await?;
+    // A third that fails once, then succeeds on its retry.
+    let retry_trace = "11111111111111111111111111111111";
+    let mut flaky = In::envelope("k", "evt-3", "corr-3", "order.placed", json!("RETRY"));
+    flaky.headers.push((
+        "traceparent".into(),
+        format!("00-{retry_trace}-2222222222222222-01").into_bytes(),
+    ));
+    produce(&first, &[ok, bad, flaky]).await?;
+    await_records(&third, 1, 2, Duration::from_secs(60)).await?;
     await_records(&format!("{first}.dlq"), 1, 1, Duration::from_secs(60)).await?;
     // Spans still queued are exported at shutdown.
-    let (status, _) = weir.stop(Duration::from_secs(30)).await?;
+    let (status, log) = weir.stop(Duration::from_secs(30)).await?;
     assert!(status.success());
 
     let spans = receiver.spans();
@@ -93,10 +102,17 @@ async fn a_two_hop_chain_is_one_trace() -> anyhow::Result<()> {
         ("messaging.message.conversation_id", "corr-1"),
         ("weir.handler.name", "hop-a"),
     ] {
-        assert_eq!(a.attributes.get(k).map(String::as_str), Some(v), "{k} of {a:#?}");
+        assert_eq!(
+            a.attributes.get(k).map(String::as_str),
+            Some(v),
+            "{k} of {a:#?}"
+        );
     }
     let version = &a.attributes["weir.handler.version"];
-    assert!(version.len() == 12 && version.chars().all(|c| c.is_ascii_hexdigit()), "{version}");
+    assert!(
+        version.len() == 12 && version.chars().all(|c| c.is_ascii_hexdigit()),
+        "{version}"
+    );
     let a_call = find(&chain, "call hop-a", &a.span_id);
     assert_eq!(a_call.attributes["weir.attempt"], "1");
     let a_send = find(&chain, &format!("send {second}"), &a.span_id);
@@ -104,7 +120,7 @@ async fn a_two_hop_chain_is_one_trace() -> anyhow::Result<()> {
 
     // The record A published carries A's send span, and the ids.
     let mid = read_all(&second)?;
-    assert_eq!(mid.len(), 1);
+    assert_eq!(mid.len(), 2);
     assert_eq!(parent_span_of(&mid[0], TRACE), a_send.span_id);
     assert_eq!(header(&mid[0], "baggage").as_deref(), Some("tenant=acme"));
     let mid_id = header(&mid[0], "event-id").unwrap();
@@ -118,11 +134,20 @@ async fn a_two_hop_chain_is_one_trace() -> anyhow::Result<()> {
     assert_eq!(b.attributes["messaging.message.conversation_id"], "corr-1");
     assert_eq!(b.attributes["weir.causation_id"], "evt-1");
     let b_send = find(&chain, &format!("send {third}"), &b.span_id);
-    let last = read_all(&third)?;
+    let last: Vec<OwnedMessage> = read_all(&third)?
+        .into_iter()
+        .filter(|m| header(m, "correlation-id").as_deref() == Some("corr-1"))
+        .collect();
     assert_eq!(parent_span_of(&last[0], TRACE), b_send.span_id);
-    assert_eq!(header(&last[0], "correlation-id").as_deref(), Some("corr-1"));
+    assert_eq!(
+        header(&last[0], "correlation-id").as_deref(),
+        Some("corr-1")
+    );
     assert_eq!(header(&last[0], "causation-id"), Some(mid_id));
-    assert!(chain.iter().all(|s| s.status_code != 2), "no failure in the chain");
+    assert!(
+        chain.iter().all(|s| s.status_code != 2),
+        "no failure in the chain"
+    );
 
     // The failed event: the consumer span says why, the dead letter
     // carries the context of the span that sent it.
@@ -134,11 +159,63 @@ async fn a_two_hop_chain_is_one_trace() -> anyhow::Result<()> {
     let f = find(&failed, &format!("process {first}"), "b7ad6b7169203331");
     assert_eq!(f.status_code, 2, "error status: {f:#?}");
     assert_eq!(f.attributes["error.type"], "fatal");
-    assert!(f.status_message.starts_with("fatal: "), "{}", f.status_message);
+    assert!(
+        f.status_message.starts_with("fatal: "),
+        "{}",
+        f.status_message
+    );
     let dl_send = find(&failed, &format!("send {first}.dlq"), &f.span_id);
     assert_eq!(dl_send.attributes["weir.dead_letter.reason"], "fatal");
     let dlq = read_all(&format!("{first}.dlq"))?;
     assert_eq!(parent_span_of(&dlq[0], fail_trace), dl_send.span_id);
+
+    // The retried event: one call span per attempt under one consumer span,
+    // the first failed as retriable, and a retry event between them.
+    let retried: Vec<ReceivedSpan> = spans
+        .iter()
+        .filter(|s| s.trace_id == retry_trace)
+        .cloned()
+        .collect();
+    let r = find(&retried, &format!("process {first}"), "2222222222222222");
+    assert!(r.events.iter().any(|e| e == "retry"), "{r:#?}");
+    assert_eq!(r.status_code, 0, "it succeeded in the end");
+    let mut calls: Vec<(String, i32)> = retried
+        .iter()
+        .filter(|s| s.name == "call hop-a" && s.parent_span_id == r.span_id)
+        .map(|s| (s.attributes["weir.attempt"].clone(), s.status_code))
+        .collect();
+    calls.sort();
+    assert_eq!(calls, [("1".to_string(), 2), ("2".to_string(), 0)]);
+
+    // Log lines about an event name its trace, id, handler and position;
+    // the handler's own log lines too.
+    let dead = log
+        .iter()
+        .find(|l| l.contains("event dead-lettered"))
+        .expect("a dead-letter log line");
+    for field in [
+        format!("trace_id={fail_trace}"),
+        "event_id=evt-2".into(),
+        "correlation_id=corr-2".into(),
+        "handler=hop-a".into(),
+        format!("topic={first}"),
+        "partition=0".into(),
+        "offset=1".into(),
+    ] {
+        assert!(dead.contains(&field), "{field} missing in {dead}");
+    }
+    let own = log
+        .iter()
+        .find(|l| l.contains("weir::handler") && l.contains("fails on attempt 1"))
+        .expect("the handler's own log line");
+    for field in [
+        format!("trace_id={retry_trace}"),
+        "event_id=evt-3".into(),
+        "hop-a".into(),
+        "offset=2".into(),
+    ] {
+        assert!(own.contains(&field), "{field} missing in {own}");
+    }
     Ok(())
 }
 
@@ -161,7 +238,15 @@ async fn metrics_count_a_known_workload_exactly() -> anyhow::Result<()> {
         .map(|i| In::envelope(&format!("k{i}"), &format!("ok-{i}"), "c", "t", json!(i)))
         .collect();
     let fatal: Vec<In> = (0..FATAL)
-        .map(|i| In::envelope(&format!("f{i}"), &format!("bad-{i}"), "c", "t", json!("FAIL")))
+        .map(|i| {
+            In::envelope(
+                &format!("f{i}"),
+                &format!("bad-{i}"),
+                "c",
+                "t",
+                json!("FAIL"),
+            )
+        })
         .collect();
     // The same events again (same ids and keys): skipped as duplicates.
     let again: Vec<In> = ok[..DUPLICATES].to_vec();
@@ -176,10 +261,18 @@ async fn metrics_count_a_known_workload_exactly() -> anyhow::Result<()> {
     };
     let t = &scrape.text;
     assert_eq!(count("weir_events_handled_total", &[]), OK, "{t}");
-    assert_eq!(count("weir_events_failed_total", &[("class", "fatal")]), FATAL, "{t}");
+    assert_eq!(
+        count("weir_events_failed_total", &[("class", "fatal")]),
+        FATAL,
+        "{t}"
+    );
     assert_eq!(count("weir_events_failed_total", &[]), FATAL, "{t}");
     assert_eq!(count("weir_events_dead_lettered_total", &[]), FATAL, "{t}");
-    assert_eq!(count("weir_duplicates_skipped_total", &[]), DUPLICATES, "{t}");
+    assert_eq!(
+        count("weir_duplicates_skipped_total", &[]),
+        DUPLICATES,
+        "{t}"
+    );
     assert_eq!(count("weir_outputs_published_total", &[]), OK, "{t}");
     assert_eq!(count("weir_events_retried_total", &[]), 0, "{t}");
     assert_eq!(
@@ -188,12 +281,18 @@ async fn metrics_count_a_known_workload_exactly() -> anyhow::Result<()> {
         "{t}"
     );
     assert_eq!(
-        count("weir_handling_duration_seconds_count", &[("outcome", "failed")]),
+        count(
+            "weir_handling_duration_seconds_count",
+            &[("outcome", "failed")]
+        ),
         FATAL,
         "{t}"
     );
     assert_eq!(
-        count("weir_handling_duration_seconds_bucket", &[("outcome", "ok"), ("le", "+Inf")]),
+        count(
+            "weir_handling_duration_seconds_bucket",
+            &[("outcome", "ok"), ("le", "+Inf")]
+        ),
         OK,
         "{t}"
     );
@@ -235,8 +334,10 @@ async fn ready_only_after_joining_the_group() -> anyhow::Result<()> {
     let handlers = [HandlerSpec::new("echo", "echo", &input)];
 
     // No broker at this address: alive, handlers loaded, never joined.
-    let unreachable = config_toml(&unique("ready-group"), &handlers)
-        .replace(&format!("brokers = {:?}", brokers()), "brokers = \"127.0.0.1:1\"");
+    let unreachable = config_toml(&unique("ready-group"), &handlers).replace(
+        &format!("brokers = {:?}", brokers()),
+        "brokers = \"127.0.0.1:1\"",
+    );
     let mut lonely = Weir::start(&unreachable)?;
     let addr = lonely.http_addr().await?;
     assert_eq!(http_get(&addr, "/healthz").await?.0, 200);
@@ -245,12 +346,18 @@ async fn ready_only_after_joining_the_group() -> anyhow::Result<()> {
         .await?;
     let (status, body) = http_get(&addr, "/readyz").await?;
     assert_eq!(status, 503, "{body}");
-    assert!(body.contains("consumer group") || body.contains("loading"), "{body}");
+    assert!(
+        body.contains("consumer group") || body.contains("loading"),
+        "{body}"
+    );
     lonely
         .await_log("consuming", Duration::from_secs(30))
         .await?;
     let (status, body) = http_get(&addr, "/readyz").await?;
-    assert_eq!((status, body.as_str()), (503, "not ready: joining the consumer group\n"));
+    assert_eq!(
+        (status, body.as_str()),
+        (503, "not ready: joining the consumer group\n")
+    );
     lonely.kill().await?;
 
     // With the broker: ready once the group assigned partitions.
@@ -264,7 +371,10 @@ async fn ready_only_after_joining_the_group() -> anyhow::Result<()> {
             break;
         }
         assert_eq!(status, 503, "{body}");
-        assert!(tokio::time::Instant::now() < deadline, "never ready: {body}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never ready: {body}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(
