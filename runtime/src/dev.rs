@@ -216,12 +216,18 @@ pub async fn run(args: DevArgs) -> Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let state = tempfile::tempdir()?;
     let dedup = crate::dedup::Dedup::open(state.path(), Duration::from_secs(3600))?;
+    // Metrics are recorded as `weir run` records them (no HTTP server here).
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    let obs = pipeline::Observability {
+        metrics: Some(metrics.clone()),
+        ..pipeline::Observability::off()
+    };
     let task = tokio::spawn(pipeline::run(
         config.clone(),
         handlers,
         Some(Arc::new(dedup)),
         stats.clone(),
-        pipeline::Observability::off(),
+        obs,
         async {
             let _ = stop_rx.await;
         },
@@ -260,6 +266,21 @@ pub async fn run(args: DevArgs) -> Result<()> {
         stats.outputs.load(Ordering::Relaxed) - stats.dead_lettered.load(Ordering::Relaxed),
         stats.dead_lettered.load(Ordering::Relaxed),
     );
+    println!("\nmetrics, as `weir run` serves them on /metrics (excerpt):");
+    for line in metrics.render().lines().filter(|l| {
+        !l.starts_with('#')
+            && [
+                "weir_events_handled_total",
+                "weir_events_failed_total",
+                "weir_events_dead_lettered_total",
+                "weir_outputs_published_total",
+                "weir_handler_info",
+            ]
+            .iter()
+            .any(|m| l.starts_with(m))
+    }) {
+        println!("  {line}");
+    }
     // Clients first, then the cluster they talk to.
     drop(producer);
     drop(mock);

@@ -365,10 +365,20 @@ impl Weir {
 
     /// Starts `weir run` with extra environment variables.
     pub fn start_with_env(config: &str, env: &[(&str, &str)]) -> Result<Weir> {
+        Self::spawn(config, env, false)
+    }
+
+    /// Starts `weir --log-json run`: every log line a JSON object.
+    pub fn start_json(config: &str) -> Result<Weir> {
+        Self::spawn(config, &[], true)
+    }
+
+    fn spawn(config: &str, env: &[(&str, &str)], json: bool) -> Result<Weir> {
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("weir.toml");
         std::fs::write(&path, config)?;
         let mut child = Command::new(weir_bin())
+            .args(json.then_some("--log-json"))
             .arg("run")
             .arg("--config")
             .arg(&path)
@@ -447,12 +457,15 @@ impl Weir {
         let line = self
             .await_log("serving /metrics", Duration::from_secs(30))
             .await?;
-        let addr = line
-            .split("address=")
-            .nth(1)
-            .and_then(|rest| rest.split_whitespace().next())
-            .with_context(|| format!("no address in {line:?}"))?;
-        Ok(addr.to_owned())
+        let addr = match serde_json::from_str::<serde_json::Value>(&line) {
+            Ok(json) => json["fields"]["address"].as_str().map(str::to_owned),
+            Err(_) => line
+                .split("address=")
+                .nth(1)
+                .and_then(|rest| rest.split_whitespace().next())
+                .map(str::to_owned),
+        };
+        addr.with_context(|| format!("no address in {line:?}"))
     }
 
     /// SIGTERM, waits for the exit, and returns the status with every log line.

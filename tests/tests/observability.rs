@@ -228,7 +228,8 @@ async fn metrics_count_a_known_workload_exactly() -> anyhow::Result<()> {
     let group = unique("metrics-group");
     create_topic(&input, 2).await?;
     create_topic(&format!("{input}.out"), 2).await?;
-    let mut weir = Weir::start(&config_toml(
+    // JSON logs this time.
+    let mut weir = Weir::start_json(&config_toml(
         &group,
         &[HandlerSpec::new("counted", "fail-on-marker", &input)],
     ))?;
@@ -323,7 +324,30 @@ async fn metrics_count_a_known_workload_exactly() -> anyhow::Result<()> {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(weir.terminate(Duration::from_secs(30)).await?.success());
+    let (status, log) = weir.stop(Duration::from_secs(30)).await?;
+    assert!(status.success());
+    // Every line is a JSON object; those about an event name it.
+    let lines: Vec<serde_json::Value> = log
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let dead: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|l| l["fields"]["message"] == "event dead-lettered")
+        .collect();
+    assert_eq!(dead.len(), FATAL);
+    for l in dead {
+        let f = &l["fields"];
+        assert!(f["event_id"].as_str().unwrap().starts_with("bad-"), "{l}");
+        assert_eq!(f["handler"], "counted", "{l}");
+        assert_eq!(f["topic"], input.as_str(), "{l}");
+        assert_eq!(f["kind"], "fatal", "{l}");
+        assert!(f["partition"].is_u64() && f["offset"].is_u64(), "{l}");
+        assert!(
+            f["trace_id"].is_string() && f["correlation_id"] == "c",
+            "{l}"
+        );
+    }
     Ok(())
 }
 

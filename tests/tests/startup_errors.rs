@@ -73,3 +73,32 @@ fn a_missing_plugin_file_is_named() {
         "stderr: {stderr}"
     );
 }
+
+#[test]
+fn a_metrics_port_in_use_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let text = config_toml("g", &[HandlerSpec::new("echo", "echo", "t")])
+        .replace("listen = \"127.0.0.1:0\"", &format!("listen = {addr:?}"));
+    let path = write(&dir, "weir.toml", &text);
+    let (ok, stderr) = run_weir(&["run", "--config", &path]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("metrics.listen") && stderr.contains(&addr),
+        "stderr: {stderr}"
+    );
+}
+
+#[test]
+fn a_bad_sample_ratio_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "{}\n[tracing]\nsample_ratio = 2.0\n",
+        config_toml("g", &[HandlerSpec::new("echo", "echo", "t")])
+    );
+    let path = write(&dir, "weir.toml", &text);
+    let (ok, stderr) = run_weir(&["check", "--config", &path]);
+    assert!(!ok);
+    assert!(stderr.contains("tracing.sample_ratio"), "stderr: {stderr}");
+}
