@@ -112,7 +112,7 @@ pub struct TracingConfig {
     /// `service.name` of the exported spans.
     #[serde(default = "default_service_name")]
     pub service_name: String,
-    /// Spans waiting for export; past it new spans are dropped (and counted).
+    /// Spans waiting for export; past it new spans are dropped (logged).
     #[serde(default = "default_max_queued_spans")]
     pub max_queued_spans: usize,
     /// How often a batch is exported, in milliseconds.
@@ -415,8 +415,11 @@ impl Config {
                 bail!("tracing.otlp_endpoint: {e:?} must be an http:// URL (OTLP over HTTP; use a local collector for TLS)");
             }
         }
-        if self.tracing.max_queued_spans == 0 || self.tracing.export_interval_ms == 0 {
-            bail!("tracing: max_queued_spans and export_interval_ms must be above 0");
+        if !(1..=1_000_000).contains(&self.tracing.max_queued_spans) {
+            bail!("tracing.max_queued_spans: must be between 1 and 1000000");
+        }
+        if self.tracing.export_interval_ms == 0 {
+            bail!("tracing.export_interval_ms: must be above 0");
         }
         if self.metrics.enabled {
             if let Err(e) = self.metrics.listen.parse::<std::net::SocketAddr>() {

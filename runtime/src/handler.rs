@@ -446,6 +446,7 @@ struct CurrentEvent {
     trace_id: String,
     event_id: String,
     correlation_id: String,
+    causation_id: String,
     topic: String,
     partition: i32,
     offset: i64,
@@ -457,6 +458,10 @@ impl CurrentEvent {
             (&mut self.trace_id, trace_id),
             (&mut self.event_id, event.id.as_str()),
             (&mut self.correlation_id, event.correlation_id.as_str()),
+            (
+                &mut self.causation_id,
+                event.causation_id.as_deref().unwrap_or(""),
+            ),
             (&mut self.topic, record.topic.as_str()),
         ] {
             to.clear();
@@ -483,7 +488,8 @@ impl host::Host for HostState {
         macro_rules! log {
             ($level:ident) => {
                 tracing::$level!(target: "weir::handler", handler, trace_id = %e.trace_id,
-                    event_id = %e.event_id, correlation_id = %e.correlation_id, topic = %e.topic,
+                    event_id = %e.event_id, correlation_id = %e.correlation_id,
+                    causation_id = %e.causation_id, topic = %e.topic,
                     partition = e.partition, offset = e.offset, "{message}")
             };
         }

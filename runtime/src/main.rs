@@ -123,6 +123,9 @@ fn real_main(cli: Cli) -> Result<()> {
             }
             let engine = PluginEngine::new()?;
             let handlers = weir::load_handlers(&engine, &config)?;
+            obs.health
+                .handlers_loaded
+                .store(true, std::sync::atomic::Ordering::Relaxed);
             for h in &handlers {
                 info!(handler = %h.name, version = %h.version, topics = ?h.topics(), "handler loaded");
             }

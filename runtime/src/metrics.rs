@@ -32,6 +32,8 @@ const DURATION_BUCKETS: &[f64] = &[
 pub struct Metrics {
     registry: Registry,
     consumer_lag: IntGaugeVec,
+    /// The (topic, partition) series of `consumer_lag` now set.
+    lag_series: std::sync::Mutex<std::collections::HashSet<(String, String)>>,
     duration: HistogramVec,
     handled: IntCounterVec,
     failed: IntCounterVec,
@@ -41,8 +43,8 @@ pub struct Metrics {
     outputs: IntCounterVec,
     fuel: IntCounterVec,
     handler_info: IntGaugeVec,
-    /// Records the broker refused or that could not be enqueued (each is
-    /// retried; nothing is committed past it).
+    /// Failed attempts to publish a record (each record is retried;
+    /// nothing is committed past it).
     pub produce_errors: IntCounter,
     /// Events fetched whose outcome is not final yet.
     pub in_flight: IntGauge,
@@ -84,7 +86,7 @@ impl Metrics {
         let duration = HistogramVec::new(
             HistogramOpts::new(
                 "weir_handling_duration_seconds",
-                "Time one handler took over one event, retries in place included, by outcome (ok, failed, retry)",
+                "Time one handler took over one event (retries in place and fuel-budget waits included), by outcome (ok, failed, retry)",
             )
             .buckets(DURATION_BUCKETS.to_vec()),
             &["handler", "outcome"],
@@ -100,6 +102,7 @@ impl Metrics {
             .expect("unique name");
         Self {
             consumer_lag,
+            lag_series: Default::default(),
             duration,
             handled: counter(
                 &r,
@@ -147,7 +150,7 @@ impl Metrics {
             produce_errors: gauge_counter(
                 &r,
                 "weir_produce_errors_total",
-                "Records the broker refused or the producer could not take; each is retried",
+                "Failed attempts to publish a record (refused by the broker or not taken by the producer); each record is retried",
             ),
             in_flight: gauge(
                 &r,
@@ -163,9 +166,15 @@ impl Metrics {
         }
     }
 
-    /// The metrics of one handler, with their label values resolved once.
+    /// The metrics of one handler, with their label values resolved once;
+    /// the handler's version is reported in `weir_handler_info`.
     pub fn handler(self: &Arc<Self>, name: &str, version: &str) -> HandlerMetrics {
         self.handler_info.with_label_values(&[name, version]).set(1);
+        self.counters(name)
+    }
+
+    /// Counters and histograms under the label `handler=name`.
+    pub fn counters(self: &Arc<Self>, name: &str) -> HandlerMetrics {
         let c = |v: &IntCounterVec| v.with_label_values(&[name]);
         HandlerMetrics(Some(Arc::new(Resolved {
             name: name.to_owned(),
@@ -182,19 +191,30 @@ impl Metrics {
         })))
     }
 
-    /// Replaces the lag gauges with the partitions in a statistics report.
+    /// Sets the lag gauges from a statistics report: assigned partitions
+    /// with a committed offset; series of partitions no longer reported are
+    /// removed (after the others are set, so a scrape never sees none).
     pub fn record_lag(&self, stats: &rdkafka::Statistics) {
-        self.consumer_lag.reset();
+        let mut now = std::collections::HashSet::new();
         for (topic, t) in &stats.topics {
             for (partition, p) in &t.partitions {
                 if *partition < 0 || !p.desired || p.consumer_lag < 0 {
                     continue;
                 }
+                let partition = partition.to_string();
                 self.consumer_lag
-                    .with_label_values(&[topic.as_str(), &partition.to_string()])
+                    .with_label_values(&[topic.as_str(), &partition])
                     .set(p.consumer_lag);
+                now.insert((topic.clone(), partition));
             }
         }
+        let mut reported = self.lag_series.lock().unwrap_or_else(|e| e.into_inner());
+        for (topic, partition) in reported.difference(&now) {
+            let _ = self
+                .consumer_lag
+                .remove_label_values(&[topic.as_str(), partition.as_str()]);
+        }
+        *reported = now;
     }
 
     /// Prometheus text exposition of every metric.

@@ -129,6 +129,8 @@ struct Shared {
     obs: Observability,
     /// Per handler name.
     handler_metrics: HashMap<String, HandlerMetrics>,
+    /// Records no handler can take (label `handler="(unrouted)"`).
+    unrouted_metrics: HandlerMetrics,
 }
 
 impl Shared {
@@ -409,6 +411,10 @@ pub async fn run(
             .iter()
             .map(|h| (h.name.clone(), obs.handler_metrics(h)))
             .collect(),
+        unrouted_metrics: obs
+            .metrics
+            .as_ref()
+            .map_or_else(HandlerMetrics::off, |m| m.counters("(unrouted)")),
         obs,
     });
     shared
@@ -574,13 +580,13 @@ fn dispatch(
     if record.offset < w.next_offset {
         return; // already handed over; refetched after a pause
     }
+    let Some(tx) = &w.tx else { return };
     w.next_offset = record.offset + 1;
     w.in_flight.fetch_add(1, Ordering::Relaxed);
     let full = workers.over_total.load(Ordering::Relaxed);
     let record = if !w.parked.is_empty() || full {
         record
     } else {
-        let Some(tx) = &w.tx else { return };
         match tx.try_send(record) {
             Ok(()) => return,
             Err(mpsc::error::TrySendError::Full(record)) => record,
@@ -825,6 +831,7 @@ async fn acknowledged(
                 r = &mut delivery => break r,
                 _ = tokio::time::sleep(Duration::from_millis(100)) => {
                     if cancel.load(Ordering::SeqCst) {
+                        gave_up(span);
                         return false;
                     }
                 }
@@ -833,7 +840,11 @@ async fn acknowledged(
         let (err, msg) = match outcome {
             Ok(Ok(_)) => return true,
             Ok(Err((err, msg))) => (err, msg),
-            Err(_) => return false, // the producer is gone: shutting down
+            Err(_) => {
+                // The producer is gone: shutting down.
+                gave_up(span);
+                return false;
+            }
         };
         error!(topic = msg.topic(), error = %err,
             "a record could not be published; the partition waits and retries (nothing is committed past it)");
@@ -847,6 +858,7 @@ async fn acknowledged(
             });
         }
         if cancel.load(Ordering::SeqCst) {
+            gave_up(span);
             return false;
         }
         tokio::time::sleep(backoff).await;
@@ -858,17 +870,58 @@ async fn acknowledged(
             value: again.value,
             headers: again.headers,
         };
-        match send(shared, &produce, cancel) {
+        match send_async(shared, &produce, cancel).await {
             Some(d) => delivery = d,
-            None => return false,
+            None => {
+                gave_up(span);
+                return false;
+            }
         }
     }
 }
 
+/// Marks a producer span whose record was given up on (it is redelivered
+/// with its event).
+fn gave_up(span: Option<&TraceContext>) {
+    if let Some(span) = span {
+        telemetry::fail(span, "not-acknowledged", "given up at shutdown or revoke");
+    }
+}
+
 /// Enqueues a record, waiting while the producer's queue is full. None
-/// when cancelled.
+/// when cancelled. For worker threads.
 fn send(shared: &Shared, p: &Produce, cancel: &AtomicBool) -> Option<DeliveryFuture> {
-    let producer = &shared.producer;
+    loop {
+        match enqueue(shared, p) {
+            Ok(d) => return Some(d),
+            Err(wait) => {
+                if cancel.load(Ordering::SeqCst) {
+                    return None;
+                }
+                std::thread::sleep(wait);
+            }
+        }
+    }
+}
+
+/// [`send`] for async tasks.
+async fn send_async(shared: &Shared, p: &Produce, cancel: &AtomicBool) -> Option<DeliveryFuture> {
+    loop {
+        match enqueue(shared, p) {
+            Ok(d) => return Some(d),
+            Err(wait) => {
+                if cancel.load(Ordering::SeqCst) {
+                    return None;
+                }
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+}
+
+/// One attempt to enqueue a record; on failure, how long to wait before
+/// the next.
+fn enqueue(shared: &Shared, p: &Produce) -> Result<DeliveryFuture, Duration> {
     let mut headers = OwnedHeaders::new_with_capacity(p.headers.len());
     for (k, v) in &p.headers {
         headers = headers.insert(Header {
@@ -876,30 +929,22 @@ fn send(shared: &Shared, p: &Produce, cancel: &AtomicBool) -> Option<DeliveryFut
             value: Some(v),
         });
     }
-    loop {
-        let mut record = FutureRecord::to(&p.topic)
-            .payload(&p.value)
-            .headers(headers.clone());
-        if let Some(k) = &p.key {
-            record = record.key(k);
+    let mut record = FutureRecord::to(&p.topic)
+        .payload(&p.value)
+        .headers(headers);
+    if let Some(k) = &p.key {
+        record = record.key(k);
+    }
+    match shared.producer.send_result(record) {
+        Ok(d) => Ok(d),
+        // The producer's queue drains as the broker acknowledges.
+        Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+            Err(Duration::from_millis(5))
         }
-        match producer.send_result(record) {
-            Ok(d) => return Some(d),
-            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                if cancel.load(Ordering::SeqCst) {
-                    return None;
-                }
-                // The producer's queue drains as the broker acknowledges.
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Err((e, _)) => {
-                error!(topic = %p.topic, error = %e, "cannot enqueue a record; retrying");
-                shared.produce_error();
-                if cancel.load(Ordering::SeqCst) {
-                    return None;
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
+        Err((e, _)) => {
+            error!(topic = %p.topic, error = %e, "cannot enqueue a record; retrying");
+            shared.produce_error();
+            Err(Duration::from_millis(100))
         }
     }
 }
@@ -1171,12 +1216,30 @@ impl PartitionWorker {
                     first_failure: now,
                     last_failure: now,
                 };
-                deliveries.push(self.send_dead_letter(dl, topic, &cx, &metrics)?);
+                let correlation = record
+                    .header(envelope::header::CORRELATION_ID)
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+                    .unwrap_or_default();
+                deliveries.push(self.send_dead_letter(dl, topic, &cx, &metrics, &correlation)?);
                 telemetry::end(&cx);
                 return done(deliveries, marks);
             }
         };
         let id = Self::dedup_id(&event.id, record);
+        // An event that starts a trace and goes to several handlers gets one
+        // `receive` span over theirs, so it is one trace, not one per handler.
+        let receive = (self.handlers.len() > 1
+            && self.shared.tracing().enabled()
+            && !opentelemetry::trace::TraceContextExt::span(&parent)
+                .span_context()
+                .is_valid())
+        .then(|| {
+            self.shared.tracing().start(&parent, || {
+                let (_, kind, attributes) = consumer_span(record, Some(&event), "", "", group);
+                (format!("receive {}", record.topic), kind, attributes)
+            })
+        });
+        let parent = receive.clone().unwrap_or(parent);
         let mut routed = false;
         for i in 0..self.handlers.len() {
             let handler = self.handlers[i].0.clone();
@@ -1193,6 +1256,7 @@ impl PartitionWorker {
             let key = dedup::key(&handler.name, &id);
             if dedup_on && self.already_done(&key)? {
                 debug!(trace_id = %telemetry::trace_id(&cx), handler = %handler.name, event_id = %event.id,
+                    correlation_id = %event.correlation_id, causation_id = event.causation_id.as_deref().unwrap_or(""),
                     topic = %record.topic, partition = record.partition, offset = record.offset,
                     "duplicate skipped");
                 telemetry::event(&cx, || ("duplicate skipped", Vec::new()));
@@ -1210,8 +1274,8 @@ impl PartitionWorker {
             match verdict {
                 Verdict::Outputs(outputs) => {
                     debug!(trace_id = %telemetry::trace_id(&cx), handler = %handler.name, event_id = %event.id,
-                        correlation_id = %event.correlation_id, topic = %record.topic,
-                        partition = record.partition, offset = record.offset,
+                        correlation_id = %event.correlation_id, causation_id = event.causation_id.as_deref().unwrap_or(""),
+                        topic = %record.topic, partition = record.partition, offset = record.offset,
                         outputs = outputs.len(), "handled");
                     for mut o in outputs {
                         let span = self.publish_span(&cx, &mut o, &event.correlation_id, None);
@@ -1235,6 +1299,7 @@ impl PartitionWorker {
                         .retry_topic_of(&record.topic)
                         .expect("topic retry mode has a retry topic");
                     debug!(trace_id = %telemetry::trace_id(&cx), handler = %handler.name, event_id = %event.id,
+                        correlation_id = %event.correlation_id, causation_id = event.causation_id.as_deref().unwrap_or(""),
                         topic = %record.topic, partition = record.partition, offset = record.offset,
                         attempt, ?delay, reason = %message, retry_topic = %topic, "sent to the retry topic");
                     telemetry::event(&cx, || {
@@ -1249,6 +1314,14 @@ impl PartitionWorker {
                     });
                     let mut p =
                         retry_record(record, &handler.name, attempt, delay, first_failure, topic);
+                    // An event without a correlation id got a fresh one: keep
+                    // it for the retries, so every attempt shares it.
+                    if record.header(envelope::header::CORRELATION_ID).is_none() {
+                        p.headers.push((
+                            envelope::header::CORRELATION_ID.into(),
+                            event.correlation_id.clone().into_bytes(),
+                        ));
+                    }
                     let span = self.publish_span(&cx, &mut p, &event.correlation_id, None);
                     deliveries.push(Delivery {
                         future: send(&self.shared, &p, &self.cancel)?,
@@ -1267,7 +1340,8 @@ impl PartitionWorker {
                     let topic = handler.config_entry.dead_letter_topic_of(&record.topic);
                     telemetry::fail(&cx, kind.name(), &message);
                     warn!(trace_id = %telemetry::trace_id(&cx), handler = %handler.name, event_id = %event.id,
-                        correlation_id = %event.correlation_id, topic = %record.topic,
+                        correlation_id = %event.correlation_id, causation_id = event.causation_id.as_deref().unwrap_or(""),
+                        topic = %record.topic,
                         partition = record.partition, offset = record.offset, kind = %kind,
                         reason = %message, attempts, dead_letter_topic = %topic, "event dead-lettered");
                     metrics.failed(kind, Some(took));
@@ -1282,7 +1356,13 @@ impl PartitionWorker {
                         first_failure,
                         last_failure: OffsetDateTime::now_utc(),
                     };
-                    deliveries.push(self.send_dead_letter(dl, topic, &cx, &metrics)?);
+                    deliveries.push(self.send_dead_letter(
+                        dl,
+                        topic,
+                        &cx,
+                        &metrics,
+                        &event.correlation_id,
+                    )?);
                 }
             }
             telemetry::end(&cx);
@@ -1295,6 +1375,9 @@ impl PartitionWorker {
                 info.handler, event.event_type, record.topic
             );
             deliveries.push(self.dead_letter_unrouted(consumed, &parent, &message)?);
+        }
+        if let Some(cx) = receive {
+            telemetry::end(&cx);
         }
         done(deliveries, marks)
     }
@@ -1357,7 +1440,7 @@ impl PartitionWorker {
             .tracing()
             .start(parent, || consumer_span(record, None, "", "", &group));
         telemetry::fail(&cx, FailureKind::Undecodable.name(), message);
-        error!(trace_id = %telemetry::trace_id(&cx), topic = %record.topic, partition = record.partition,
+        error!(trace_id = %telemetry::trace_id(&cx), handler = "", topic = %record.topic, partition = record.partition,
             offset = record.offset, reason = message, dead_letter_topic = %topic,
             "unroutable record dead-lettered");
         let now = OffsetDateTime::now_utc();
@@ -1372,7 +1455,9 @@ impl PartitionWorker {
             first_failure: now,
             last_failure: now,
         };
-        let d = self.send_dead_letter(dl, topic, &cx, &HandlerMetrics::off());
+        let metrics = self.shared.unrouted_metrics.clone();
+        metrics.failed(FailureKind::Undecodable, None);
+        let d = self.send_dead_letter(dl, topic, &cx, &metrics, "");
         telemetry::end(&cx);
         d
     }
@@ -1384,15 +1469,11 @@ impl PartitionWorker {
         topic: String,
         cx: &TraceContext,
         metrics: &HandlerMetrics,
+        correlation_id: &str,
     ) -> Option<Delivery> {
         let kind = dl.kind;
-        let correlation = dl
-            .record
-            .header(envelope::header::CORRELATION_ID)
-            .map(|v| String::from_utf8_lossy(v).into_owned())
-            .unwrap_or_default();
         let mut produce = dl.into_produce(topic);
-        let span = self.publish_span(cx, &mut produce, &correlation, Some(kind.name()));
+        let span = self.publish_span(cx, &mut produce, correlation_id, Some(kind.name()));
         self.shared
             .stats
             .dead_lettered
@@ -1534,6 +1615,7 @@ impl PartitionWorker {
                         });
                     }
                     debug!(trace_id = %trace_id, handler = %handler.name, event_id = %event.id,
+                        correlation_id = %event.correlation_id, causation_id = event.causation_id.as_deref().unwrap_or(""),
                         topic = %record.topic, partition = record.partition, offset = record.offset,
                         attempt, ?delay, reason = %message, "retrying");
                     telemetry::event(cx, || {

@@ -77,7 +77,8 @@ impl Tracing {
     }
 
     /// Spans exported to the configured endpoint, or propagation only
-    /// without one. Must be called outside an async runtime's worker.
+    /// without one. Export runs on a thread of its own; `shutdown` blocks
+    /// until the last batch is sent, so call it off the async runtime.
     pub fn from_config(cfg: &TracingConfig) -> Result<Self> {
         let Some(url) = cfg.traces_url() else {
             return Ok(Self::disabled());

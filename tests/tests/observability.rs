@@ -401,10 +401,66 @@ async fn ready_only_after_joining_the_group() -> anyhow::Result<()> {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(
-        weir.log().iter().any(|l| l.contains("partitions assigned")),
-        "ready before the group join"
-    );
+    // Ready means joined: the assignment was logged before.
+    weir.await_log("partitions assigned", Duration::from_secs(5))
+        .await?;
     assert!(weir.terminate(Duration::from_secs(30)).await?.success());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sampling_follows_the_parent_and_the_ratio() -> anyhow::Result<()> {
+    let input = unique("sampling-in");
+    let output = format!("{input}.out");
+    let group = unique("sampling-group");
+    create_topic(&input, 1).await?;
+    create_topic(&output, 1).await?;
+    let receiver = OtlpReceiver::start().await?;
+    // Ratio 0: new traces are not recorded; a sampled parent still is.
+    let config = format!(
+        "{}\n[tracing]\notlp_endpoint = {:?}\nsample_ratio = 0.0\nexport_interval_ms = 100\n",
+        config_toml(&group, &[HandlerSpec::new("echo", "echo", &input)]),
+        receiver.endpoint
+    );
+    let weir = Weir::start(&config)?;
+    let fresh = In::envelope("k", "no-context", "c1", "t", json!(1));
+    let mut traced = In::envelope("k", "sampled", "c2", "t", json!(2));
+    traced.headers.push((
+        "traceparent".into(),
+        format!("00-{TRACE}-{TEST_SPAN}-01").into_bytes(),
+    ));
+    let mut unsampled = In::envelope("k", "not-sampled", "c3", "t", json!(3));
+    unsampled.headers.push((
+        "traceparent".into(),
+        "00-99999999999999999999999999999999-8888888888888888-00".into(),
+    ));
+    produce(&input, &[fresh, traced, unsampled]).await?;
+    await_records(&output, 1, 3, Duration::from_secs(60)).await?;
+    let (status, _) = weir.stop(Duration::from_secs(30)).await?;
+    assert!(status.success());
+
+    let out = read_all(&output)?;
+    let tp = |i: usize| header(&out[i], "traceparent").unwrap_or_default();
+    // The event without context started a trace of its own, not sampled:
+    // its context is passed on with the flag off.
+    let (fresh_tp, traced_tp, unsampled_tp) = (tp(0), tp(1), tp(2));
+    assert!(fresh_tp.ends_with("-00"), "{fresh_tp}");
+    assert!(!fresh_tp.contains(TRACE), "{fresh_tp}");
+    assert!(
+        traced_tp.starts_with(&format!("00-{TRACE}-")) && traced_tp.ends_with("-01"),
+        "{traced_tp}"
+    );
+    assert!(
+        unsampled_tp.starts_with("00-99999999999999999999999999999999-")
+            && unsampled_tp.ends_with("-00"),
+        "{unsampled_tp}"
+    );
+    let spans = receiver.spans();
+    assert!(!spans.is_empty());
+    assert!(
+        spans.iter().all(|s| s.trace_id == TRACE),
+        "only the sampled parent's trace is exported: {spans:#?}"
+    );
+    find(&spans, &format!("process {input}"), TEST_SPAN);
     Ok(())
 }
