@@ -464,3 +464,53 @@ async fn sampling_follows_the_parent_and_the_ratio() -> anyhow::Result<()> {
     find(&spans, &format!("process {input}"), TEST_SPAN);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn retries_through_the_retry_topic_stay_in_the_trace() -> anyhow::Result<()> {
+    let input = unique("trace-retry");
+    let output = format!("{input}.out");
+    let group = unique("trace-retry-group");
+    for t in [&input, &output, &format!("{input}.retry")] {
+        create_topic(t, 1).await?;
+    }
+    let receiver = OtlpReceiver::start().await?;
+    let config = format!(
+        "{}\n[tracing]\notlp_endpoint = {:?}\nexport_interval_ms = 100\n",
+        config_toml(
+            &group,
+            &[HandlerSpec::new("flaky", "fail-on-marker", &input)
+                .config("succeed_on_attempt", "2")
+                .extra("retry_mode = \"topic\"\ninitial_backoff_ms = 10")],
+        ),
+        receiver.endpoint
+    );
+    let weir = Weir::start(&config)?;
+    let mut event = In::envelope("k", "evt-r", "corr-r", "t", json!("RETRY"));
+    event.headers.push((
+        "traceparent".into(),
+        format!("00-{TRACE}-{TEST_SPAN}-01").into_bytes(),
+    ));
+    produce(&input, &[event]).await?;
+    await_records(&output, 1, 1, Duration::from_secs(60)).await?;
+    let (status, _) = weir.stop(Duration::from_secs(30)).await?;
+    assert!(status.success());
+
+    let spans = receiver.spans();
+    // Attempt 1 fails and sends the event to the retry topic...
+    let first = find(&spans, &format!("process {input}"), TEST_SPAN);
+    assert!(
+        first.events.iter().any(|e| e == "retry scheduled"),
+        "{first:#?}"
+    );
+    let to_retry = find(&spans, &format!("send {input}.retry"), &first.span_id);
+    // ...where attempt 2 picks it up, in the same trace, and succeeds.
+    let second = find(&spans, &format!("process {input}"), &to_retry.span_id);
+    assert_eq!(second.trace_id, TRACE);
+    let call = find(&spans, "call flaky", &second.span_id);
+    assert_eq!(call.attributes["weir.attempt"], "2");
+    let send = find(&spans, &format!("send {output}"), &second.span_id);
+    let out = read_all(&output)?;
+    assert_eq!(parent_span_of(&out[0], TRACE), send.span_id);
+    assert_eq!(header(&out[0], "correlation-id").as_deref(), Some("corr-r"));
+    Ok(())
+}
