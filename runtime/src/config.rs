@@ -102,9 +102,14 @@ pub struct IdempotencyConfig {
 #[serde(deny_unknown_fields)]
 pub struct TracingConfig {
     /// OTLP/HTTP (protobuf) endpoint, e.g. `http://collector:4318`
-    /// (`/v1/traces` is added when the URL has no path). No endpoint: no export.
+    /// (`/v1/traces` is added when the URL has no path). Unset, the standard
+    /// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` / `OTEL_EXPORTER_OTLP_ENDPOINT`
+    /// variables are used; none of them: no export.
     #[serde(default)]
     pub otlp_endpoint: Option<String>,
+    /// Headers sent with every export (e.g. a collector's auth token).
+    #[serde(default)]
+    pub otlp_headers: BTreeMap<String, String>,
     /// Fraction of new traces recorded; an event whose trace context says
     /// "sampled" or "not sampled" follows its parent (parent-based).
     #[serde(default = "default_sample_ratio")]
@@ -137,6 +142,7 @@ impl Default for TracingConfig {
     fn default() -> Self {
         Self {
             otlp_endpoint: None,
+            otlp_headers: BTreeMap::new(),
             sample_ratio: default_sample_ratio(),
             service_name: default_service_name(),
             max_queued_spans: default_max_queued_spans(),
@@ -149,6 +155,16 @@ impl TracingConfig {
     /// The endpoint URL spans are posted to, `/v1/traces` added to a bare
     /// `scheme://host:port`.
     pub fn traces_url(&self) -> Option<String> {
+        if self.otlp_endpoint.is_none() {
+            // Per the OpenTelemetry spec: the signal's variable is used as
+            // is, the generic one gets the signal's path.
+            let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+            if let Some(url) = var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") {
+                return Some(url);
+            }
+            let base = var("OTEL_EXPORTER_OTLP_ENDPOINT")?;
+            return Some(format!("{}/v1/traces", base.trim_end_matches('/')));
+        }
         let e = self.otlp_endpoint.as_deref()?.trim();
         let after_scheme = e.split_once("://").map_or(e, |(_, rest)| rest);
         Some(match after_scheme.find('/') {
@@ -410,7 +426,7 @@ impl Config {
                 self.tracing.sample_ratio
             );
         }
-        if let Some(e) = &self.tracing.otlp_endpoint {
+        if let Some(e) = self.tracing.traces_url() {
             if !e.starts_with("http://") {
                 bail!("tracing.otlp_endpoint: {e:?} must be an http:// URL (OTLP over HTTP; use a local collector for TLS)");
             }
@@ -597,5 +613,11 @@ mod tests {
             "http://c:4318/custom/traces"
         );
         assert!(TracingConfig::default().traces_url().is_none());
+        // Without an endpoint in the file, the standard variable is used.
+        std::env::set_var("OTEL_EXPORTER_OTLP_ENDPOINT", "http://env:4318/");
+        let from_env = TracingConfig::default().traces_url();
+        std::env::remove_var("OTEL_EXPORTER_OTLP_ENDPOINT");
+        assert_eq!(from_env.as_deref(), Some("http://env:4318/v1/traces"));
+        assert_eq!(url("http://file:4318"), "http://file:4318/v1/traces");
     }
 }

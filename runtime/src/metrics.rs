@@ -86,7 +86,7 @@ impl Metrics {
         let duration = HistogramVec::new(
             HistogramOpts::new(
                 "weir_handling_duration_seconds",
-                "Time one handler took over one event (retries in place and fuel-budget waits included), by outcome (ok, failed, retry)",
+                "Time one handler took over one event (retries in place included, fuel-budget waits not), by outcome (ok, failed, retry)",
             )
             .buckets(DURATION_BUCKETS.to_vec()),
             &["handler", "outcome"],

@@ -959,6 +959,8 @@ struct PartitionWorker {
     recent: RecentKeys,
     /// The producer's record size limit (`message.max.bytes`).
     max_record_bytes: usize,
+    /// Time the current event waited for its handler's fuel budget.
+    throttled: Duration,
 }
 
 /// A bounded set of recently handled idempotency keys, oldest evicted
@@ -1054,6 +1056,7 @@ impl PartitionWorker {
                 .unwrap_or(1_000_000),
             shared,
             cancel,
+            throttled: Duration::ZERO,
         }
     }
 
@@ -1265,8 +1268,10 @@ impl PartitionWorker {
                 continue;
             }
             let started = Instant::now();
+            self.throttled = Duration::ZERO;
             let verdict = self.call(i, &event, record, retry, &cx)?;
-            let took = started.elapsed();
+            // Waiting for the fuel budget is throttling, not handling.
+            let took = started.elapsed().saturating_sub(self.throttled);
             if dedup_on && !matches!(verdict, Verdict::Retry { .. }) {
                 self.recent.insert(&key);
                 marks.push(key);
@@ -1533,6 +1538,7 @@ impl PartitionWorker {
                     if !sleep_cancellable(&self.cancel, wait) {
                         return None;
                     }
+                    self.throttled += wait;
                 }
             }
             let call_cx = self.shared.tracing().start(cx, || {

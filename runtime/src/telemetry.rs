@@ -16,7 +16,7 @@ use opentelemetry::trace::{
     SpanKind, Status, TraceContextExt as _, Tracer as _, TracerProvider as _,
 };
 use opentelemetry::{Context, KeyValue};
-use opentelemetry_otlp::WithExportConfig as _;
+use opentelemetry_otlp::{WithExportConfig as _, WithHttpConfig as _};
 use opentelemetry_sdk::propagation::{BaggagePropagator, TraceContextPropagator};
 use opentelemetry_sdk::trace::{
     BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracer, SdkTracerProvider,
@@ -85,6 +85,7 @@ impl Tracing {
         };
         let exporter = opentelemetry_otlp::SpanExporter::builder()
             .with_http()
+            .with_headers(cfg.otlp_headers.clone().into_iter().collect())
             .with_endpoint(&url)
             .with_timeout(Duration::from_secs(10))
             .build()
