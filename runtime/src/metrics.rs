@@ -173,8 +173,19 @@ impl Metrics {
         self.counters(name)
     }
 
+    /// Counts the failure of a record no handler can take (a retry record
+    /// for a removed handler, say) under `handler="(unrouted)"`, and returns
+    /// the counter its acknowledged dead letter increments.
+    pub fn unrouted(&self) -> IntCounter {
+        const UNROUTED: &str = "(unrouted)";
+        self.failed
+            .with_label_values(&[UNROUTED, FailureKind::Undecodable.name()])
+            .inc();
+        self.dead_lettered.with_label_values(&[UNROUTED])
+    }
+
     /// Counters and histograms under the label `handler=name`.
-    pub fn counters(self: &Arc<Self>, name: &str) -> HandlerMetrics {
+    fn counters(self: &Arc<Self>, name: &str) -> HandlerMetrics {
         let c = |v: &IntCounterVec| v.with_label_values(&[name]);
         HandlerMetrics(Some(Arc::new(Resolved {
             name: name.to_owned(),
@@ -417,6 +428,17 @@ mod tests {
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }
+    }
+
+    #[test]
+    fn unrouted_dead_letters_have_their_own_label_and_no_other_series() {
+        let m = Metrics::new();
+        m.unrouted().inc();
+        let text = m.render();
+        assert!(text
+            .contains("weir_events_failed_total{class=\"undecodable\",handler=\"(unrouted)\"} 1"));
+        assert!(text.contains("weir_events_dead_lettered_total{handler=\"(unrouted)\"} 1"));
+        assert!(!text.contains("weir_events_handled_total{handler=\"(unrouted)\"}"));
     }
 
     #[test]

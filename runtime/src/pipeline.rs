@@ -129,8 +129,6 @@ struct Shared {
     obs: Observability,
     /// Per handler name.
     handler_metrics: HashMap<String, HandlerMetrics>,
-    /// Records no handler can take (label `handler="(unrouted)"`).
-    unrouted_metrics: HandlerMetrics,
 }
 
 impl Shared {
@@ -411,10 +409,6 @@ pub async fn run(
             .iter()
             .map(|h| (h.name.clone(), obs.handler_metrics(h)))
             .collect(),
-        unrouted_metrics: obs
-            .metrics
-            .as_ref()
-            .map_or_else(HandlerMetrics::off, |m| m.counters("(unrouted)")),
         obs,
     });
     shared
@@ -1223,7 +1217,13 @@ impl PartitionWorker {
                     .header(envelope::header::CORRELATION_ID)
                     .map(|v| String::from_utf8_lossy(v).into_owned())
                     .unwrap_or_default();
-                deliveries.push(self.send_dead_letter(dl, topic, &cx, &metrics, &correlation)?);
+                deliveries.push(self.send_dead_letter(
+                    dl,
+                    topic,
+                    &cx,
+                    metrics.dead_letter_counter(),
+                    &correlation,
+                )?);
                 telemetry::end(&cx);
                 return done(deliveries, marks);
             }
@@ -1365,7 +1365,7 @@ impl PartitionWorker {
                         dl,
                         topic,
                         &cx,
-                        &metrics,
+                        metrics.dead_letter_counter(),
                         &event.correlation_id,
                     )?);
                 }
@@ -1460,9 +1460,8 @@ impl PartitionWorker {
             first_failure: now,
             last_failure: now,
         };
-        let metrics = self.shared.unrouted_metrics.clone();
-        metrics.failed(FailureKind::Undecodable, None);
-        let d = self.send_dead_letter(dl, topic, &cx, &metrics, "");
+        let counter = self.shared.obs.metrics.as_ref().map(|m| m.unrouted());
+        let d = self.send_dead_letter(dl, topic, &cx, counter, "");
         telemetry::end(&cx);
         d
     }
@@ -1473,7 +1472,7 @@ impl PartitionWorker {
         dl: DeadLetter<'_>,
         topic: String,
         cx: &TraceContext,
-        metrics: &HandlerMetrics,
+        counter: Option<IntCounter>,
         correlation_id: &str,
     ) -> Option<Delivery> {
         let kind = dl.kind;
@@ -1486,7 +1485,7 @@ impl PartitionWorker {
         Some(Delivery {
             future: send(&self.shared, &produce, &self.cancel)?,
             span,
-            counter: metrics.dead_letter_counter(),
+            counter,
         })
     }
 
