@@ -442,6 +442,32 @@ mod tests {
     }
 
     #[test]
+    fn the_dashboard_queries_only_metrics_that_exist() {
+        let m = Arc::new(Metrics::new());
+        let h = m.handler("h", "v");
+        h.handled(Duration::from_micros(1));
+        h.failed(FailureKind::Trap, None);
+        m.consumer_lag.with_label_values(&["t", "0"]).set(0);
+        let text = m.render();
+        let dashboard = include_str!("../../docs/grafana/weir.json");
+        let mut names: Vec<&str> = dashboard
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|w| w.starts_with("weir_"))
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        assert!(names.len() >= 10, "{names:?}");
+        for name in names {
+            assert!(
+                text.lines()
+                    .any(|l| l.starts_with(&format!("{name}{{"))
+                        || l.starts_with(&format!("{name} "))),
+                "the dashboard uses {name}, which Weir does not export"
+            );
+        }
+    }
+
+    #[test]
     fn readiness_needs_handlers_and_a_group() {
         let h = Health::default();
         assert_eq!(h.not_ready(), Some("loading handlers"));
