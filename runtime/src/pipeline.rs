@@ -1188,7 +1188,7 @@ impl PartitionWorker {
                 );
                 let handler = names.join(",");
                 let cx = self.shared.tracing().start(&parent, || {
-                    consumer_span(record, None, &handler, &versions.join(","), group)
+                    telemetry::consumer_span(record, None, &handler, &versions.join(","), group)
                 });
                 telemetry::fail(&cx, FailureKind::Undecodable.name(), &undecodable.0);
                 warn!(trace_id = %telemetry::trace_id(&cx), topic = %record.topic, partition = record.partition,
@@ -1238,7 +1238,8 @@ impl PartitionWorker {
                 .is_valid())
         .then(|| {
             self.shared.tracing().start(&parent, || {
-                let (_, kind, attributes) = consumer_span(record, Some(&event), "", "", group);
+                let (_, kind, attributes) =
+                    telemetry::consumer_span(record, Some(&event), "", "", group);
                 (format!("receive {}", record.topic), kind, attributes)
             })
         });
@@ -1254,7 +1255,13 @@ impl PartitionWorker {
             }
             routed = true;
             let cx = self.shared.tracing().start(&parent, || {
-                consumer_span(record, Some(&event), &handler.name, &handler.version, group)
+                telemetry::consumer_span(
+                    record,
+                    Some(&event),
+                    &handler.name,
+                    &handler.version,
+                    group,
+                )
             });
             let key = dedup::key(&handler.name, &id);
             if dedup_on && self.already_done(&key)? {
@@ -1399,33 +1406,7 @@ impl PartitionWorker {
     ) -> Option<TraceContext> {
         let tracing = self.shared.tracing();
         let span = tracing.start(cx, || {
-            let mut attributes = vec![
-                KeyValue::new(attr::SYSTEM, "kafka"),
-                KeyValue::new(attr::OPERATION_TYPE, "send"),
-                KeyValue::new(attr::OPERATION_NAME, "send"),
-                KeyValue::new(attr::DESTINATION, p.topic.clone()),
-                KeyValue::new(attr::BODY_SIZE, p.value.len() as i64),
-            ];
-            if let Some(id) = p
-                .headers
-                .iter()
-                .find(|(k, _)| k == envelope::header::EVENT_ID)
-            {
-                attributes.push(KeyValue::new(
-                    attr::MESSAGE_ID,
-                    String::from_utf8_lossy(&id.1).into_owned(),
-                ));
-            }
-            if !correlation_id.is_empty() {
-                attributes.push(KeyValue::new(
-                    attr::CONVERSATION_ID,
-                    correlation_id.to_owned(),
-                ));
-            }
-            if let Some(reason) = dead_letter_reason {
-                attributes.push(KeyValue::new(attr::DEAD_LETTER_REASON, reason.to_owned()));
-            }
-            (format!("send {}", p.topic), SpanKind::Producer, attributes)
+            telemetry::producer_span(p, correlation_id, dead_letter_reason)
         });
         tracing.inject(&span, &mut p.headers);
         tracing.enabled().then_some(span)
@@ -1440,10 +1421,9 @@ impl PartitionWorker {
     ) -> Option<Delivery> {
         let topic = deadletter::default_topic(&record.topic);
         let group = self.shared.config.kafka.group_id.clone();
-        let cx = self
-            .shared
-            .tracing()
-            .start(parent, || consumer_span(record, None, "", "", &group));
+        let cx = self.shared.tracing().start(parent, || {
+            telemetry::consumer_span(record, None, "", "", &group)
+        });
         telemetry::fail(&cx, FailureKind::Undecodable.name(), message);
         error!(trace_id = %telemetry::trace_id(&cx), handler = "", topic = %record.topic, partition = record.partition,
             offset = record.offset, reason = message, dead_letter_topic = %topic,
@@ -1648,47 +1628,6 @@ impl PartitionWorker {
     fn sleep(&self, d: Duration) -> bool {
         sleep_cancellable(&self.cancel, d)
     }
-}
-
-/// The consumer span of one event and handler (messaging conventions).
-fn consumer_span(
-    record: &Record,
-    event: Option<&envelope::Event>,
-    handler: &str,
-    version: &str,
-    group: &str,
-) -> (String, SpanKind, Vec<KeyValue>) {
-    let mut a = vec![
-        KeyValue::new(attr::SYSTEM, "kafka"),
-        KeyValue::new(attr::OPERATION_TYPE, "process"),
-        KeyValue::new(attr::OPERATION_NAME, "process"),
-        KeyValue::new(attr::DESTINATION, record.topic.clone()),
-        KeyValue::new(attr::PARTITION, record.partition.to_string()),
-        KeyValue::new(attr::OFFSET, record.offset),
-        KeyValue::new(attr::GROUP, group.to_owned()),
-        KeyValue::new(attr::BODY_SIZE, record.value.len() as i64),
-        KeyValue::new(attr::HANDLER, handler.to_owned()),
-        KeyValue::new(attr::HANDLER_VERSION, version.to_owned()),
-    ];
-    if let Some(key) = record
-        .key
-        .as_deref()
-        .and_then(|k| std::str::from_utf8(k).ok())
-    {
-        a.push(KeyValue::new(attr::KEY, key.to_owned()));
-    }
-    if let Some(e) = event {
-        a.push(KeyValue::new(attr::MESSAGE_ID, e.id.clone()));
-        a.push(KeyValue::new(
-            attr::CONVERSATION_ID,
-            e.correlation_id.clone(),
-        ));
-        a.push(KeyValue::new(attr::EVENT_TYPE, e.event_type.clone()));
-        if let Some(c) = &e.causation_id {
-            a.push(KeyValue::new(attr::CAUSATION_ID, c.clone()));
-        }
-    }
-    (format!("process {}", record.topic), SpanKind::Consumer, a)
 }
 
 /// Sleeps for `d` in slices, so a cancel is noticed; false when cancelled.

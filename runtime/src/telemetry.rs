@@ -25,6 +25,7 @@ use opentelemetry_sdk::Resource;
 use tracing::{info, warn};
 
 use crate::config::TracingConfig;
+use crate::envelope::{self, Produce, Record};
 
 /// Attribute keys of the OpenTelemetry messaging conventions, and ours.
 pub mod attr {
@@ -218,6 +219,83 @@ pub fn trace_id(cx: &Context) -> String {
     } else {
         String::new()
     }
+}
+
+/// The consumer span of one event and handler (messaging conventions).
+pub fn consumer_span(
+    record: &Record,
+    event: Option<&envelope::Event>,
+    handler: &str,
+    version: &str,
+    group: &str,
+) -> (String, SpanKind, Vec<KeyValue>) {
+    let mut a = vec![
+        KeyValue::new(attr::SYSTEM, "kafka"),
+        KeyValue::new(attr::OPERATION_TYPE, "process"),
+        KeyValue::new(attr::OPERATION_NAME, "process"),
+        KeyValue::new(attr::DESTINATION, record.topic.clone()),
+        KeyValue::new(attr::PARTITION, record.partition.to_string()),
+        KeyValue::new(attr::OFFSET, record.offset),
+        KeyValue::new(attr::GROUP, group.to_owned()),
+        KeyValue::new(attr::BODY_SIZE, record.value.len() as i64),
+        KeyValue::new(attr::HANDLER, handler.to_owned()),
+        KeyValue::new(attr::HANDLER_VERSION, version.to_owned()),
+    ];
+    if let Some(key) = record
+        .key
+        .as_deref()
+        .and_then(|k| std::str::from_utf8(k).ok())
+    {
+        a.push(KeyValue::new(attr::KEY, key.to_owned()));
+    }
+    if let Some(e) = event {
+        a.push(KeyValue::new(attr::MESSAGE_ID, e.id.clone()));
+        a.push(KeyValue::new(
+            attr::CONVERSATION_ID,
+            e.correlation_id.clone(),
+        ));
+        a.push(KeyValue::new(attr::EVENT_TYPE, e.event_type.clone()));
+        if let Some(c) = &e.causation_id {
+            a.push(KeyValue::new(attr::CAUSATION_ID, c.clone()));
+        }
+    }
+    (format!("process {}", record.topic), SpanKind::Consumer, a)
+}
+
+/// The producer span of a record sent on behalf of an event
+/// (messaging conventions); `dead_letter_reason` for a dead letter.
+pub fn producer_span(
+    p: &Produce,
+    correlation_id: &str,
+    dead_letter_reason: Option<&str>,
+) -> (String, SpanKind, Vec<KeyValue>) {
+    let mut a = vec![
+        KeyValue::new(attr::SYSTEM, "kafka"),
+        KeyValue::new(attr::OPERATION_TYPE, "send"),
+        KeyValue::new(attr::OPERATION_NAME, "send"),
+        KeyValue::new(attr::DESTINATION, p.topic.clone()),
+        KeyValue::new(attr::BODY_SIZE, p.value.len() as i64),
+    ];
+    if let Some((_, id)) = p
+        .headers
+        .iter()
+        .find(|(k, _)| k == envelope::header::EVENT_ID)
+    {
+        a.push(KeyValue::new(
+            attr::MESSAGE_ID,
+            String::from_utf8_lossy(id).into_owned(),
+        ));
+    }
+    if !correlation_id.is_empty() {
+        a.push(KeyValue::new(
+            attr::CONVERSATION_ID,
+            correlation_id.to_owned(),
+        ));
+    }
+    if let Some(reason) = dead_letter_reason {
+        a.push(KeyValue::new(attr::DEAD_LETTER_REASON, reason.to_owned()));
+    }
+    (format!("send {}", p.topic), SpanKind::Producer, a)
 }
 
 struct HeaderExtractor<'a>(&'a [(String, Vec<u8>)]);
