@@ -100,6 +100,13 @@ impl Metrics {
         .expect("a valid metric");
         r.register(Box::new(handler_info.clone()))
             .expect("unique name");
+        let build = IntGaugeVec::new(
+            Opts::new("weir_build_info", "1, labelled with the runtime's version"),
+            &["version"],
+        )
+        .expect("a valid metric");
+        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        r.register(Box::new(build)).expect("unique name");
         Self {
             consumer_lag,
             lag_series: Default::default(),
@@ -203,19 +210,28 @@ impl Metrics {
     }
 
     /// Sets the lag gauges from a statistics report: assigned partitions
-    /// with a committed offset; series of partitions no longer reported are
+    /// with a committed offset or a position; series of partitions no longer reported are
     /// removed (after the others are set, so a scrape never sees none).
     pub fn record_lag(&self, stats: &rdkafka::Statistics) {
         let mut now = std::collections::HashSet::new();
         for (topic, t) in &stats.topics {
             for (partition, p) in &t.partitions {
-                if *partition < 0 || !p.desired || p.consumer_lag < 0 {
+                if *partition < 0 || !p.desired {
                     continue;
                 }
+                // Against the committed offset; before the first commit,
+                // against the position (the next offset to hand over).
+                let lag = if p.consumer_lag >= 0 {
+                    p.consumer_lag
+                } else if p.hi_offset >= 0 && p.app_offset >= 0 {
+                    (p.hi_offset - p.app_offset).max(0)
+                } else {
+                    continue;
+                };
                 let partition = partition.to_string();
                 self.consumer_lag
                     .with_label_values(&[topic.as_str(), &partition])
-                    .set(p.consumer_lag);
+                    .set(lag);
                 now.insert((topic.clone(), partition));
             }
         }
