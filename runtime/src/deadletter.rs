@@ -38,6 +38,19 @@ pub struct DeadLetter<'a> {
     pub last_failure: OffsetDateTime,
 }
 
+/// Adds the `weir-original-*` headers: where `record` was read from. Dead
+/// letters and retry records both carry them.
+pub fn add_origin(headers: &mut Vec<(String, Vec<u8>)>, record: &Record) {
+    for (k, v) in [
+        (header::ORIGINAL_TOPIC, record.topic.clone()),
+        (header::ORIGINAL_PARTITION, record.partition.to_string()),
+        (header::ORIGINAL_OFFSET, record.offset.to_string()),
+        (header::ORIGINAL_TIMESTAMP, record.timestamp_ms.to_string()),
+    ] {
+        headers.push((k.to_owned(), v.into_bytes()));
+    }
+}
+
 /// The default dead-letter topic of a source topic.
 pub fn default_topic(source: &str) -> String {
     format!("{source}.dlq")
@@ -64,16 +77,8 @@ impl DeadLetter<'_> {
         add(header::HANDLER, self.handler);
         add(header::HANDLER_VERSION, self.handler_version);
         add(header::ATTEMPTS, self.attempts.to_string());
-        add(header::ORIGINAL_TOPIC, self.record.topic.clone());
-        add(
-            header::ORIGINAL_PARTITION,
-            self.record.partition.to_string(),
-        );
-        add(header::ORIGINAL_OFFSET, self.record.offset.to_string());
-        add(
-            header::ORIGINAL_TIMESTAMP,
-            self.record.timestamp_ms.to_string(),
-        );
+        add_origin(&mut headers, self.record);
+        let mut add = |k: &str, v: String| headers.push((k.to_owned(), v.into_bytes()));
         add(header::CONSUMER_GROUP, self.group_id.to_owned());
         add(header::FIRST_FAILURE_AT, fmt(self.first_failure));
         add(header::LAST_FAILURE_AT, fmt(self.last_failure));

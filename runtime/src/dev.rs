@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message};
+use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::json;
@@ -21,6 +21,7 @@ use crate::config::{Config, HandlerConfig, KafkaConfig, PipelineConfig};
 use crate::deadletter::header as dlh;
 use crate::handler::PluginEngine;
 use crate::pipeline::{self, Stats};
+use crate::replay::header_str;
 
 /// Options of `weir dev`.
 #[derive(Debug, clap::Args)]
@@ -286,14 +287,6 @@ pub async fn run(args: DevArgs) -> Result<()> {
     drop(mock);
     drop(owner);
     Ok(())
-}
-
-fn header_str(msg: &impl Message, name: &str) -> Option<String> {
-    msg.headers()?
-        .iter()
-        .find(|h| h.key == name)
-        .and_then(|h| h.value)
-        .map(|v| String::from_utf8_lossy(v).into_owned())
 }
 
 /// Prints every record of `topic`.

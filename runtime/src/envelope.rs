@@ -69,7 +69,8 @@ impl Record {
             .map(|(_, v)| v.as_slice())
     }
 
-    fn header_str(&self, name: &str) -> Option<String> {
+    /// A header as text; None when absent, empty or not UTF-8.
+    pub fn header_str(&self, name: &str) -> Option<String> {
         self.header(name)
             .and_then(|v| std::str::from_utf8(v).ok())
             .filter(|s| !s.is_empty())

@@ -1214,8 +1214,7 @@ impl PartitionWorker {
                     last_failure: now,
                 };
                 let correlation = record
-                    .header(envelope::header::CORRELATION_ID)
-                    .map(|v| String::from_utf8_lossy(v).into_owned())
+                    .header_str(envelope::header::CORRELATION_ID)
                     .unwrap_or_default();
                 deliveries.push(self.send_dead_letter(
                     dl,
@@ -1324,16 +1323,15 @@ impl PartitionWorker {
                             ],
                         )
                     });
-                    let mut p =
-                        retry_record(record, &handler.name, attempt, delay, first_failure, topic);
-                    // An event without a correlation id got a fresh one: keep
-                    // it for the retries, so every attempt shares it.
-                    if record.header(envelope::header::CORRELATION_ID).is_none() {
-                        p.headers.push((
-                            envelope::header::CORRELATION_ID.into(),
-                            event.correlation_id.clone().into_bytes(),
-                        ));
-                    }
+                    let mut p = retry_record(
+                        record,
+                        &event.correlation_id,
+                        &handler.name,
+                        attempt,
+                        delay,
+                        first_failure,
+                        topic,
+                    );
                     let span = self.publish_span(&cx, &mut p, &event.correlation_id, None);
                     deliveries.push(Delivery {
                         future: send(&self.shared, &p, &self.cancel)?,
@@ -1697,9 +1695,13 @@ fn take_retry(record: &Record) -> Option<(Record, RetryInfo)> {
     Some((original, info))
 }
 
-/// The record to send to a retry topic for `attempt` after `delay`.
+/// The record to send to a retry topic for `attempt` after `delay`. An
+/// event without a correlation id got a fresh one (`correlation_id`); it is
+/// kept as a header so that every attempt shares it.
+#[allow(clippy::too_many_arguments)]
 fn retry_record(
     record: &Record,
+    correlation_id: &str,
     handler: &str,
     attempt: u32,
     delay: Duration,
@@ -1708,23 +1710,14 @@ fn retry_record(
 ) -> Produce {
     let not_before = OffsetDateTime::now_utc().unix_timestamp() * 1000 + delay.as_millis() as i64;
     let mut headers = record.headers.clone();
+    deadletter::add_origin(&mut headers, record);
     let mut add = |k: &str, v: String| headers.push((k.to_owned(), v.into_bytes()));
+    if record.header(envelope::header::CORRELATION_ID).is_none() {
+        add(envelope::header::CORRELATION_ID, correlation_id.to_owned());
+    }
     add(retry_header::HANDLER, handler.to_owned());
     add(retry_header::ATTEMPT, attempt.to_string());
     add(retry_header::NOT_BEFORE, not_before.to_string());
-    add(deadletter::header::ORIGINAL_TOPIC, record.topic.clone());
-    add(
-        deadletter::header::ORIGINAL_PARTITION,
-        record.partition.to_string(),
-    );
-    add(
-        deadletter::header::ORIGINAL_OFFSET,
-        record.offset.to_string(),
-    );
-    add(
-        deadletter::header::ORIGINAL_TIMESTAMP,
-        record.timestamp_ms.to_string(),
-    );
     add(
         deadletter::header::FIRST_FAILURE_AT,
         first_failure
@@ -1751,8 +1744,28 @@ mod tests {
             timestamp_ms: 7,
             key: Some(b"k".to_vec()),
             value: b"v".to_vec(),
-            headers: vec![("content-type".into(), b"application/json".to_vec())],
+            headers: vec![
+                ("content-type".into(), b"application/json".to_vec()),
+                ("correlation-id".into(), b"c-1".to_vec()),
+            ],
         }
+    }
+
+    #[test]
+    fn a_retry_record_keeps_a_generated_correlation_id() {
+        let mut r = record();
+        r.headers.retain(|(k, _)| k != "correlation-id");
+        let p = retry_record(
+            &r,
+            "fresh",
+            "h",
+            2,
+            Duration::ZERO,
+            OffsetDateTime::now_utc(),
+            "orders.retry".into(),
+        );
+        let kept = p.headers.iter().find(|(k, _)| k == "correlation-id");
+        assert_eq!(kept.map(|(_, v)| v.as_slice()), Some(&b"fresh"[..]));
     }
 
     #[test]
@@ -1760,6 +1773,7 @@ mod tests {
         let first = OffsetDateTime::now_utc();
         let p = retry_record(
             &record(),
+            "c-1",
             "h",
             3,
             Duration::from_millis(500),

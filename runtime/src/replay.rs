@@ -71,7 +71,8 @@ fn header<'a>(m: &'a impl Message, name: &str) -> Option<&'a [u8]> {
         .and_then(|h| h.value)
 }
 
-fn header_str(m: &impl Message, name: &str) -> Option<String> {
+/// A header of a consumed record as text.
+pub(crate) fn header_str(m: &impl Message, name: &str) -> Option<String> {
     header(m, name).map(|v| String::from_utf8_lossy(v).into_owned())
 }
 

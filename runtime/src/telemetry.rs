@@ -229,18 +229,14 @@ pub fn consumer_span(
     version: &str,
     group: &str,
 ) -> (String, SpanKind, Vec<KeyValue>) {
-    let mut a = vec![
-        KeyValue::new(attr::SYSTEM, "kafka"),
-        KeyValue::new(attr::OPERATION_TYPE, "process"),
-        KeyValue::new(attr::OPERATION_NAME, "process"),
-        KeyValue::new(attr::DESTINATION, record.topic.clone()),
+    let mut a = messaging("process", &record.topic, record.value.len());
+    a.extend([
         KeyValue::new(attr::PARTITION, record.partition.to_string()),
         KeyValue::new(attr::OFFSET, record.offset),
         KeyValue::new(attr::GROUP, group.to_owned()),
-        KeyValue::new(attr::BODY_SIZE, record.value.len() as i64),
         KeyValue::new(attr::HANDLER, handler.to_owned()),
         KeyValue::new(attr::HANDLER_VERSION, version.to_owned()),
-    ];
+    ]);
     if let Some(key) = record
         .key
         .as_deref()
@@ -262,6 +258,17 @@ pub fn consumer_span(
     (format!("process {}", record.topic), SpanKind::Consumer, a)
 }
 
+/// The attributes every Kafka span has.
+fn messaging(operation: &'static str, topic: &str, body_size: usize) -> Vec<KeyValue> {
+    vec![
+        KeyValue::new(attr::SYSTEM, "kafka"),
+        KeyValue::new(attr::OPERATION_TYPE, operation),
+        KeyValue::new(attr::OPERATION_NAME, operation),
+        KeyValue::new(attr::DESTINATION, topic.to_owned()),
+        KeyValue::new(attr::BODY_SIZE, body_size as i64),
+    ]
+}
+
 /// The producer span of a record sent on behalf of an event
 /// (messaging conventions); `dead_letter_reason` for a dead letter.
 pub fn producer_span(
@@ -269,13 +276,7 @@ pub fn producer_span(
     correlation_id: &str,
     dead_letter_reason: Option<&str>,
 ) -> (String, SpanKind, Vec<KeyValue>) {
-    let mut a = vec![
-        KeyValue::new(attr::SYSTEM, "kafka"),
-        KeyValue::new(attr::OPERATION_TYPE, "send"),
-        KeyValue::new(attr::OPERATION_NAME, "send"),
-        KeyValue::new(attr::DESTINATION, p.topic.clone()),
-        KeyValue::new(attr::BODY_SIZE, p.value.len() as i64),
-    ];
+    let mut a = messaging("send", &p.topic, p.value.len());
     if let Some((_, id)) = p
         .headers
         .iter()
