@@ -294,6 +294,14 @@ pub fn header(m: &OwnedMessage, name: &str) -> Option<String> {
         .map(|v| String::from_utf8_lossy(v).into_owned())
 }
 
+/// The `causation-id` of each record: which input event it came from.
+pub fn causation_ids(records: &[OwnedMessage]) -> Vec<String> {
+    records
+        .iter()
+        .map(|m| header(m, "causation-id").expect("a causation-id header"))
+        .collect()
+}
+
 /// A handler table for a config file.
 pub struct HandlerSpec {
     pub name: String,

@@ -77,10 +77,7 @@ async fn overload_pauses_partitions_keeps_memory_bounded_and_loses_nothing() -> 
         !log.iter().any(|l| l.contains("partitions revoked")),
         "the consumer left its group"
     );
-    let ids: HashSet<String> = read_all(&output)?
-        .iter()
-        .map(|m| header(m, "causation-id").unwrap())
-        .collect();
+    let ids: HashSet<String> = causation_ids(&read_all(&output)?).into_iter().collect();
     assert_eq!(ids.len(), N, "nothing lost");
     // Memory bound from the config: the runtime's own footprint (engine,
     // compiled handler, librdkafka) plus four times what may be buffered:

@@ -38,10 +38,7 @@ async fn failures_are_dead_lettered_and_processing_goes_on() -> anyhow::Result<(
     await_committed_to_end(&group, &input, 1, Duration::from_secs(60)).await?;
     assert!(weir.terminate(Duration::from_secs(30)).await?.success());
 
-    let outputs: Vec<String> = read_all(&output)?
-        .iter()
-        .map(|m| header(m, "causation-id").unwrap())
-        .collect();
+    let outputs = causation_ids(&read_all(&output)?);
     assert_eq!(outputs, ["ok-1", "ok-2", "ok-3", "ok-4"]);
 
     let dead = read_all(&dlq)?;

@@ -64,10 +64,7 @@ async fn replayed_dead_letters_are_processed_after_the_fix() -> anyhow::Result<(
     await_committed_to_end(&group, &input, 2, Duration::from_secs(60)).await?;
     assert!(weir.terminate(Duration::from_secs(30)).await?.success());
 
-    let mut ids: Vec<String> = read_all(&output)?
-        .iter()
-        .map(|m| header(m, "causation-id").unwrap())
-        .collect();
+    let mut ids = causation_ids(&read_all(&output)?);
     ids.sort();
     assert_eq!(ids, ["o-1", "o-2", "o-3"]);
     // Filters: nothing of another handler or kind.

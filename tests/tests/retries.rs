@@ -87,10 +87,7 @@ fn ts(m: &rdkafka::message::OwnedMessage) -> i64 {
 #[tokio::test(flavor = "multi_thread")]
 async fn blocking_retries_dead_letter_after_max_attempts_then_go_on() -> anyhow::Result<()> {
     let (out, dead, input, group) = always_failing("blocking").await?;
-    let ids: Vec<_> = out
-        .iter()
-        .map(|m| header(m, "causation-id").unwrap())
-        .collect();
+    let ids = causation_ids(&out);
     assert_eq!(ids, ["ok-1", "ok-2"]);
     assert_eq!(dead.len(), 1);
     let d = &dead[0];
@@ -130,10 +127,7 @@ async fn blocking_retries_dead_letter_after_max_attempts_then_go_on() -> anyhow:
 #[tokio::test(flavor = "multi_thread")]
 async fn topic_retries_let_the_events_behind_go_first() -> anyhow::Result<()> {
     let (out, dead, input, _) = always_failing("topic").await?;
-    let ids: Vec<_> = out
-        .iter()
-        .map(|m| header(m, "causation-id").unwrap())
-        .collect();
+    let ids = causation_ids(&out);
     assert_eq!(ids, ["ok-1", "ok-2"]);
     assert_eq!(dead.len(), 1);
     let d = &dead[0];
