@@ -411,11 +411,6 @@ pub async fn run(
             .collect(),
         obs,
     });
-    shared
-        .obs
-        .health
-        .handlers_loaded
-        .store(true, Ordering::Relaxed);
     let commit_task = {
         let consumer = consumer.clone();
         let every = shared.config.pipeline.commit_interval();
