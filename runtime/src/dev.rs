@@ -193,7 +193,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
     }
 
     let events = sample_events();
-    let producer: FutureProducer = pipeline::producer_config(&config).create()?;
+    let producer: FutureProducer = crate::kafka::producer_config(&config).create()?;
     for (key, value, content_type) in &events {
         let headers = rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
             key: "content-type",

@@ -14,6 +14,7 @@ pub mod envelope;
 pub mod failure;
 pub mod guest_output;
 pub mod handler;
+pub mod kafka;
 pub mod metrics;
 pub mod pipeline;
 pub mod replay;

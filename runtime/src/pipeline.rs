@@ -19,7 +19,7 @@ use opentelemetry::trace::SpanKind;
 use opentelemetry::{Context as TraceContext, KeyValue};
 use prometheus::IntCounter;
 use rdkafka::client::ClientContext;
-use rdkafka::config::ClientConfig;
+
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
@@ -32,6 +32,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
 
 use crate::config::{Config, RetryMode};
+use crate::kafka::{client_config, consumer_config, producer_config};
 use crate::deadletter::{self, DeadLetter};
 use crate::dedup::{self, Dedup};
 use crate::envelope::{self, Produce, Record};
@@ -293,61 +294,6 @@ fn commit_sync<C: ConsumerContext>(consumer: &impl Consumer<C>) {
         Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
         Err(e) => warn!(error = %e, "offset commit failed"),
     }
-}
-
-/// The producer every output and dead letter goes through: idempotent,
-/// acks from all replicas, Java-compatible key partitioning.
-pub fn producer_config(config: &Config) -> ClientConfig {
-    let mut c = client_config(config, &config.kafka.producer_options);
-    c.set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("partitioner", "murmur2_random")
-        .set("linger.ms", "5");
-    c
-}
-
-/// The user's raw options (shared, then client-specific) and the brokers.
-fn client_config(
-    config: &Config,
-    specific: &std::collections::BTreeMap<String, String>,
-) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    for (k, v) in config.kafka.options.iter().chain(specific) {
-        c.set(k, v);
-    }
-    c.set("bootstrap.servers", &config.kafka.brokers);
-    c
-}
-
-fn consumer_config(config: &Config) -> ClientConfig {
-    let mut c = client_config(config, &config.kafka.consumer_options);
-    c.set("group.id", &config.kafka.group_id)
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", &config.kafka.auto_offset_reset)
-        .set("enable.partition.eof", "false");
-    if config.metrics.enabled {
-        // Consumer lag comes from the client's statistics.
-        c.set(
-            "statistics.interval.ms",
-            config.metrics.lag_interval_ms.to_string(),
-        );
-    }
-    if !config
-        .kafka
-        .options
-        .contains_key("queued.max.messages.kbytes")
-        && !config
-            .kafka
-            .consumer_options
-            .contains_key("queued.max.messages.kbytes")
-    {
-        c.set(
-            "queued.max.messages.kbytes",
-            config.pipeline.prefetch_kbytes.to_string(),
-        );
-    }
-    c
 }
 
 /// Runs the pipeline until `shutdown` resolves, then drains and commits.

@@ -18,7 +18,8 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use crate::config::Config;
 use crate::deadletter::header as dlh;
-use crate::pipeline::{producer_config, REPLAY_HEADER};
+use crate::kafka::producer_config;
+use crate::pipeline::REPLAY_HEADER;
 
 /// `weir dlq` subcommands.
 #[derive(Debug, clap::Subcommand)]
