@@ -3,7 +3,7 @@
 //! Every table rejects unknown keys, so a typo fails at start-up naming the
 //! key instead of being silently ignored.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -272,9 +272,13 @@ pub struct HandlerConfig {
     /// CPU budget of one call, in wasmtime fuel units.
     #[serde(default = "default_fuel_per_event")]
     pub fuel_per_event: u64,
-    /// Linear memory cap of one instance, in MiB.
+    /// Memory cap of one instance, in MiB: all its linear memories together.
     #[serde(default = "default_memory_limit_mib")]
     pub memory_limit_mib: u64,
+    /// Linear memories one instance may have (1 to 16); a component that
+    /// declares more is refused at load.
+    #[serde(default = "default_max_memories")]
+    pub max_memories: u32,
     /// Wall-clock deadline of one call, in milliseconds.
     #[serde(default = "default_deadline_ms")]
     pub deadline_ms: u64,
@@ -346,6 +350,10 @@ const fn default_memory_limit_mib() -> u64 {
 }
 const fn default_deadline_ms() -> u64 {
     5_000
+}
+// A component built by the usual toolchains has one linear memory.
+const fn default_max_memories() -> u32 {
+    1
 }
 
 impl Default for PipelineConfig {
@@ -452,6 +460,21 @@ impl Config {
             bail!("handler: at least one [[handler]] is required");
         }
         let mut names = std::collections::HashSet::new();
+        // Every topic some handler consumes as a source, and every topic
+        // dead letters go to (each with the first handler that names it): a
+        // record written to one of the latter must never be read as one of
+        // the former.
+        let at_of = |j: usize| format!("handler[{j}] ({:?})", self.handlers[j].name);
+        let mut sources: HashMap<&str, usize> = HashMap::new();
+        let mut dead_letter_topics: HashMap<String, usize> = HashMap::new();
+        for (j, h) in self.handlers.iter().enumerate() {
+            for t in &h.topics {
+                sources.entry(t.as_str()).or_insert(j);
+                dead_letter_topics
+                    .entry(h.dead_letter_topic_of(t))
+                    .or_insert(j);
+            }
+        }
         for (i, h) in self.handlers.iter().enumerate() {
             let at = format!("handler[{i}] ({:?})", h.name);
             if h.name.is_empty() {
@@ -480,6 +503,58 @@ impl Config {
             if h.fuel_per_second == Some(0) {
                 bail!("{at}.fuel_per_second: must be above 0 (omit it for no budget)");
             }
+            if !(1..=16).contains(&h.max_memories) {
+                bail!(
+                    "{at}.max_memories: must be between 1 and 16, not {}",
+                    h.max_memories
+                );
+            }
+            if h.deadline_ms > self.pipeline.drain_timeout_ms {
+                bail!(
+                    "{at}.deadline_ms ({}) is above pipeline.drain_timeout_ms ({}): \
+                     a shutdown could not wait for one call",
+                    h.deadline_ms,
+                    self.pipeline.drain_timeout_ms
+                );
+            }
+            if h.initial_backoff_ms > h.max_backoff_ms {
+                bail!(
+                    "{at}.initial_backoff_ms ({}) is above {at}.max_backoff_ms ({}): \
+                     the first retry delay would already be past the cap",
+                    h.initial_backoff_ms,
+                    h.max_backoff_ms
+                );
+            }
+            for source in &h.topics {
+                let dlq = h.dead_letter_topic_of(source);
+                if let Some(&j) = sources.get(dlq.as_str()) {
+                    bail!(
+                        "{at}.dead_letter_topic: {dlq:?}{} is also a source topic ({}.topics); \
+                         dead letters would be handled again",
+                        default_of(&h.dead_letter_topic, source),
+                        at_of(j)
+                    );
+                }
+                let Some(retry) = h.retry_topic_of(source) else {
+                    continue;
+                };
+                if let Some(&j) = sources.get(retry.as_str()) {
+                    bail!(
+                        "{at}.retry_topic: {retry:?}{} is also a source topic ({}.topics); \
+                         retry records would be handled as new events",
+                        default_of(&h.retry_topic, source),
+                        at_of(j)
+                    );
+                }
+                if let Some(&j) = dead_letter_topics.get(&retry) {
+                    bail!(
+                        "{at}.retry_topic: {retry:?}{} is also a dead-letter topic \
+                         ({}.dead_letter_topic); dead letters would be retried",
+                        default_of(&h.retry_topic, source),
+                        at_of(j)
+                    );
+                }
+            }
             if !h.wasm.is_file() {
                 bail!("{at}.wasm: no such file {}", h.wasm.display());
             }
@@ -498,6 +573,15 @@ impl Config {
         topics.sort();
         topics.dedup();
         topics
+    }
+}
+
+/// For an error message: says that a topic name is the default one
+/// derived from `source`, when the key is not set.
+fn default_of(key: &Option<String>, source: &str) -> String {
+    match key {
+        Some(_) => String::new(),
+        None => format!(" (the default for source topic {source:?})"),
     }
 }
 
@@ -581,6 +665,119 @@ mod tests {
         let c = Config::parse(MINIMAL).unwrap();
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("h.wasm") && err.contains("wasm"), "{err}");
+    }
+
+    /// A config whose files exist, with `pipeline` keys before it and
+    /// `handlers` (each a `[[handler]]` table's keys after its file) after.
+    fn checked(pipeline: &str, handlers: &[&str]) -> Result<()> {
+        // Any existing file passes the start-up check of `wasm`.
+        let wasm = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
+        let mut text = format!(
+            "[kafka]\nbrokers = \"127.0.0.1:9092\"\ngroup_id = \"g\"\n[pipeline]\n{pipeline}\n"
+        );
+        for (i, keys) in handlers.iter().enumerate() {
+            text.push_str(&format!(
+                "[[handler]]\nname = \"h{i}\"\nwasm = {wasm:?}\n{keys}\n"
+            ));
+        }
+        Config::parse(&text)?.validate()
+    }
+
+    #[test]
+    fn a_consistent_config_passes() {
+        checked("", &["topics = [\"in\"]"]).unwrap();
+        checked(
+            "drain_timeout_ms = 20000",
+            &[
+                "topics = [\"in\"]\nretry_mode = \"topic\"\ndeadline_ms = 20000",
+                "topics = [\"in\", \"other\"]\ndead_letter_topic = \"all.dlq\"\n\
+                 initial_backoff_ms = 500\nmax_backoff_ms = 500\nmax_memories = 16",
+            ],
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn a_dead_letter_topic_that_is_a_source_topic_is_refused() {
+        let err = |handlers: &[&str]| checked("", handlers).unwrap_err().to_string();
+        let e = err(&["topics = [\"in\"]\ndead_letter_topic = \"in\""]);
+        assert!(
+            e.contains("handler[0] (\"h0\").dead_letter_topic: \"in\" is also a source topic"),
+            "{e}"
+        );
+        // Another handler's source, and the default `<source>.dlq`.
+        let e = err(&["topics = [\"in\"]", "topics = [\"in.dlq\"]"]);
+        assert!(
+            e.contains("handler[0] (\"h0\").dead_letter_topic: \"in.dlq\" (the default")
+                && e.contains("handler[1] (\"h1\").topics"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_retry_topic_that_is_a_source_or_dead_letter_topic_is_refused() {
+        let err = |handlers: &[&str]| checked("", handlers).unwrap_err().to_string();
+        let e = err(&["topics = [\"in\"]\nretry_mode = \"topic\"\nretry_topic = \"in\""]);
+        assert!(
+            e.contains("handler[0] (\"h0\").retry_topic: \"in\" is also a source topic"),
+            "{e}"
+        );
+        let e = err(&[
+            "topics = [\"in\"]",
+            "topics = [\"in.retry\"]",
+            "topics = [\"x\"]\nretry_mode = \"topic\"\nretry_topic = \"in.retry\"",
+        ]);
+        assert!(e.contains("handler[2] (\"h2\").retry_topic"), "{e}");
+        let e = err(&[
+            "topics = [\"in\"]\ndead_letter_topic = \"bad\"",
+            "topics = [\"x\"]\nretry_mode = \"topic\"\nretry_topic = \"bad\"",
+        ]);
+        assert!(
+            e.contains("handler[1] (\"h1\").retry_topic: \"bad\" is also a dead-letter topic")
+                && e.contains("handler[0] (\"h0\").dead_letter_topic"),
+            "{e}"
+        );
+        // In blocking mode there is no retry topic to collide.
+        checked(
+            "",
+            &[
+                "topics = [\"in\"]\nretry_topic = \"in.dlq.x\"",
+                "topics = [\"in.dlq.x\"]",
+            ],
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn contradicting_numbers_are_refused_naming_both_keys() {
+        let e = checked(
+            "drain_timeout_ms = 1000",
+            &["topics = [\"in\"]\ndeadline_ms = 1001"],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains(
+                "handler[0] (\"h0\").deadline_ms (1001) is above pipeline.drain_timeout_ms (1000)"
+            ),
+            "{e}"
+        );
+        let e = checked(
+            "",
+            &["topics = [\"in\"]\ninitial_backoff_ms = 200\nmax_backoff_ms = 100"],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("initial_backoff_ms (200)") && e.contains("max_backoff_ms (100)"),
+            "{e}"
+        );
+        for n in [0, 17] {
+            let e = checked("", &[&format!("topics = [\"in\"]\nmax_memories = {n}")])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("handler[0] (\"h0\").max_memories"), "{e}");
+        }
     }
 
     #[test]

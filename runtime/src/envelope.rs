@@ -78,6 +78,32 @@ impl Record {
     }
 
     /// `topic/partition/offset`: the id of an event without one of its own.
+    /// A copy of a consumed (or returned) Kafka message.
+    pub fn from_message(msg: &impl rdkafka::message::Message) -> Record {
+        use rdkafka::message::Headers;
+        Record {
+            topic: msg.topic().to_owned(),
+            partition: msg.partition(),
+            offset: msg.offset(),
+            timestamp_ms: msg.timestamp().to_millis().unwrap_or(0),
+            key: msg.key().map(<[u8]>::to_vec),
+            value: msg.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+            headers: msg
+                .headers()
+                .map(|hs| {
+                    hs.iter()
+                        .map(|h| {
+                            (
+                                h.key.to_owned(),
+                                h.value.map(<[u8]>::to_vec).unwrap_or_default(),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+        }
+    }
+
     pub fn position_id(&self) -> String {
         format!("{}/{}/{}", self.topic, self.partition, self.offset)
     }
@@ -290,13 +316,6 @@ pub fn encode_output(output: Output, parent: &Event, max_bytes: usize) -> Result
             output.topic
         ));
     }
-    let size = output.payload.len() + output.key.as_ref().map_or(0, Vec::len);
-    if size > max_bytes {
-        return Err(format!(
-            "output to {} is {size} bytes, over the {max_bytes} bytes a record may have",
-            output.topic
-        ));
-    }
     let id = new_id();
     let encoding = Encoding::from_content_type(&output.content_type);
     let value = match (encoding, output.event_type.is_empty()) {
@@ -363,12 +382,37 @@ pub fn encode_output(output: Output, parent: &Event, max_bytes: usize) -> Result
         parent.correlation_id.clone().into_bytes(),
     ));
     headers.push((header::CAUSATION_ID.into(), parent.id.clone().into_bytes()));
-    Ok(Produce {
+    let produce = Produce {
         topic: output.topic,
         key: output.key,
         value,
         headers,
-    })
+    };
+    let size = produce.size() + RECORD_OVERHEAD;
+    if size > max_bytes {
+        return Err(format!(
+            "output to {} is {size} bytes with its envelope, headers and framing, over the {max_bytes} bytes a record may have (message.max.bytes)",
+            produce.topic
+        ));
+    }
+    Ok(produce)
+}
+
+/// What a record costs beyond its key, value and headers: the record and
+/// batch framing, and the trace-context headers added when it is sent.
+pub const RECORD_OVERHEAD: usize = 512;
+
+impl Produce {
+    /// Bytes of key, value and headers.
+    pub fn size(&self) -> usize {
+        self.value.len()
+            + self.key.as_ref().map_or(0, Vec::len)
+            + self
+                .headers
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>()
+    }
 }
 
 #[cfg(test)]
@@ -521,5 +565,18 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.contains("over the 1000 bytes"), "{err}");
+        // Headers count too: a small value with large headers is refused.
+        let err = encode_output(
+            Output {
+                topic: "big".into(),
+                payload: vec![0; 10],
+                headers: vec![("h".into(), vec![b'x'; 2000])],
+                ..Default::default()
+            },
+            &parent,
+            2000,
+        )
+        .unwrap_err();
+        assert!(err.contains("with its envelope, headers"), "{err}");
     }
 }

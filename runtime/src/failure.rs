@@ -20,6 +20,9 @@ pub enum FailureKind {
     MemoryLimit,
     /// The call ran past its wall-clock deadline.
     DeadlineExceeded,
+    /// The broker refused an output (or retry record) for good: too large,
+    /// no such topic, not allowed to write it.
+    ProduceFailed,
 }
 
 impl FailureKind {
@@ -34,11 +37,12 @@ impl FailureKind {
             FailureKind::FuelExhausted => "fuel-exhausted",
             FailureKind::MemoryLimit => "memory-limit",
             FailureKind::DeadlineExceeded => "deadline-exceeded",
+            FailureKind::ProduceFailed => "produce-failed",
         }
     }
 
     /// Every class, for documentation and metrics.
-    pub const ALL: [FailureKind; 8] = [
+    pub const ALL: [FailureKind; 9] = [
         FailureKind::Fatal,
         FailureKind::RetriesExhausted,
         FailureKind::Undecodable,
@@ -47,6 +51,7 @@ impl FailureKind {
         FailureKind::FuelExhausted,
         FailureKind::MemoryLimit,
         FailureKind::DeadlineExceeded,
+        FailureKind::ProduceFailed,
     ];
 }
 

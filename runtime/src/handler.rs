@@ -1,6 +1,11 @@
 //! Handler components: compiled once, instantiated once per partition
 //! worker, called once per event under a fuel budget, a memory cap and a
 //! wall-clock deadline.
+//!
+//! The memory cap (`memory_limit_mib`) is on the total of all an
+//! instance's linear memories, and an instance may have at most
+//! `max_memories` of them (1 by default); a component that declares more is
+//! refused at load.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -15,7 +20,7 @@ use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
 use wasmtime::{Engine, ResourceLimiter, Store, StoreLimits, StoreLimitsBuilder, Trap};
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
-use crate::guest_output::GuestOutput;
+use crate::guest_output::{self, GuestOutput, LineLimiter};
 
 use crate::config::HandlerConfig;
 use crate::envelope::{self, Record};
@@ -123,6 +128,7 @@ pub struct LoadedHandler {
     max_backoff: Duration,
     fuel_per_event: u64,
     memory_limit: usize,
+    max_memories: usize,
     deadline_ticks: u64,
     config: Arc<BTreeMap<String, String>>,
     engine: PluginEngine,
@@ -170,6 +176,18 @@ impl FuelBudget {
     }
 }
 
+/// The load error of a component with more linear memories than the
+/// handler's `max_memories`; `detail` says how many and where, if known.
+fn too_many_memories(cfg: &HandlerConfig, detail: &str) -> String {
+    let n = cfg.max_memories;
+    format!(
+        "handler {:?}: the component needs more than {n} linear memor{}{detail}; \
+         raise max_memories (at most 16)",
+        cfg.name,
+        if n == 1 { "y" } else { "ies" }
+    )
+}
+
 /// What the component file is, by its header.
 fn check_wasm_header(path: &Path, bytes: &[u8]) -> Result<()> {
     if bytes.len() < 8 || &bytes[0..4] != b"\0asm" {
@@ -196,6 +214,18 @@ impl LoadedHandler {
         let component = Component::from_binary(&engine.engine, &bytes)
             .map_err(anyhow::Error::from)
             .with_context(what)?;
+        let max_memories = cfg.max_memories as usize;
+        if let Some(needs) = component.resources_required() {
+            if needs.num_memories as usize > max_memories {
+                bail!(
+                    "{}",
+                    too_many_memories(
+                        cfg,
+                        &format!(" ({} in {})", needs.num_memories, path.display())
+                    )
+                );
+            }
+        }
         let pre = engine
             .linker
             .instantiate_pre(&component)
@@ -226,6 +256,7 @@ impl LoadedHandler {
             max_backoff: Duration::from_millis(cfg.max_backoff_ms),
             fuel_per_event: cfg.fuel_per_event,
             memory_limit: (cfg.memory_limit_mib as usize) << 20,
+            max_memories,
             deadline_ticks: cfg.deadline_ms.div_ceil(EPOCH_TICK.as_millis() as u64) + 1,
             config: Arc::new(cfg.config.clone()),
             engine: engine.clone(),
@@ -233,9 +264,21 @@ impl LoadedHandler {
             budget: cfg.fuel_per_second.map(FuelBudget::new),
         };
         // Instantiating once proves the start-up code runs within the limits.
-        handler.instantiate().with_context(|| {
-            format!("handler {:?}: {} fails to start", cfg.name, path.display())
-        })?;
+        if let Err(e) = handler.instantiate() {
+            // What `resources_required` could not count (a component that
+            // instantiates a module it imports) the store's count refuses.
+            if format!("{e:#}").contains("memory count too high") {
+                bail!(
+                    "{}",
+                    too_many_memories(cfg, &format!(" (in {})", path.display()))
+                );
+            }
+            return Err(e.context(format!(
+                "handler {:?}: {} fails to start",
+                cfg.name,
+                path.display()
+            )));
+        }
         Ok(handler)
     }
 
@@ -279,15 +322,8 @@ impl LoadedHandler {
         let state = HostState {
             wasi: wasi.build(),
             table: ResourceTable::new(),
-            limiter: MemoryLimiter {
-                inner: StoreLimitsBuilder::new()
-                    .memory_size(self.memory_limit)
-                    .instances(64)
-                    .tables(64)
-                    .memories(16)
-                    .build(),
-                hit: false,
-            },
+            limiter: MemoryLimiter::new(self.memory_limit, self.max_memories),
+            log_limit: LineLimiter::new(),
             handler: self.name.clone(),
             current: CurrentEvent::default(),
             config: self.config.clone(),
@@ -433,6 +469,9 @@ pub struct HostState {
     wasi: WasiCtx,
     table: ResourceTable,
     limiter: MemoryLimiter,
+    /// The rate limit of the host `log` import (stdout and stderr have
+    /// their own, in their `GuestOutput`).
+    log_limit: LineLimiter,
     handler: String,
     config: Arc<BTreeMap<String, String>>,
     /// The event being handled, for the handler's log lines.
@@ -484,6 +523,10 @@ impl WasiView for HostState {
 impl host::Host for HostState {
     fn log(&mut self, level: Level, message: String) {
         let handler = self.handler.as_str();
+        if !self.log_limit.admit(handler, "log") {
+            return;
+        }
+        let message = guest_output::cut(&message);
         let e = &self.current;
         macro_rules! log {
             ($level:ident) => {
@@ -509,11 +552,34 @@ impl host::Host for HostState {
 
 impl wit::Host for HostState {}
 
-/// Store limits that remember when the memory cap was hit, so the failure
-/// is classified as such rather than as a generic trap.
-struct MemoryLimiter {
+/// The limits of one instance's store: at most `max_memories` linear
+/// memories, and at most `limit` bytes of them all together (counted as they
+/// are created and grow; a store's memories never shrink or go away before
+/// the store). Remembers when the cap was hit, so the failure is classified
+/// as such rather than as a generic trap.
+pub(crate) struct MemoryLimiter {
+    /// Instance, table and memory counts and table growth.
     inner: StoreLimits,
+    limit: usize,
+    /// Bytes of all linear memories together. A growth allowed here that
+    /// then fails (the OS refused) stays counted: errs on the safe side.
+    used: usize,
     hit: bool,
+}
+
+impl MemoryLimiter {
+    pub(crate) fn new(limit: usize, max_memories: usize) -> Self {
+        Self {
+            inner: StoreLimitsBuilder::new()
+                .instances(64)
+                .tables(64)
+                .memories(max_memories)
+                .build(),
+            limit,
+            used: 0,
+            hit: false,
+        }
+    }
 }
 
 impl ResourceLimiter for MemoryLimiter {
@@ -523,11 +589,21 @@ impl ResourceLimiter for MemoryLimiter {
         desired: usize,
         maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        let ok = self.inner.memory_growing(current, desired, maximum)?;
-        if !ok {
-            self.hit = true;
-            wasmtime::bail!("memory limit: growing to {desired} bytes exceeds the cap");
+        // Past the memory's own declared maximum: `memory.grow` returns -1,
+        // as the spec says; nothing is counted.
+        if maximum.is_some_and(|m| desired > m) {
+            return Ok(false);
         }
+        let total = self.used.saturating_add(desired.saturating_sub(current));
+        if total > self.limit {
+            self.hit = true;
+            wasmtime::bail!(
+                "memory limit: growing a linear memory from {current} to {desired} bytes \
+                 takes the instance's memories to {total} bytes, above the cap of {} bytes",
+                self.limit
+            );
+        }
+        self.used = total;
         Ok(true)
     }
 
@@ -538,5 +614,94 @@ impl ResourceLimiter for MemoryLimiter {
         maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
         self.inner.table_growing(current, desired, maximum)
+    }
+
+    // Without these the store would apply wasmtime's defaults (10,000 each),
+    // not the limits in `inner`.
+    fn instances(&self) -> usize {
+        self.inner.instances()
+    }
+
+    fn tables(&self) -> usize {
+        self.inner.tables()
+    }
+
+    fn memories(&self) -> usize {
+        self.inner.memories()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: usize = 1 << 20;
+
+    #[test]
+    fn the_memory_cap_is_on_all_memories_together() {
+        let mut l = MemoryLimiter::new(10 * MIB, 2);
+        assert_eq!(l.memories(), 2);
+        // Two memories created at 4 MiB each: 8 MiB in all.
+        assert!(l.memory_growing(0, 4 * MIB, None).unwrap());
+        assert!(l.memory_growing(0, 4 * MIB, None).unwrap());
+        // One grows by 2 MiB: 10 MiB, exactly the cap.
+        assert!(l.memory_growing(4 * MIB, 6 * MIB, None).unwrap());
+        assert!(!l.hit);
+        // Any more, in either memory, is refused (a trap) and remembered,
+        // although each alone is far below the cap.
+        let err = l
+            .memory_growing(4 * MIB, 4 * MIB + 65536, None)
+            .unwrap_err();
+        assert!(err.to_string().contains("memory limit"), "{err}");
+        assert!(l.hit);
+        assert_eq!(l.used, 10 * MIB);
+    }
+
+    /// A component whose one core module defines two linear memories.
+    const TWO_MEMORIES: &[u8] = &[
+        0x00, 0x61, 0x73, 0x6d, 0x0d, 0x00, 0x01, 0x00, // component header
+        0x01, 0x0f, // core module section, 15 bytes:
+        0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00, // module header
+        0x05, 0x05, 0x02, 0x00, 0x01, 0x00, 0x01, // memory section: 2 memories, min 1 page
+        0x02, 0x04, 0x01, 0x00, 0x00, 0x00, // core instance section: instantiate module 0
+    ];
+
+    #[test]
+    fn a_component_with_more_memories_than_allowed_is_refused_at_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("two.wasm");
+        std::fs::write(&path, TWO_MEMORIES).unwrap();
+        let mut cfg: HandlerConfig = toml::from_str(&format!(
+            "name = \"x\"\nwasm = {:?}\ntopics = [\"t\"]\n",
+            path.display().to_string()
+        ))
+        .unwrap();
+        let engine = PluginEngine::new().unwrap();
+        let err = |cfg: &HandlerConfig| match LoadedHandler::load(&engine, cfg) {
+            Ok(_) => panic!("loaded"),
+            Err(e) => format!("{e:#}"),
+        };
+        let e = err(&cfg);
+        assert!(
+            e.starts_with("handler \"x\": the component needs more than 1 linear memory (2 in ")
+                && e.ends_with("raise max_memories (at most 16)"),
+            "{e}"
+        );
+        // Allowed two, it gets as far as the missing handler world.
+        cfg.max_memories = 2;
+        let e = err(&cfg);
+        assert!(
+            e.contains("does not implement the weir:plugin/handler world"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_memorys_own_maximum_fails_the_growth_without_counting_it() {
+        let mut l = MemoryLimiter::new(10 * MIB, 1);
+        assert!(l.memory_growing(0, MIB, Some(2 * MIB)).unwrap());
+        assert!(!l.memory_growing(MIB, 3 * MIB, Some(2 * MIB)).unwrap());
+        assert!(!l.hit);
+        assert_eq!(l.used, MIB);
     }
 }

@@ -14,14 +14,24 @@ pub fn producer_config(config: &Config) -> ClientConfig {
         .set("acks", "all")
         .set("partitioner", "murmur2_random")
         .set("linger.ms", "5");
+    // librdkafka's default queue is 1 GiB: bound the memory it may take.
+    if !user_set(
+        config,
+        &config.kafka.producer_options,
+        "queue.buffering.max.kbytes",
+    ) {
+        c.set("queue.buffering.max.kbytes", "32768");
+    }
     c
 }
 
+/// Whether the user set `key` in `[kafka.options]` or the client's table.
+fn user_set(config: &Config, specific: &BTreeMap<String, String>, key: &str) -> bool {
+    config.kafka.options.contains_key(key) || specific.contains_key(key)
+}
+
 /// The user's raw options (shared, then client-specific) and the brokers.
-pub fn client_config(
-    config: &Config,
-    specific: &BTreeMap<String, String>,
-) -> ClientConfig {
+pub fn client_config(config: &Config, specific: &BTreeMap<String, String>) -> ClientConfig {
     let mut c = ClientConfig::new();
     for (k, v) in config.kafka.options.iter().chain(specific) {
         c.set(k, v);
@@ -44,15 +54,11 @@ pub fn consumer_config(config: &Config) -> ClientConfig {
             config.metrics.lag_interval_ms.to_string(),
         );
     }
-    if !config
-        .kafka
-        .options
-        .contains_key("queued.max.messages.kbytes")
-        && !config
-            .kafka
-            .consumer_options
-            .contains_key("queued.max.messages.kbytes")
-    {
+    if !user_set(
+        config,
+        &config.kafka.consumer_options,
+        "queued.max.messages.kbytes",
+    ) {
         c.set(
             "queued.max.messages.kbytes",
             config.pipeline.prefetch_kbytes.to_string(),
@@ -60,4 +66,3 @@ pub fn consumer_config(config: &Config) -> ClientConfig {
     }
     c
 }
-

@@ -12,12 +12,16 @@ pub mod dedup;
 pub mod dev;
 pub mod envelope;
 pub mod failure;
+pub mod finalizer;
 pub mod guest_output;
+pub mod halt;
 pub mod handler;
 pub mod kafka;
 pub mod metrics;
 pub mod pipeline;
+pub mod publish;
 pub mod replay;
+pub mod retry_topic;
 pub mod telemetry;
 
 use std::sync::Arc;

@@ -65,6 +65,17 @@ enum IdempotencyCommand {
 fn main() {
     let cli = Cli::parse();
     init_logging(cli.log_json, matches!(cli.command, Command::Dev(_)));
+    // A panic is logged like every other line (JSON with --log-json), with
+    // its thread (a partition worker is named weir-<topic>-<partition>).
+    std::panic::set_hook(Box::new(|info| {
+        let thread = std::thread::current();
+        tracing::error!(
+            panic = %weir::halt::panic_text(info.payload()),
+            location = %info.location().map(ToString::to_string).unwrap_or_default(),
+            thread = thread.name().unwrap_or("unnamed"),
+            "panic"
+        );
+    }));
     if let Err(e) = real_main(cli) {
         eprintln!("error: {e:#}");
         std::process::exit(1);

@@ -46,6 +46,11 @@ pub struct Metrics {
     /// Failed attempts to publish a record (each record is retried;
     /// nothing is committed past it).
     pub produce_errors: IntCounter,
+    /// Errors of the Kafka clients by operation (`commit`, `store_offset`,
+    /// `consume`, `rebalance`).
+    pub kafka_errors: IntCounterVec,
+    /// Partitions stopped because their dead letters cannot be written.
+    pub stopped_partitions: IntGauge,
     /// Events fetched whose outcome is not final yet.
     pub in_flight: IntGauge,
     /// Partitions paused for backpressure now.
@@ -157,7 +162,18 @@ impl Metrics {
             produce_errors: gauge_counter(
                 &r,
                 "weir_produce_errors_total",
-                "Failed attempts to publish a record (refused by the broker or not taken by the producer); each record is retried",
+                "Records the broker or the producer refused (retriable ones are sent again; permanent ones dead-letter their event, or stop the partition for a dead letter)",
+            ),
+            kafka_errors: counter(
+                &r,
+                "weir_kafka_errors_total",
+                "Errors of the Kafka clients, by operation (commit, store_offset, consume, rebalance)",
+                &["operation"],
+            ),
+            stopped_partitions: gauge(
+                &r,
+                "weir_stopped_partitions",
+                "Partitions stopped because a dead letter was refused for good (nothing is committed past it)",
             ),
             in_flight: gauge(
                 &r,
@@ -355,20 +371,45 @@ pub struct Health {
     pub joined: AtomicBool,
     /// A shutdown started: load balancers should stop sending traffic.
     pub stopping: AtomicBool,
+    /// What keeps the instance from doing its work (a stopped partition,
+    /// failing commits, a halt), by a key naming the cause.
+    problems: std::sync::Mutex<std::collections::BTreeMap<String, String>>,
 }
 
 impl Health {
     /// None when ready, else why not.
-    pub fn not_ready(&self) -> Option<&'static str> {
+    pub fn not_ready(&self) -> Option<String> {
         if self.stopping.load(Ordering::Relaxed) {
-            Some("shutting down")
-        } else if !self.handlers_loaded.load(Ordering::Relaxed) {
-            Some("loading handlers")
+            return Some("shutting down".into());
+        }
+        let problems = self.problems.lock().unwrap_or_else(|e| e.into_inner());
+        if !problems.is_empty() {
+            return Some(problems.values().cloned().collect::<Vec<_>>().join("; "));
+        }
+        if !self.handlers_loaded.load(Ordering::Relaxed) {
+            Some("loading handlers".into())
         } else if !self.joined.load(Ordering::Relaxed) {
-            Some("joining the consumer group")
+            Some("joining the consumer group".into())
         } else {
             None
         }
+    }
+
+    /// Reports a problem under `key` (replacing an earlier one): not ready
+    /// until it is cleared.
+    pub fn set_problem(&self, key: &str, reason: String) {
+        self.problems
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key.to_owned(), reason);
+    }
+
+    /// The problem under `key` is over.
+    pub fn clear_problem(&self, key: &str) {
+        self.problems
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key);
     }
 }
 
@@ -486,12 +527,15 @@ mod tests {
     #[test]
     fn readiness_needs_handlers_and_a_group() {
         let h = Health::default();
-        assert_eq!(h.not_ready(), Some("loading handlers"));
+        assert_eq!(h.not_ready(), Some("loading handlers".to_string()));
         h.handlers_loaded.store(true, Ordering::Relaxed);
-        assert_eq!(h.not_ready(), Some("joining the consumer group"));
+        assert_eq!(
+            h.not_ready(),
+            Some("joining the consumer group".to_string())
+        );
         h.joined.store(true, Ordering::Relaxed);
         assert_eq!(h.not_ready(), None);
         h.stopping.store(true, Ordering::Relaxed);
-        assert_eq!(h.not_ready(), Some("shutting down"));
+        assert_eq!(h.not_ready(), Some("shutting down".to_string()));
     }
 }

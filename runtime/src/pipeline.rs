@@ -24,21 +24,24 @@ use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::TopicPartitionList;
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
 
 use crate::config::{Config, RetryMode};
-use crate::kafka::{client_config, consumer_config, producer_config};
 use crate::deadletter::{self, DeadLetter};
 use crate::dedup::{self, Dedup};
 use crate::envelope::{self, Produce, Record};
 use crate::failure::FailureKind;
+use crate::finalizer::Offsets;
+use crate::halt::{panic_text, Halt};
 use crate::handler::{CallOutcome, HandlerInstance, LoadedHandler};
+use crate::kafka::{client_config, consumer_config};
 use crate::metrics::{HandlerMetrics, Health, Metrics};
+use crate::publish::{Ack, Acked, Publisher};
+use crate::replay;
+use crate::retry_topic::{self, DelayQueue, RetryInfo};
 use crate::telemetry::{self, attr, Tracing};
 
 type TopicPartition = (String, i32);
@@ -122,7 +125,11 @@ impl Observability {
 /// Everything a worker and a finalizer need, shared.
 struct Shared {
     config: Config,
-    producer: FutureProducer,
+    publisher: Publisher,
+    halt: Halt,
+    /// Fault injection for the end-to-end tests: the worker of this
+    /// `topic/partition` panics at this offset (`WEIR_FAULT_PANIC_AT`).
+    panic_at: Option<(String, i32, i64)>,
     by_topic: HashMap<String, Vec<Arc<LoadedHandler>>>,
     retry_topics: std::collections::HashSet<String>,
     dedup: Option<Arc<Dedup>>,
@@ -137,9 +144,9 @@ impl Shared {
         &self.obs.tracing
     }
 
-    fn produce_error(&self) {
+    fn kafka_error(&self, operation: &str) {
         if let Some(m) = &self.obs.metrics {
-            m.produce_errors.inc();
+            m.kafka_errors.with_label_values(&[operation]).inc();
         }
     }
 }
@@ -159,6 +166,9 @@ struct Worker {
     stop: Arc<AtomicBool>,
     /// Set to abandon even the acknowledgements being awaited.
     cancel: Arc<AtomicBool>,
+    /// Set when the partition stopped for good (a dead letter was refused):
+    /// its records are dropped uncommitted until the partition moves.
+    stopped: Arc<AtomicBool>,
     done: watch::Receiver<bool>,
     thread: Option<JoinHandle<()>>,
     /// Events handed to this partition's worker (or parked) and not final yet.
@@ -200,12 +210,25 @@ struct Workers {
     over_total: AtomicBool,
 }
 
+/// Commit failures in a row after which the instance is not ready.
+const COMMIT_FAILURES_NOT_READY: u32 = 3;
+
 /// The consumer context: flushes revoked partitions before they move,
-/// reports joining the group and consumer lag.
+/// reports joining the group, commit results and consumer lag.
 struct WeirContext {
     workers: Arc<Workers>,
     drain_timeout: Duration,
     obs: Observability,
+    /// Commits that failed since the last one that succeeded.
+    commit_failures: std::sync::atomic::AtomicU32,
+}
+
+impl WeirContext {
+    fn kafka_error(&self, operation: &str) {
+        if let Some(m) = &self.obs.metrics {
+            m.kafka_errors.with_label_values(&[operation]).inc();
+        }
+    }
 }
 
 impl ClientContext for WeirContext {
@@ -213,6 +236,11 @@ impl ClientContext for WeirContext {
         if let Some(m) = &self.obs.metrics {
             m.record_lag(&statistics);
         }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        error!(error = %error, reason, "Kafka consumer error");
+        self.kafka_error("consume");
     }
 }
 
@@ -227,6 +255,15 @@ impl ConsumerContext for WeirContext {
             for e in tpl.elements() {
                 if let Some(mut w) = map.remove(&(e.topic().to_owned(), e.partition())) {
                     w.close(&self.workers);
+                    if w.stopped.load(Ordering::SeqCst) {
+                        // No longer ours: its new owner tries again.
+                        self.obs
+                            .health
+                            .clear_problem(&partition_key(e.topic(), e.partition()));
+                        if let Some(m) = &self.obs.metrics {
+                            m.stopped_partitions.dec();
+                        }
+                    }
                     revoked.push(w);
                 }
             }
@@ -243,21 +280,61 @@ impl ConsumerContext for WeirContext {
     }
 
     fn post_rebalance(&self, base: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Assign(tpl) = rebalance {
-            info!(partitions = tpl.count(), "partitions assigned");
-            self.obs.health.joined.store(true, Ordering::Relaxed);
-            // A partition paused before it was revoked stays paused in
-            // librdkafka when it comes back; it has no worker yet, so
-            // nothing else would resume it.
-            if let Err(e) = base.resume(tpl) {
-                warn!(error = %e, "cannot resume assigned partitions");
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                info!(partitions = tpl.count(), "partitions assigned");
+                self.obs.health.joined.store(true, Ordering::Relaxed);
+                // A partition paused before it was revoked stays paused in
+                // librdkafka when it comes back; it has no worker yet, so
+                // nothing else would resume it.
+                if let Err(e) = base.resume(tpl) {
+                    warn!(error = %e, "cannot resume assigned partitions");
+                }
+            }
+            Rebalance::Revoke(_) => {}
+            Rebalance::Error(e) => {
+                error!(error = %e, "consumer group rebalance failed");
+                self.kafka_error("rebalance");
+            }
+        }
+    }
+
+    fn commit_callback(
+        &self,
+        result: rdkafka::error::KafkaResult<()>,
+        _offsets: &TopicPartitionList,
+    ) {
+        match result {
+            Ok(()) => {
+                if self.commit_failures.swap(0, Ordering::Relaxed) >= COMMIT_FAILURES_NOT_READY {
+                    info!("offset commits succeed again");
+                }
+                self.obs.health.clear_problem("commit");
+            }
+            Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+            Err(e) => {
+                self.kafka_error("commit");
+                let n = self.commit_failures.fetch_add(1, Ordering::Relaxed) + 1;
+                error!(error = %e, failures_in_a_row = n, "offset commit failed");
+                if n >= COMMIT_FAILURES_NOT_READY {
+                    self.obs.health.set_problem(
+                        "commit",
+                        format!("{n} offset commits in a row failed, the last with: {e}"),
+                    );
+                }
             }
         }
     }
 }
 
-/// Waits for workers' finalizers until `deadline`, then cancels the rest.
-fn drain(workers: &mut [Worker], deadline: Instant) {
+/// The key of a partition's problem in [`Health`].
+fn partition_key(topic: &str, partition: i32) -> String {
+    format!("partition {topic}/{partition}")
+}
+
+/// Waits for workers' finalizers until `deadline`, then cancels the rest;
+/// returns how many were cancelled with events unfinished.
+fn drain(workers: &mut [Worker], deadline: Instant) -> usize {
     let wait = |w: &mut Worker| {
         let mut done = w.done.clone();
         let left = deadline.saturating_duration_since(Instant::now());
@@ -266,14 +343,20 @@ fn drain(workers: &mut [Worker], deadline: Instant) {
         };
         match tokio::runtime::Handle::try_current() {
             Ok(h) => tokio::task::block_in_place(|| h.block_on(fut)),
-            Err(_) => futures::executor::block_on(fut),
+            Err(_) => tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .expect("a runtime to wait on")
+                .block_on(fut),
         }
     };
+    let mut abandoned = 0;
     for w in workers.iter_mut() {
         wait(w);
         if !*w.done.borrow() {
             warn!("in-flight events did not finish in time; they will be redelivered");
             w.cancel.store(true, Ordering::SeqCst);
+            abandoned += 1;
         }
     }
     for w in workers.iter_mut() {
@@ -286,13 +369,16 @@ fn drain(workers: &mut [Worker], deadline: Instant) {
             }
         }
     }
+    abandoned
 }
 
+/// Commits the stored offsets now; failures are counted by the commit
+/// callback.
 fn commit_sync<C: ConsumerContext>(consumer: &impl Consumer<C>) {
     match consumer.commit_consumer_state(CommitMode::Sync) {
         Ok(()) => debug!("offsets committed"),
         Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
-        Err(e) => warn!(error = %e, "offset commit failed"),
+        Err(e) => error!(error = %e, "offset commit failed"),
     }
 }
 
@@ -319,14 +405,14 @@ pub async fn run(
             }
         }
     }
-    let producer: FutureProducer = producer_config(&config)
-        .create()
-        .context("cannot create the Kafka producer")?;
+    let (halt, mut halted) = Halt::new(obs.health.clone());
+    let publisher = Publisher::new(&config, halt.clone(), obs.metrics.clone())?;
     let workers = Arc::new(Workers::default());
     let context = WeirContext {
         workers: workers.clone(),
         drain_timeout: config.pipeline.drain_timeout(),
         obs: obs.clone(),
+        commit_failures: Default::default(),
     };
     let consumer: Arc<StreamConsumer<WeirContext>> = Arc::new(
         consumer_config(&config)
@@ -343,7 +429,14 @@ pub async fn run(
 
     let shared = Arc::new(Shared {
         config,
-        producer,
+        publisher,
+        halt,
+        panic_at: std::env::var("WEIR_FAULT_PANIC_AT").ok().and_then(|v| {
+            let mut it = v.rsplitn(3, '/');
+            let offset = it.next()?.parse().ok()?;
+            let partition = it.next()?.parse().ok()?;
+            Some((it.next()?.to_owned(), partition, offset))
+        }),
         by_topic,
         retry_topics: handlers
             .iter()
@@ -364,10 +457,8 @@ pub async fn run(
             let mut tick = tokio::time::interval(every);
             loop {
                 tick.tick().await;
-                match consumer.commit_consumer_state(CommitMode::Async) {
-                    Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
-                    Err(e) => warn!(error = %e, "offset commit failed"),
-                }
+                // The result reaches the commit callback.
+                let _ = consumer.commit_consumer_state(CommitMode::Async);
             }
         })
     };
@@ -378,16 +469,20 @@ pub async fn run(
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
+            _ = halted.changed() => break,
             msg = consumer.recv() => match msg {
-                Ok(msg) => dispatch(&shared, &consumer, &workers, to_record(&msg)),
-                Err(e) => warn!(error = %e, "consumer error"),
+                Ok(msg) => dispatch(&shared, &consumer, &workers, Record::from_message(&msg)),
+                Err(e) => {
+                    error!(error = %e, "consumer error");
+                    shared.kafka_error("consume");
+                }
             },
             _ = resume_tick.tick() => unpark(&consumer, &workers, &shared),
             _ = stats_tick.tick() => shared.stats.log_progress(),
         }
     }
 
-    info!("shutting down: finishing in-flight events");
+    let halt_reason = shared.halt.reason();
     shared.obs.health.stopping.store(true, Ordering::Relaxed);
     commit_task.abort();
     let mut all: Vec<Worker> = {
@@ -399,10 +494,25 @@ pub async fn run(
             })
             .collect()
     };
-    let deadline = Instant::now() + shared.config.pipeline.drain_timeout();
-    drain(&mut all, deadline);
+    // Halting: nothing more is finished (the producer may be broken);
+    // what is final is committed, the rest is redelivered.
+    let deadline = if halt_reason.is_some() {
+        Instant::now()
+    } else {
+        info!("shutting down: finishing in-flight events");
+        Instant::now() + shared.config.pipeline.drain_timeout()
+    };
+    let abandoned = drain(&mut all, deadline);
     commit_sync(consumer.as_ref());
     shared.stats.log_progress();
+    if let Some(reason) = halt_reason {
+        anyhow::bail!("stopped: {reason}");
+    }
+    if abandoned > 0 {
+        anyhow::bail!(
+            "stopped with the events in hand of {abandoned} partition(s) unfinished after pipeline.drain_timeout_ms; they will be redelivered"
+        );
+    }
     info!("offsets committed; stopped");
     Ok(())
 }
@@ -469,30 +579,6 @@ async fn ensure_topics(config: &Config, consumer: &StreamConsumer<WeirContext>) 
     }
 }
 
-fn to_record(msg: &impl Message) -> Record {
-    Record {
-        topic: msg.topic().to_owned(),
-        partition: msg.partition(),
-        offset: msg.offset(),
-        timestamp_ms: msg.timestamp().to_millis().unwrap_or(0),
-        key: msg.key().map(<[u8]>::to_vec),
-        value: msg.payload().map(<[u8]>::to_vec).unwrap_or_default(),
-        headers: msg
-            .headers()
-            .map(|hs| {
-                hs.iter()
-                    .map(|h| {
-                        (
-                            h.key.to_owned(),
-                            h.value.map(<[u8]>::to_vec).unwrap_or_default(),
-                        )
-                    })
-                    .collect()
-            })
-            .unwrap_or_default(),
-    }
-}
-
 fn tpl_of(tp: &TopicPartition) -> TopicPartitionList {
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition(&tp.0, tp.1);
@@ -512,6 +598,14 @@ fn dispatch(
     let w = map
         .entry(tp.clone())
         .or_insert_with(|| spawn_worker(shared.clone(), consumer, &tp, record.offset));
+    if w.stopped.load(Ordering::Relaxed) {
+        // Left uncommitted: redelivered once the partition moves or the
+        // instance restarts.
+        if !w.paused && consumer.pause(&tpl_of(&tp)).is_ok() {
+            w.paused = true;
+        }
+        return;
+    }
     if record.offset < w.next_offset {
         return; // already handed over; refetched after a pause
     }
@@ -525,7 +619,7 @@ fn dispatch(
         match tx.try_send(record) {
             Ok(()) => return,
             Err(mpsc::error::TrySendError::Full(record)) => record,
-            Err(mpsc::error::TrySendError::Closed(_)) => worker_died(&tp),
+            Err(mpsc::error::TrySendError::Closed(_)) => return worker_died(shared, &tp),
         }
     };
     let parked = workers
@@ -546,13 +640,31 @@ fn dispatch(
     }
 }
 
-/// A worker thread that ended while its partition is assigned is a bug;
-/// carrying on would commit past the events it dropped. Exiting keeps the
-/// promise: everything after the last commit is redelivered.
-fn worker_died(tp: &TopicPartition) -> ! {
-    error!(topic = %tp.0, partition = tp.1,
-        "a partition worker stopped unexpectedly; exiting so that its events are redelivered");
-    std::process::exit(70)
+/// A worker thread that ended while its partition is assigned is a bug
+/// (a panic is reported where it happens); carrying on would commit past
+/// the events it dropped, so the runtime halts and they are redelivered.
+fn worker_died(shared: &Shared, tp: &TopicPartition) {
+    shared.halt.halt(format!(
+        "the worker of partition {}/{} stopped unexpectedly",
+        tp.0, tp.1
+    ));
+}
+
+/// Whether the events queued over all partitions are over the total
+/// bound, with hysteresis: over at the bound, under again at half of it,
+/// so partitions do not flap between paused and resumed.
+fn over_total(was_over: bool, queued: usize, max_total: usize) -> bool {
+    if was_over {
+        queued * 2 >= max_total
+    } else {
+        queued >= max_total
+    }
+}
+
+/// Whether a paused partition may resume: nothing held back and at least
+/// half its worker's queue free.
+fn may_resume(parked: usize, free: usize, capacity: usize) -> bool {
+    parked == 0 && free * 2 >= capacity
 }
 
 /// Moves parked records into workers with room, resuming drained partitions.
@@ -573,13 +685,11 @@ fn unpark(consumer: &StreamConsumer<WeirContext>, workers: &Workers, shared: &Sh
         .values()
         .filter_map(|w| w.tx.as_ref().map(|tx| tx.max_capacity() - tx.capacity()))
         .sum();
-    let was_over = workers.over_total.load(Ordering::Relaxed);
-    // Hysteresis: over at the bound, under again at half of it.
-    let over = if was_over {
-        queued * 2 >= max_total
-    } else {
-        queued >= max_total
-    };
+    let over = over_total(
+        workers.over_total.load(Ordering::Relaxed),
+        queued,
+        max_total,
+    );
     workers.over_total.store(over, Ordering::Relaxed);
     if over {
         return;
@@ -596,11 +706,14 @@ fn unpark(consumer: &StreamConsumer<WeirContext>, workers: &Workers, shared: &Sh
                     w.parked.push_front(record);
                     break;
                 }
-                Err(mpsc::error::TrySendError::Closed(_)) => worker_died(tp),
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    worker_died(shared, tp);
+                    break;
+                }
             }
         }
         // Resume once half the queue is free, so a partition does not flap.
-        if w.paused && w.parked.is_empty() && tx.capacity() * 2 >= tx.max_capacity() {
+        if w.paused && may_resume(w.parked.len(), tx.capacity(), tx.max_capacity()) {
             match consumer.resume(&tpl_of(tp)) {
                 Ok(()) => {
                     w.paused = false;
@@ -611,6 +724,14 @@ fn unpark(consumer: &StreamConsumer<WeirContext>, workers: &Workers, shared: &Sh
             }
         }
     }
+}
+
+/// What a worker hands its finalizer, in the order it handles records.
+enum Step {
+    /// A record held until it is due (retry partitions): final later.
+    Deferred(i64),
+    /// A record handled: what must be acknowledged before it is final.
+    Done(Pending),
 }
 
 /// The outcome of one event: what must be acknowledged before its offset
@@ -624,11 +745,40 @@ struct Pending {
 
 /// A record sent for an event, awaited before the event is final.
 struct Delivery {
-    future: DeliveryFuture,
+    ack: Ack,
     /// The producer span, ended at the acknowledgement.
     span: Option<TraceContext>,
     /// Counted once acknowledged (outputs or dead letters of a handler).
     counter: Option<IntCounter>,
+    /// What a refusal for good means.
+    on_refused: OnRefused,
+}
+
+/// What the finalizer does when a record is refused for good.
+enum OnRefused {
+    /// An output or a retry record: the event is dead-lettered for its
+    /// handler as `produce-failed`.
+    DeadLetter(Arc<Fallback>),
+    /// A dead letter to this topic: the partition stops, nothing is
+    /// committed past the event.
+    Stop(String),
+}
+
+/// What dead-lettering an event for one handler takes, should one of the
+/// records its call produced be refused.
+struct Fallback {
+    record: Arc<Record>,
+    handler: Arc<LoadedHandler>,
+    metrics: HandlerMetrics,
+    attempts: u32,
+    first_failure: OffsetDateTime,
+    correlation_id: String,
+    cx: TraceContext,
+    /// Marked once the dead letter is acknowledged, when the call's own
+    /// mark is not (a retry hop that could not be written).
+    mark: Option<Vec<u8>>,
+    /// Set once dead-lettered: an event is dead-lettered once per handler.
+    used: AtomicBool,
 }
 
 fn spawn_worker(
@@ -639,31 +789,63 @@ fn spawn_worker(
 ) -> Worker {
     let capacity = shared.config.pipeline.max_in_flight_per_partition;
     let (tx, rx) = mpsc::channel::<Record>(capacity);
-    let (pending_tx, pending_rx) = mpsc::channel::<Pending>(capacity);
+    let (pending_tx, pending_rx) = mpsc::channel::<Step>(capacity);
     let (done_tx, done_rx) = watch::channel(false);
     let cancel = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
+    let stopped = Arc::new(AtomicBool::new(false));
     let handlers = shared.by_topic.get(&tp.0).cloned().unwrap_or_default();
     let in_flight = Arc::new(AtomicI64::new(0));
     debug!(topic = %tp.0, partition = tp.1, first_offset, "starting partition worker");
 
-    tokio::spawn(finalize(
-        tp.clone(),
-        pending_rx,
-        consumer.clone(),
-        shared.clone(),
-        in_flight.clone(),
-        cancel.clone(),
-        done_tx,
-    ));
+    let finalizer = Finalizer {
+        tp: tp.clone(),
+        consumer: consumer.clone(),
+        shared: shared.clone(),
+        in_flight: in_flight.clone(),
+        cancel: cancel.clone(),
+        stopped: stopped.clone(),
+    };
+    {
+        let halt = shared.halt.clone();
+        let tp = tp.clone();
+        tokio::spawn(async move {
+            use futures::FutureExt;
+            let run = std::panic::AssertUnwindSafe(finalizer.run(pending_rx)).catch_unwind();
+            if let Err(panic) = run.await {
+                halt.halt(format!(
+                    "the finalizer of partition {}/{} panicked: {}",
+                    tp.0,
+                    tp.1,
+                    panic_text(panic.as_ref())
+                ));
+            }
+            let _ = done_tx.send(true);
+        });
+    }
     let thread = {
         let cancel = cancel.clone();
         let stop = stop.clone();
         let tp = tp.clone();
+        let runtime = tokio::runtime::Handle::current();
         std::thread::Builder::new()
             .name(format!("weir-{}-{}", tp.0, tp.1))
             .spawn(move || {
-                PartitionWorker::new(shared, handlers, cancel).run(rx, pending_tx, &stop);
+                let halt = shared.halt.clone();
+                let is_retry = shared.retry_topics.contains(&tp.0);
+                let worker = PartitionWorker::new(shared, handlers, cancel, is_retry);
+                let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    worker.run(rx, pending_tx, &stop, runtime)
+                }));
+                if let Err(panic) = run {
+                    // Noticed at once, not at the partition's next record.
+                    let text = panic_text(panic.as_ref());
+                    error!(topic = %tp.0, partition = tp.1, panic = %text, "a partition worker panicked");
+                    halt.halt(format!(
+                        "the worker of partition {}/{} panicked: {text}",
+                        tp.0, tp.1
+                    ));
+                }
             })
             .expect("spawning a worker thread")
     };
@@ -674,214 +856,229 @@ fn spawn_worker(
         next_offset: first_offset,
         stop,
         cancel,
+        stopped,
         done: done_rx,
         thread: Some(thread),
         in_flight,
     }
 }
 
-/// Awaits each event's acknowledgements in offset order, marks the
-/// events in the idempotency store, then stores the offset after them.
-/// Events that are ready together are marked in one batch. A record the
-/// broker refused is sent again, so nothing is committed past an output or
-/// dead letter that is not durable.
-async fn finalize(
+/// One partition's finalizer: awaits each event's acknowledgements in the
+/// order the worker handled them, marks the events in the idempotency
+/// store, then stores the offset below every unfinished event. Events that
+/// are ready together are marked in one batch. A record refused for a
+/// reason that can pass is sent again; one refused for good dead-letters
+/// its event, or, if it is a dead letter, stops the partition, so nothing
+/// is committed past an output or dead letter that is not durable.
+struct Finalizer {
     tp: TopicPartition,
-    mut pending: mpsc::Receiver<Pending>,
     consumer: Arc<StreamConsumer<WeirContext>>,
     shared: Arc<Shared>,
     in_flight: Arc<AtomicI64>,
     cancel: Arc<AtomicBool>,
-    done: watch::Sender<bool>,
-) {
-    let (stats, dedup) = (&shared.stats, &shared.dedup);
-    const BATCH: usize = 512;
-    let mut batch = Vec::with_capacity(BATCH);
-    'events: while let Some(first) = pending.recv().await {
-        batch.push(first);
-        while batch.len() < BATCH {
-            match pending.try_recv() {
-                Ok(p) => batch.push(p),
-                Err(_) => break,
-            }
-        }
-        for p in batch.iter_mut() {
-            for delivery in p.deliveries.drain(..) {
-                if !acknowledged(delivery.future, &shared, &cancel, delivery.span.as_ref()).await {
-                    break 'events;
+    stopped: Arc<AtomicBool>,
+}
+
+impl Finalizer {
+    async fn run(self, mut steps: mpsc::Receiver<Step>) {
+        let (stats, dedup) = (&self.shared.stats, &self.shared.dedup);
+        const BATCH: usize = 512;
+        let mut batch: Vec<Pending> = Vec::with_capacity(BATCH);
+        let mut offsets = Offsets::default();
+        let mut deferred: Vec<i64> = Vec::new();
+        'events: while let Some(first) = steps.recv().await {
+            let mut next = Some(first);
+            while let Some(step) = next.take() {
+                match step {
+                    Step::Deferred(offset) => deferred.push(offset),
+                    Step::Done(p) => batch.push(p),
                 }
-                stats.outputs.fetch_add(1, Ordering::Relaxed);
+                if batch.len() < BATCH {
+                    next = steps.try_recv().ok();
+                }
+            }
+            for offset in deferred.drain(..) {
+                offsets.defer(offset);
+            }
+            for i in 0..batch.len() {
+                let deliveries = std::mem::take(&mut batch[i].deliveries);
+                for delivery in deliveries {
+                    match self.settle(delivery).await {
+                        Settled::Done(mark) => batch[i].marks.extend(mark),
+                        Settled::Stop(reason) => {
+                            self.stop(batch[i].offset, reason);
+                            break 'events;
+                        }
+                        Settled::Abandoned => break 'events,
+                    }
+                }
+            }
+            if self.cancel.load(Ordering::SeqCst) {
+                break;
+            }
+            if let Some(dedup) = &dedup {
+                let keys = batch.iter().flat_map(|p| p.marks.iter().map(Vec::as_slice));
+                let mut backoff = Duration::from_millis(100);
+                while let Err(e) = dedup.mark(keys.clone()) {
+                    // Committing without the marks would let duplicates through
+                    // after a crash: wait for the store instead.
+                    error!(error = %format!("{e:#}"), "cannot mark events as processed; retrying");
+                    if self.cancel.load(Ordering::SeqCst) {
+                        break 'events;
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+            }
+            for p in &batch {
+                offsets.finish(p.offset);
+            }
+            if let Some(offset) = offsets.storable() {
+                if let Err(e) = self.consumer.store_offset(&self.tp.0, self.tp.1, offset) {
+                    // The partition is no longer ours (the new owner starts
+                    // from the last commit), or the client is failing.
+                    warn!(topic = %self.tp.0, partition = self.tp.1, offset, error = %e, "offset not stored");
+                    self.shared.kafka_error("store_offset");
+                }
+            }
+            stats
+                .events_final
+                .fetch_add(batch.len() as u64, Ordering::Relaxed);
+            self.in_flight
+                .fetch_sub(batch.len() as i64, Ordering::Relaxed);
+            batch.clear();
+        }
+    }
+
+    /// Awaits one record; on a refusal for good, does what its event needs.
+    async fn settle(&self, delivery: Delivery) -> Settled {
+        let shared = &self.shared;
+        match shared
+            .publisher
+            .acknowledged(delivery.ack, &self.cancel, delivery.span.as_ref())
+            .await
+        {
+            Acked::Yes => {
+                shared.stats.outputs.fetch_add(1, Ordering::Relaxed);
                 if let Some(c) = delivery.counter {
                     c.inc();
                 }
                 if let Some(span) = delivery.span {
                     telemetry::end(&span);
                 }
+                Settled::Done(None)
             }
-        }
-        if cancel.load(Ordering::SeqCst) {
-            break;
-        }
-        if let Some(dedup) = &dedup {
-            let keys = batch.iter().flat_map(|p| p.marks.iter().map(Vec::as_slice));
-            let mut backoff = Duration::from_millis(100);
-            while let Err(e) = dedup.mark(keys.clone()) {
-                // Committing without the marks would let duplicates through
-                // after a crash: wait for the store instead.
-                error!(error = %format!("{e:#}"), "cannot mark events as processed; retrying");
-                if cancel.load(Ordering::SeqCst) {
-                    break 'events;
+            Acked::Abandoned => Settled::Abandoned,
+            Acked::Refused(reason) => {
+                if let Some(span) = &delivery.span {
+                    telemetry::end(span);
                 }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(10));
-            }
-        }
-        let last = batch.last().expect("a non-empty batch").offset;
-        if let Err(e) = consumer.store_offset(&tp.0, tp.1, last) {
-            // Only fails when the partition is no longer ours; the new owner
-            // starts from the last commit.
-            debug!(topic = %tp.0, partition = tp.1, error = %e, "offset not stored");
-        }
-        stats
-            .events_final
-            .fetch_add(batch.len() as u64, Ordering::Relaxed);
-        in_flight.fetch_sub(batch.len() as i64, Ordering::Relaxed);
-        batch.clear();
-    }
-    let _ = done.send(true);
-}
-
-/// Waits for one record's acknowledgement, re-sending it while the broker
-/// refuses it. False when cancelled before it was acknowledged.
-async fn acknowledged(
-    mut delivery: DeliveryFuture,
-    shared: &Shared,
-    cancel: &AtomicBool,
-    span: Option<&TraceContext>,
-) -> bool {
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        let outcome = loop {
-            tokio::select! {
-                r = &mut delivery => break r,
-                _ = tokio::time::sleep(Duration::from_millis(100)) => {
-                    if cancel.load(Ordering::SeqCst) {
-                        gave_up(span);
-                        return false;
+                match delivery.on_refused {
+                    OnRefused::Stop(topic) => Settled::Stop(format!(
+                        "the dead-letter topic {topic} refused a record for good: {reason}"
+                    )),
+                    OnRefused::DeadLetter(f) => {
+                        if f.used.swap(true, Ordering::SeqCst) {
+                            return Settled::Done(None);
+                        }
+                        let d = self.dead_letter(&f, &reason).await;
+                        match Box::pin(self.settle(d)).await {
+                            Settled::Done(_) => Settled::Done(f.mark.clone()),
+                            other => other,
+                        }
                     }
                 }
             }
+        }
+    }
+
+    /// The dead letter of an event one of whose records was refused.
+    async fn dead_letter(&self, f: &Fallback, reason: &str) -> Delivery {
+        let shared = &self.shared;
+        let h = &f.handler;
+        let topic = h.config_entry.dead_letter_topic_of(&f.record.topic);
+        let message = format!("the broker refused a record of this event for good: {reason}");
+        warn!(trace_id = %telemetry::trace_id(&f.cx), handler = %h.name,
+            correlation_id = %f.correlation_id, topic = %f.record.topic,
+            partition = f.record.partition, offset = f.record.offset,
+            reason = %message, dead_letter_topic = %topic, "event dead-lettered: produce failed");
+        f.metrics.failed(FailureKind::ProduceFailed, None);
+        let dl = DeadLetter {
+            record: &f.record,
+            kind: FailureKind::ProduceFailed,
+            message,
+            handler: h.name.clone(),
+            handler_version: h.version.clone(),
+            attempts: f.attempts,
+            group_id: &shared.config.kafka.group_id,
+            first_failure: f.first_failure,
+            last_failure: OffsetDateTime::now_utc(),
         };
-        let (err, msg) = match outcome {
-            Ok(Ok(_)) => return true,
-            Ok(Err((err, msg))) => (err, msg),
-            Err(_) => {
-                // The producer is gone: shutting down.
-                gave_up(span);
-                return false;
-            }
-        };
-        error!(topic = msg.topic(), error = %err,
-            "a record could not be published; the partition waits and retries (nothing is committed past it)");
-        shared.produce_error();
-        if let Some(span) = span {
-            telemetry::event(span, || {
-                (
-                    "produce error",
-                    vec![KeyValue::new("error", err.to_string())],
-                )
-            });
+        let mut produce = dl.into_produce(topic.clone());
+        let span = publish_span(
+            shared.tracing(),
+            &f.cx,
+            &mut produce,
+            &f.correlation_id,
+            Some(FailureKind::ProduceFailed.name()),
+        );
+        shared.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+        let ack = shared
+            .publisher
+            .send_now(&produce, &self.cancel)
+            .await
+            .unwrap_or_else(|| Ack::Refused("cancelled".into()));
+        Delivery {
+            ack,
+            span,
+            counter: f.metrics.dead_letter_counter(),
+            on_refused: OnRefused::Stop(topic),
         }
-        if cancel.load(Ordering::SeqCst) {
-            gave_up(span);
-            return false;
-        }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(10));
-        let again = to_record(&msg);
-        let produce = Produce {
-            topic: again.topic,
-            key: again.key,
-            value: again.value,
-            headers: again.headers,
-        };
-        match send_async(shared, &produce, cancel).await {
-            Some(d) => delivery = d,
-            None => {
-                gave_up(span);
-                return false;
-            }
+    }
+
+    /// Stops the partition for good: the worker stops, its records are left
+    /// uncommitted, and the instance is not ready until the partition moves.
+    fn stop(&self, offset: i64, reason: String) {
+        let (topic, partition) = (&self.tp.0, self.tp.1);
+        error!(topic = %topic, partition, offset, reason = %reason,
+            "partition stopped: nothing past this event is committed until the cause is fixed and the partition moves or the instance restarts");
+        self.stopped.store(true, Ordering::SeqCst);
+        self.cancel.store(true, Ordering::SeqCst);
+        self.shared.obs.health.set_problem(
+            &partition_key(topic, partition),
+            format!("partition {topic}/{partition} stopped at offset {offset}: {reason}"),
+        );
+        if let Some(m) = &self.shared.obs.metrics {
+            m.stopped_partitions.inc();
         }
     }
 }
 
-/// Marks a producer span whose record was given up on (it is redelivered
-/// with its event).
-fn gave_up(span: Option<&TraceContext>) {
-    if let Some(span) = span {
-        telemetry::fail(span, "not-acknowledged", "given up at shutdown or revoke");
-    }
+/// How one record's delivery ended for its event.
+enum Settled {
+    /// Acknowledged (or dead-lettered instead): maybe one more key to mark.
+    Done(Option<Vec<u8>>),
+    /// A dead letter was refused for good.
+    Stop(String),
+    /// Cancelled or halting.
+    Abandoned,
 }
 
-/// Enqueues a record, waiting while the producer's queue is full. None
-/// when cancelled. For worker threads.
-fn send(shared: &Shared, p: &Produce, cancel: &AtomicBool) -> Option<DeliveryFuture> {
-    loop {
-        match enqueue(shared, p) {
-            Ok(d) => return Some(d),
-            Err(wait) => {
-                if cancel.load(Ordering::SeqCst) {
-                    return None;
-                }
-                std::thread::sleep(wait);
-            }
-        }
-    }
-}
-
-/// [`send`] for async tasks.
-async fn send_async(shared: &Shared, p: &Produce, cancel: &AtomicBool) -> Option<DeliveryFuture> {
-    loop {
-        match enqueue(shared, p) {
-            Ok(d) => return Some(d),
-            Err(wait) => {
-                if cancel.load(Ordering::SeqCst) {
-                    return None;
-                }
-                tokio::time::sleep(wait).await;
-            }
-        }
-    }
-}
-
-/// One attempt to enqueue a record; on failure, how long to wait before
-/// the next.
-fn enqueue(shared: &Shared, p: &Produce) -> Result<DeliveryFuture, Duration> {
-    let mut headers = OwnedHeaders::new_with_capacity(p.headers.len());
-    for (k, v) in &p.headers {
-        headers = headers.insert(Header {
-            key: k,
-            value: Some(v),
-        });
-    }
-    let mut record = FutureRecord::to(&p.topic)
-        .payload(&p.value)
-        .headers(headers);
-    if let Some(k) = &p.key {
-        record = record.key(k);
-    }
-    match shared.producer.send_result(record) {
-        Ok(d) => Ok(d),
-        // The producer's queue drains as the broker acknowledges.
-        Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-            Err(Duration::from_millis(5))
-        }
-        Err((e, _)) => {
-            error!(topic = %p.topic, error = %e, "cannot enqueue a record; retrying");
-            shared.produce_error();
-            Err(Duration::from_millis(100))
-        }
-    }
+/// Starts the producer span of a record sent on behalf of the span in `cx`
+/// and writes its context into the record's headers, so whoever consumes
+/// the record continues the trace.
+fn publish_span(
+    tracing: &Tracing,
+    cx: &TraceContext,
+    p: &mut Produce,
+    correlation_id: &str,
+    dead_letter_reason: Option<&str>,
+) -> Option<TraceContext> {
+    let span = tracing.start(cx, || {
+        telemetry::producer_span(p, correlation_id, dead_letter_reason)
+    });
+    tracing.inject(&span, &mut p.headers);
+    tracing.enabled().then_some(span)
 }
 
 /// Handles one partition's events, in order, on its own thread.
@@ -896,6 +1093,10 @@ struct PartitionWorker {
     max_record_bytes: usize,
     /// Time the current event waited for its handler's fuel budget.
     throttled: Duration,
+    /// The partition is of a retry topic: records carry retry state and
+    /// wait in `delayed` until they are due.
+    is_retry: bool,
+    delayed: DelayQueue<Record>,
 }
 
 /// A bounded set of recently handled idempotency keys, oldest evicted
@@ -939,10 +1140,6 @@ impl RecentKeys {
     }
 }
 
-/// The header `weir dlq replay` adds: a replayed record is a new delivery
-/// of its event, so it gets its own idempotency key.
-pub const REPLAY_HEADER: &str = "weir-replay-of";
-
 /// What became of one handler's call for one event.
 enum Verdict {
     Outputs(Vec<Produce>),
@@ -966,6 +1163,7 @@ impl PartitionWorker {
         shared: Arc<Shared>,
         handlers: Vec<Arc<LoadedHandler>>,
         cancel: Arc<AtomicBool>,
+        is_retry: bool,
     ) -> Self {
         Self {
             handlers: handlers
@@ -992,26 +1190,93 @@ impl PartitionWorker {
             shared,
             cancel,
             throttled: Duration::ZERO,
+            is_retry,
+            delayed: DelayQueue::default(),
         }
     }
 
     fn run(
         mut self,
         mut rx: mpsc::Receiver<Record>,
-        pending: mpsc::Sender<Pending>,
+        pending: mpsc::Sender<Step>,
         stop: &AtomicBool,
+        runtime: tokio::runtime::Handle,
     ) {
-        while let Some(record) = rx.blocking_recv() {
+        // Retry records held until due; beyond this many the worker waits
+        // for the soonest instead of taking more.
+        let max_delayed = self.shared.config.pipeline.max_in_flight_per_partition;
+        loop {
             if stop.load(Ordering::SeqCst) || self.cancel.load(Ordering::SeqCst) {
                 break;
             }
-            let Some(p) = self.process(&record) else {
+            let now = Instant::now();
+            let record = if let Some(due) = self.delayed.pop_due(now) {
+                due
+            } else {
+                let record = match self.delayed.next_due() {
+                    None => match rx.blocking_recv() {
+                        Some(r) => r,
+                        None => break,
+                    },
+                    Some(due) => {
+                        let wait = due.saturating_duration_since(now);
+                        if self.delayed.len() >= max_delayed {
+                            self.sleep(wait.min(Duration::from_millis(100)));
+                            continue;
+                        }
+                        let wait = wait.min(Duration::from_millis(100));
+                        match runtime.block_on(tokio::time::timeout(wait, rx.recv())) {
+                            Ok(Some(r)) => r,
+                            Ok(None) => break,
+                            Err(_) => continue,
+                        }
+                    }
+                };
+                if stop.load(Ordering::SeqCst) || self.cancel.load(Ordering::SeqCst) {
+                    break;
+                }
+                if let Some(due) = self.not_due(&record) {
+                    // Later records that are due sooner go first.
+                    if pending
+                        .blocking_send(Step::Deferred(record.offset))
+                        .is_err()
+                    {
+                        break;
+                    }
+                    self.delayed.push(due, record);
+                    continue;
+                }
+                record
+            };
+            if let Some((t, p, o)) = &self.shared.panic_at {
+                if record.topic == *t && record.partition == *p && record.offset == *o {
+                    panic!("injected fault: the worker of {t}/{p} panics at offset {o}");
+                }
+            }
+            let Some(p) = self.process(record) else {
                 break;
             };
-            if pending.blocking_send(p).is_err() {
+            if pending.blocking_send(Step::Done(p)).is_err() {
                 break;
             }
         }
+    }
+
+    /// When a retry record that is not due yet will be; None for one that
+    /// is due, or that is not a retry record.
+    fn not_due(&self, record: &Record) -> Option<Instant> {
+        if !self.is_retry {
+            return None;
+        }
+        let (_, info) = retry_topic::take_retry(record)?;
+        // Never longer than the longest backoff of the handler it names.
+        let cap = self
+            .handlers
+            .iter()
+            .find(|(h, _, _)| h.name == info.handler)
+            .map_or(0, |(h, _, _)| h.config_entry.max_backoff_ms);
+        let due = retry_topic::due_at(&info, Duration::from_millis(cap));
+        (due > Instant::now()).then_some(due)
     }
 
     /// Runs every subscribed handler on one record and enqueues what they
@@ -1038,47 +1303,37 @@ impl PartitionWorker {
         }
     }
 
-    fn dedup_id(event_id: &str, record: &Record) -> String {
-        match record.header(REPLAY_HEADER) {
-            Some(of) => format!("{event_id}@replay:{}", String::from_utf8_lossy(of)),
-            None => event_id.to_owned(),
-        }
-    }
-
-    fn process(&mut self, consumed: &Record) -> Option<Pending> {
-        let retry = take_retry(consumed);
-        let (record, retry) = match &retry {
-            Some((original, info)) => (original, Some(info)),
-            None => (consumed, None),
+    fn process(&mut self, consumed: Record) -> Option<Pending> {
+        // Retry state is honoured only on retry topics; elsewhere the
+        // headers are ordinary headers.
+        let retry = if self.is_retry {
+            retry_topic::take_retry(&consumed)
+        } else {
+            None
         };
-        // The context the event arrived with (for a retry record: the
-        // context of the span that sent it to the retry topic).
-        let parent = self.shared.tracing().extract(&record.headers);
-        if retry.is_none() && self.shared.retry_topics.contains(&consumed.topic) {
+        let offset = consumed.offset;
+        if self.is_retry && retry.is_none() {
+            let parent = self.shared.tracing().extract(&consumed.headers);
             let d = self.dead_letter_unrouted(
-                consumed,
+                &consumed,
                 &parent,
                 "a record in a retry topic without valid retry headers",
             )?;
             return Some(Pending {
-                offset: consumed.offset,
+                offset,
                 deliveries: vec![d],
                 marks: Vec::new(),
             });
         }
-        if let Some(info) = retry {
-            let now = OffsetDateTime::now_utc().unix_timestamp() * 1000;
-            let wait = info.not_before_ms.saturating_sub(now).max(0) as u64;
-            // Never longer than the longest backoff of the handler it names.
-            let cap = self
-                .handlers
-                .iter()
-                .find(|(h, _, _)| h.name == info.handler)
-                .map_or(0, |(h, _, _)| h.config_entry.max_backoff_ms);
-            if wait > 0 && !self.sleep(Duration::from_millis(wait.min(cap))) {
-                return None;
-            }
-        }
+        let (record_arc, retry, consumed) = match retry {
+            Some((original, info)) => (Arc::new(original), Some(info), Some(consumed)),
+            None => (Arc::new(consumed), None, None),
+        };
+        let record: &Record = &record_arc;
+        let retry = retry.as_ref();
+        // The context the event arrived with (for a retry record: the
+        // context of the span that sent it to the retry topic).
+        let parent = self.shared.tracing().extract(&record.headers);
         let mut deliveries = Vec::new();
         let mut marks = Vec::new();
         let shared = self.shared.clone();
@@ -1086,19 +1341,21 @@ impl PartitionWorker {
         let dedup_on = shared.dedup.is_some();
         let done = |deliveries, marks| {
             Some(Pending {
-                offset: consumed.offset,
+                offset,
                 deliveries,
                 marks,
             })
         };
-        let event = match envelope::decode(record) {
+        let mut event = match envelope::decode(record) {
             Ok(event) => event,
             Err(undecodable) => {
-                let id = Self::dedup_id(&record.position_id(), record);
+                let position = replay::position_id(record);
                 let keys: Vec<Vec<u8>> = self
                     .handlers
                     .iter()
-                    .map(|(h, _, _)| dedup::key(&h.name, &id))
+                    .map(|(h, _, _)| {
+                        dedup::key(&h.name, &replay::dedup_id(&position, record, &h.name))
+                    })
                     .collect();
                 if let (true, Some(first)) = (dedup_on, keys.first()) {
                     if self.already_done(first)? {
@@ -1168,7 +1425,10 @@ impl PartitionWorker {
                 return done(deliveries, marks);
             }
         };
-        let id = Self::dedup_id(&event.id, record);
+        if record.header(replay::REPLAY_HEADER).is_some() && event.id == record.position_id() {
+            // A replayed event without an envelope id keeps its first one.
+            event.id = replay::position_id(record);
+        }
         // An event that starts a trace and goes to several handlers gets one
         // `receive` span over theirs, so it is one trace, not one per handler.
         let receive = (self.handlers.len() > 1
@@ -1203,6 +1463,7 @@ impl PartitionWorker {
                     group,
                 )
             });
+            let id = replay::dedup_id(&event.id, record, &handler.name);
             let key = dedup::key(&handler.name, &id);
             if dedup_on && self.already_done(&key)? {
                 debug!(trace_id = %telemetry::trace_id(&cx), handler = %handler.name, event_id = %event.id,
@@ -1214,14 +1475,50 @@ impl PartitionWorker {
                 metrics.duplicate();
                 continue;
             }
+            // In topic retry mode, this attempt may already have been handed
+            // on to the retry topic before a crash: one retry chain only.
+            let consumed_attempt = retry.map_or(1, |r| r.attempt);
+            let hop = (dedup_on && handler.config_entry.retry_mode == RetryMode::Topic)
+                .then(|| dedup::key(&handler.name, &retry_topic::hop_id(&id, consumed_attempt)));
+            if let Some(hop) = &hop {
+                if self.already_done(hop)? {
+                    debug!(trace_id = %telemetry::trace_id(&cx), handler = %handler.name, event_id = %event.id,
+                        topic = %record.topic, partition = record.partition, offset = record.offset,
+                        attempt = consumed_attempt, "retry already scheduled; skipped");
+                    telemetry::event(&cx, || ("retry already scheduled", Vec::new()));
+                    continue;
+                }
+            }
             let started = Instant::now();
             self.throttled = Duration::ZERO;
             let verdict = self.call(i, &event, record, retry, &cx)?;
             // Waiting for the fuel budget is throttling, not handling.
             let took = started.elapsed().saturating_sub(self.throttled);
-            if dedup_on && !matches!(verdict, Verdict::Retry { .. }) {
-                self.recent.insert(&key);
-                marks.push(key);
+            let fallback = |mark: Option<Vec<u8>>, attempts: u32, first_failure| {
+                OnRefused::DeadLetter(Arc::new(Fallback {
+                    record: record_arc.clone(),
+                    handler: handler.clone(),
+                    metrics: metrics.clone(),
+                    attempts,
+                    first_failure,
+                    correlation_id: event.correlation_id.clone(),
+                    cx: cx.clone(),
+                    mark,
+                    used: AtomicBool::new(false),
+                }))
+            };
+            let final_key = dedup_on.then(|| key.clone());
+            match (&verdict, hop) {
+                (Verdict::Retry { .. }, Some(hop)) => {
+                    self.recent.insert(&hop);
+                    marks.push(hop);
+                }
+                (Verdict::Retry { .. }, None) => {}
+                _ if dedup_on => {
+                    self.recent.insert(&key);
+                    marks.push(key);
+                }
+                _ => {}
             }
             match verdict {
                 Verdict::Outputs(outputs) => {
@@ -1229,12 +1526,25 @@ impl PartitionWorker {
                         correlation_id = %event.correlation_id, causation_id = event.causation_id.as_deref().unwrap_or(""),
                         topic = %record.topic, partition = record.partition, offset = record.offset,
                         outputs = outputs.len(), "handled");
+                    let on_refused = (!outputs.is_empty())
+                        .then(|| fallback(None, consumed_attempt, OffsetDateTime::now_utc()));
                     for mut o in outputs {
-                        let span = self.publish_span(&cx, &mut o, &event.correlation_id, None);
+                        let span = publish_span(
+                            self.shared.tracing(),
+                            &cx,
+                            &mut o,
+                            &event.correlation_id,
+                            None,
+                        );
+                        let on_refused = match &on_refused {
+                            Some(OnRefused::DeadLetter(f)) => OnRefused::DeadLetter(f.clone()),
+                            _ => unreachable!("outputs have a fallback"),
+                        };
                         deliveries.push(Delivery {
-                            future: send(&self.shared, &o, &self.cancel)?,
+                            ack: self.shared.publisher.send(&o, &self.cancel)?,
                             span,
                             counter: metrics.output_counter(),
+                            on_refused,
                         });
                     }
                     self.shared.stats.handled.fetch_add(1, Ordering::Relaxed);
@@ -1264,7 +1574,7 @@ impl PartitionWorker {
                             ],
                         )
                     });
-                    let mut p = retry_record(
+                    let mut p = retry_topic::retry_record(
                         record,
                         &event.correlation_id,
                         &handler.name,
@@ -1273,11 +1583,18 @@ impl PartitionWorker {
                         first_failure,
                         topic,
                     );
-                    let span = self.publish_span(&cx, &mut p, &event.correlation_id, None);
+                    let span = publish_span(
+                        self.shared.tracing(),
+                        &cx,
+                        &mut p,
+                        &event.correlation_id,
+                        None,
+                    );
                     deliveries.push(Delivery {
-                        future: send(&self.shared, &p, &self.cancel)?,
+                        ack: self.shared.publisher.send(&p, &self.cancel)?,
                         span,
                         counter: None,
+                        on_refused: fallback(final_key, attempt - 1, first_failure),
                     });
                     self.shared.stats.retries.fetch_add(1, Ordering::Relaxed);
                     metrics.sent_to_retry(took);
@@ -1325,30 +1642,13 @@ impl PartitionWorker {
                 "retry record for handler {:?}, which no longer handles {} events of {}",
                 info.handler, event.event_type, record.topic
             );
+            let consumed = consumed.as_ref().unwrap_or(record);
             deliveries.push(self.dead_letter_unrouted(consumed, &parent, &message)?);
         }
         if let Some(cx) = receive {
             telemetry::end(&cx);
         }
         done(deliveries, marks)
-    }
-
-    /// Starts the producer span of a record sent on behalf of the span in
-    /// `cx` and writes its context into the record's headers, so whoever
-    /// consumes the record continues the trace.
-    fn publish_span(
-        &self,
-        cx: &TraceContext,
-        p: &mut Produce,
-        correlation_id: &str,
-        dead_letter_reason: Option<&str>,
-    ) -> Option<TraceContext> {
-        let tracing = self.shared.tracing();
-        let span = tracing.start(cx, || {
-            telemetry::producer_span(p, correlation_id, dead_letter_reason)
-        });
-        tracing.inject(&span, &mut p.headers);
-        tracing.enabled().then_some(span)
     }
 
     /// Dead-letters a record no handler can take.
@@ -1395,16 +1695,23 @@ impl PartitionWorker {
         correlation_id: &str,
     ) -> Option<Delivery> {
         let kind = dl.kind;
-        let mut produce = dl.into_produce(topic);
-        let span = self.publish_span(cx, &mut produce, correlation_id, Some(kind.name()));
+        let mut produce = dl.into_produce(topic.clone());
+        let span = publish_span(
+            self.shared.tracing(),
+            cx,
+            &mut produce,
+            correlation_id,
+            Some(kind.name()),
+        );
         self.shared
             .stats
             .dead_lettered
             .fetch_add(1, Ordering::Relaxed);
         Some(Delivery {
-            future: send(&self.shared, &produce, &self.cancel)?,
+            ack: self.shared.publisher.send(&produce, &self.cancel)?,
             span,
             counter,
+            on_refused: OnRefused::Stop(topic),
         })
     }
 
@@ -1581,174 +1888,118 @@ fn sleep_cancellable(cancel: &AtomicBool, d: Duration) -> bool {
     true
 }
 
-/// Headers of a record in a retry topic.
-mod retry_header {
-    pub const HANDLER: &str = "weir-retry-handler";
-    pub const ATTEMPT: &str = "weir-retry-attempt";
-    pub const NOT_BEFORE: &str = "weir-retry-not-before";
-}
-
-/// Where a record read from a retry topic stands.
-struct RetryInfo {
-    handler: String,
-    attempt: u32,
-    not_before_ms: i64,
-    first_failure: OffsetDateTime,
-}
-
-/// The record a retry-topic record stands for (original position, original
-/// headers), and its retry state; None for an ordinary record.
-fn take_retry(record: &Record) -> Option<(Record, RetryInfo)> {
-    let text = |name: &str| {
-        record
-            .header(name)
-            .map(|v| String::from_utf8_lossy(v).into_owned())
-    };
-    let handler = text(retry_header::HANDLER)?;
-    let info = RetryInfo {
-        handler,
-        attempt: text(retry_header::ATTEMPT)?.parse().ok()?,
-        not_before_ms: text(retry_header::NOT_BEFORE)?.parse().ok()?,
-        first_failure: text(deadletter::header::FIRST_FAILURE_AT)
-            .and_then(|t| {
-                OffsetDateTime::parse(&t, &time::format_description::well_known::Rfc3339).ok()
-            })
-            .unwrap_or_else(OffsetDateTime::now_utc),
-    };
-    let original = Record {
-        topic: text(deadletter::header::ORIGINAL_TOPIC)?,
-        partition: text(deadletter::header::ORIGINAL_PARTITION)?.parse().ok()?,
-        offset: text(deadletter::header::ORIGINAL_OFFSET)?.parse().ok()?,
-        timestamp_ms: text(deadletter::header::ORIGINAL_TIMESTAMP)?.parse().ok()?,
-        key: record.key.clone(),
-        value: record.value.clone(),
-        headers: record
-            .headers
-            .iter()
-            .filter(|(k, _)| {
-                !k.starts_with("weir-retry-")
-                    && !k.starts_with("weir-original-")
-                    && k != deadletter::header::FIRST_FAILURE_AT
-            })
-            .cloned()
-            .collect(),
-    };
-    Some((original, info))
-}
-
-/// The record to send to a retry topic for `attempt` after `delay`. An
-/// event without a correlation id got a fresh one (`correlation_id`); it is
-/// kept as a header so that every attempt shares it.
-#[allow(clippy::too_many_arguments)]
-fn retry_record(
-    record: &Record,
-    correlation_id: &str,
-    handler: &str,
-    attempt: u32,
-    delay: Duration,
-    first_failure: OffsetDateTime,
-    topic: String,
-) -> Produce {
-    let not_before = OffsetDateTime::now_utc().unix_timestamp() * 1000 + delay.as_millis() as i64;
-    let mut headers = record.headers.clone();
-    deadletter::add_origin(&mut headers, record);
-    let mut add = |k: &str, v: String| headers.push((k.to_owned(), v.into_bytes()));
-    if record.header(envelope::header::CORRELATION_ID).is_none() {
-        add(envelope::header::CORRELATION_ID, correlation_id.to_owned());
-    }
-    add(retry_header::HANDLER, handler.to_owned());
-    add(retry_header::ATTEMPT, attempt.to_string());
-    add(retry_header::NOT_BEFORE, not_before.to_string());
-    add(
-        deadletter::header::FIRST_FAILURE_AT,
-        first_failure
-            .format(&time::format_description::well_known::Rfc3339)
-            .unwrap_or_default(),
-    );
-    Produce {
-        topic,
-        key: record.key.clone(),
-        value: record.value.clone(),
-        headers,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn record() -> Record {
-        Record {
-            topic: "orders".into(),
-            partition: 2,
-            offset: 40,
-            timestamp_ms: 7,
-            key: Some(b"k".to_vec()),
-            value: b"v".to_vec(),
-            headers: vec![
-                ("content-type".into(), b"application/json".to_vec()),
-                ("correlation-id".into(), b"c-1".to_vec()),
-            ],
-        }
+    #[test]
+    fn the_total_bound_has_hysteresis() {
+        assert!(!over_total(false, 99, 100));
+        assert!(over_total(false, 100, 100), "over at the bound");
+        assert!(over_total(true, 60, 100), "still over above half");
+        assert!(over_total(true, 50, 100));
+        assert!(!over_total(true, 49, 100), "under again below half");
     }
 
     #[test]
-    fn a_retry_record_keeps_a_generated_correlation_id() {
-        let mut r = record();
-        r.headers.retain(|(k, _)| k != "correlation-id");
-        let p = retry_record(
-            &r,
-            "fresh",
-            "h",
-            2,
-            Duration::ZERO,
-            OffsetDateTime::now_utc(),
-            "orders.retry".into(),
-        );
-        let kept = p.headers.iter().find(|(k, _)| k == "correlation-id");
-        assert_eq!(kept.map(|(_, v)| v.as_slice()), Some(&b"fresh"[..]));
+    fn a_partition_resumes_only_with_nothing_held_and_half_its_queue_free() {
+        assert!(!may_resume(1, 1000, 1000), "records still held");
+        assert!(!may_resume(0, 499, 1000));
+        assert!(may_resume(0, 500, 1000));
     }
 
-    #[test]
-    fn a_retry_record_stands_for_its_original() {
-        let first = OffsetDateTime::now_utc();
-        let p = retry_record(
-            &record(),
-            "c-1",
-            "h",
-            3,
-            Duration::from_millis(500),
-            first,
-            "orders.retry".into(),
-        );
-        assert_eq!(p.topic, "orders.retry");
-        let consumed = Record {
-            topic: p.topic,
-            partition: 0,
-            offset: 9,
-            timestamp_ms: 8,
-            key: p.key,
-            value: p.value,
-            headers: p.headers,
+    /// A worker as `drain` sees it, whose finalizer is done or never ends.
+    fn worker(done: bool) -> (Worker, watch::Sender<bool>) {
+        let (done_tx, done_rx) = watch::channel(done);
+        let w = Worker {
+            tx: None,
+            parked: VecDeque::new(),
+            paused: false,
+            next_offset: 0,
+            stop: Default::default(),
+            cancel: Default::default(),
+            stopped: Default::default(),
+            done: done_rx,
+            thread: None,
+            in_flight: Default::default(),
         };
-        let (original, info) = take_retry(&consumed).expect("a retry record");
-        assert_eq!(original.topic, "orders");
-        assert_eq!(
-            (original.partition, original.offset, original.timestamp_ms),
-            (2, 40, 7)
-        );
-        assert_eq!(
-            original.headers,
-            record().headers,
-            "retry headers are stripped"
-        );
-        assert_eq!((info.handler.as_str(), info.attempt), ("h", 3));
-        assert!(info.not_before_ms >= first.unix_timestamp() * 1000 + 500);
+        (w, done_tx)
     }
 
     #[test]
-    fn an_ordinary_record_is_not_a_retry() {
-        assert!(take_retry(&record()).is_none());
+    fn drain_waits_for_finishing_workers_and_cancels_the_rest_at_the_deadline() {
+        let (finished, _a) = worker(true);
+        let (late, late_tx) = worker(false);
+        let (stuck, _c) = worker(false);
+        // One finishes while drain waits.
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            let _ = late_tx.send(true);
+        });
+        let mut all = vec![finished, late, stuck];
+        let started = Instant::now();
+        let abandoned = drain(&mut all, Instant::now() + Duration::from_millis(500));
+        assert_eq!(abandoned, 1);
+        assert!(!all[0].cancel.load(Ordering::SeqCst));
+        assert!(
+            !all[1].cancel.load(Ordering::SeqCst),
+            "finished before the deadline"
+        );
+        assert!(
+            all[2].cancel.load(Ordering::SeqCst),
+            "cancelled at the deadline"
+        );
+        assert!(started.elapsed() >= Duration::from_millis(450));
+    }
+
+    fn context() -> (WeirContext, Arc<Metrics>) {
+        let metrics = Arc::new(Metrics::new());
+        let obs = Observability {
+            metrics: Some(metrics.clone()),
+            ..Observability::off()
+        };
+        obs.health.handlers_loaded.store(true, Ordering::Relaxed);
+        obs.health.joined.store(true, Ordering::Relaxed);
+        let cx = WeirContext {
+            workers: Default::default(),
+            drain_timeout: Duration::from_secs(1),
+            obs,
+            commit_failures: Default::default(),
+        };
+        (cx, metrics)
+    }
+
+    #[test]
+    fn repeated_commit_failures_make_the_instance_not_ready_until_one_succeeds() {
+        let (cx, metrics) = context();
+        let tpl = TopicPartitionList::new();
+        let failed = || {
+            Err(KafkaError::ConsumerCommit(
+                RDKafkaErrorCode::RequestTimedOut,
+            ))
+        };
+        cx.commit_callback(failed(), &tpl);
+        cx.commit_callback(failed(), &tpl);
+        assert!(
+            cx.obs.health.not_ready().is_none(),
+            "two failures are tolerated"
+        );
+        cx.commit_callback(failed(), &tpl);
+        let why = cx.obs.health.not_ready().expect("not ready after three");
+        assert!(why.contains("3 offset commits in a row failed"), "{why}");
+        assert!(metrics
+            .render()
+            .contains("weir_kafka_errors_total{operation=\"commit\"} 3"));
+        cx.commit_callback(
+            Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)),
+            &tpl,
+        );
+        assert!(
+            cx.obs.health.not_ready().is_some(),
+            "nothing to commit is no success"
+        );
+        cx.commit_callback(Ok(()), &tpl);
+        assert!(cx.obs.health.not_ready().is_none());
     }
 
     #[test]

@@ -381,6 +381,11 @@ impl Weir {
         Self::spawn(config, &[], true)
     }
 
+    /// [`Weir::start_json`] with extra environment variables.
+    pub fn start_json_with_env(config: &str, env: &[(&str, &str)]) -> Result<Weir> {
+        Self::spawn(config, env, true)
+    }
+
     fn spawn(config: &str, env: &[(&str, &str)], json: bool) -> Result<Weir> {
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("weir.toml");
@@ -485,6 +490,17 @@ impl Weir {
             .await
             .context("weir did not exit after SIGTERM")??;
         // The reader ends at the end of the stream: every line is in.
+        let _ = tokio::time::timeout(Duration::from_secs(5), &mut self.reader).await;
+        let lines = self.log.lock().unwrap().clone();
+        Ok((status, lines))
+    }
+
+    /// Waits for the process to exit by itself; returns the status with
+    /// every log line.
+    pub async fn wait_exit(mut self, timeout: Duration) -> Result<(ExitStatus, Vec<String>)> {
+        let status = tokio::time::timeout(timeout, self.child.wait())
+            .await
+            .context("weir did not exit")??;
         let _ = tokio::time::timeout(Duration::from_secs(5), &mut self.reader).await;
         let lines = self.log.lock().unwrap().clone();
         Ok((status, lines))
@@ -754,4 +770,76 @@ fn any_value_text(v: Option<&opentelemetry_proto::tonic::common::v1::AnyValue>) 
         Some(other) => format!("{other:?}"),
         None => String::new(),
     }
+}
+
+/// Produces `n` records made by `make(i)`, in order, and waits for every
+/// acknowledgement. Unlike `produce`, each record is made only when it is
+/// sent and the client's send queue is capped (64 MiB), so a flood larger
+/// than the test should hold in memory costs it only that queue.
+pub async fn produce_generated(
+    topic: &str,
+    n: usize,
+    mut make: impl FnMut(usize) -> In,
+) -> Result<()> {
+    use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("enable.idempotence", "true")
+        .set("partitioner", "murmur2_random")
+        .set("linger.ms", "5")
+        .set("queue.buffering.max.kbytes", "65536")
+        .create()?;
+    let mut futures = Vec::with_capacity(n);
+    for i in 0..n {
+        let r = make(i);
+        let mut headers = OwnedHeaders::new();
+        for (k, v) in &r.headers {
+            headers = headers.insert(Header {
+                key: k,
+                value: Some(v),
+            });
+        }
+        let mut rec = FutureRecord::to(topic).payload(&r.value).headers(headers);
+        if let Some(k) = &r.key {
+            rec = rec.key(k);
+        }
+        loop {
+            match producer.send_result(rec) {
+                Ok(f) => {
+                    futures.push(f);
+                    break;
+                }
+                // The send queue is full: wait for acknowledgements to free it.
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    rec = back;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err((e, _)) => bail!("cannot produce record {i} to {topic}: {e}"),
+            }
+        }
+    }
+    for f in futures {
+        f.await?.map_err(|(e, _)| e)?;
+    }
+    producer.flush(Duration::from_secs(30))?;
+    Ok(())
+}
+
+/// A counter of the runtime's last `progress` log line (e.g. `handled`,
+/// `duplicates`, `outputs`); `weir` writes one at shutdown, so after
+/// `Weir::stop` this is the final count.
+pub fn progress_counter(log: &[String], name: &str) -> u64 {
+    let field = format!("{name}=");
+    let line = log
+        .iter()
+        .rev()
+        .find(|l| l.contains("progress") && l.contains("final_events="))
+        .expect("a progress line in the log");
+    let at = line
+        .split(|c: char| c.is_whitespace() || c == ',' || c == '{')
+        .find_map(|word| word.strip_prefix(&field))
+        .unwrap_or_else(|| panic!("no {name} counter in {line:?}"));
+    at.trim_matches(|c: char| !c.is_ascii_digit())
+        .parse()
+        .unwrap_or_else(|_| panic!("{name} is not a number in {line:?}"))
 }

@@ -9,11 +9,41 @@ use rdkafka::message::Message;
 use serde_json::json;
 use weir_e2e::*;
 
+/// SplitMix64: every random choice of the test comes from one seed, so a
+/// failing run can be repeated with `WEIR_TEST_SEED`.
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// A number in `0..bound`.
+    fn below(&mut self, bound: u64) -> u64 {
+        self.next() % bound
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sigkill_at_random_moments_loses_nothing() -> anyhow::Result<()> {
     const N: usize = 50_000;
     const P: i32 = 4;
     const KILLS: usize = 20;
+    let seed = match std::env::var("WEIR_TEST_SEED") {
+        Ok(v) => v
+            .trim()
+            .parse::<u64>()
+            .unwrap_or_else(|_| panic!("WEIR_TEST_SEED={v:?} is not a u64")),
+        Err(_) => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_nanos() as u64,
+    };
+    println!("crash test seed={seed} (rerun with WEIR_TEST_SEED={seed})");
+    let mut rng = SplitMix64(seed);
     let input = unique("crash-in");
     let output = format!("{input}.out");
     let group = unique("crash-group");
@@ -48,17 +78,6 @@ async fn sigkill_at_random_moments_loses_nothing() -> anyhow::Result<()> {
         .collect();
     produce(&input, &inputs).await?;
 
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)?
-        .as_nanos() as u64;
-    println!("crash test seed {seed}");
-    let mut rng = seed;
-    let mut next = move |bound: u64| {
-        rng = rng
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (rng >> 33) % bound
-    };
     // After each kill: the output end offsets and the marks at that moment.
     let mut snapshots: Vec<(Vec<i64>, HashSet<String>)> = Vec::new();
     for _ in 0..KILLS {
@@ -66,7 +85,7 @@ async fn sigkill_at_random_moments_loses_nothing() -> anyhow::Result<()> {
         let weir = Weir::start(&config)?;
         // Kill at a random moment once it is handling events.
         await_records(&output, P, before + 1, Duration::from_secs(60)).await?;
-        tokio::time::sleep(Duration::from_millis(next(400))).await;
+        tokio::time::sleep(Duration::from_millis(rng.below(400))).await;
         weir.kill().await?;
         let ends = end_offsets(&output, P)?;
         let marked: HashSet<String> = marks(&path).into_iter().map(|(_, id)| id).collect();
@@ -83,7 +102,7 @@ async fn sigkill_at_random_moments_loses_nothing() -> anyhow::Result<()> {
         // No duplicate output for an event that was marked before a kill.
         for (k, (ends, marked)) in snapshots.iter().enumerate() {
             if m.offset() >= ends[m.partition() as usize] && marked.contains(&id) {
-                panic!("{id} was marked before kill {k} and handled again after it");
+                panic!("{id} was marked before kill {k} and handled again after it (seed={seed})");
             }
         }
         *count.entry(id).or_default() += 1;
@@ -93,7 +112,7 @@ async fn sigkill_at_random_moments_loses_nothing() -> anyhow::Result<()> {
         .count();
     let duplicates = outputs.len() - count.len();
     println!(
-        "crash test: kills={KILLS} inputs={N} outputs={} lost={lost} duplicates={duplicates} \
+        "crash test: seed={seed} kills={KILLS} inputs={N} outputs={} lost={lost} duplicates={duplicates} \
          (each duplicate's outputs were acknowledged but not yet marked when the process died)",
         outputs.len()
     );

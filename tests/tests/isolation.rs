@@ -88,3 +88,74 @@ async fn granted_environment_and_read_only_folder_work() -> anyhow::Result<()> {
     assert!(out[3].starts_with("read denied"), "{}", out[3]);
     Ok(())
 }
+
+/// Handlers subscribed to one topic share that partition's worker: events
+/// reach every handler in offset order, so while one handler retries an
+/// event in place (blocking mode), the others wait with it.
+#[tokio::test(flavor = "multi_thread")]
+async fn handlers_of_one_topic_share_a_partition_worker_so_blocking_retries_delay_the_others(
+) -> anyhow::Result<()> {
+    let input = unique("shared-worker");
+    let echoed = format!("{input}.echo");
+    let passed = format!("{input}.flaky");
+    let dlq = format!("{input}.dlq");
+    let group = unique("shared-worker-group");
+    for topic in [&input, &echoed, &passed, &dlq] {
+        create_topic(topic, 1).await?;
+    }
+    // Event 1 carries the retry marker: "flaky" fails it retriably on every
+    // attempt and dead-letters it after the third. Event 2 is plain.
+    produce(
+        &input,
+        &[
+            In::envelope("k", "e1", "c", "t", json!("RETRY")),
+            In::envelope("k", "e2", "c", "t", json!("plain")),
+        ],
+    )
+    .await?;
+    let handlers = [
+        HandlerSpec::new("echo", "echo", &input).config("output_topic", &echoed),
+        HandlerSpec::new("flaky", "fail-on-marker", &input)
+            .config("retry_marker", "RETRY")
+            .config("output_topic", &passed)
+            .extra("max_attempts = 3\ninitial_backoff_ms = 300\nmax_backoff_ms = 300\nretry_mode = \"blocking\""),
+    ];
+    let weir = Weir::start(&config_toml(&group, &handlers))?;
+    await_records(&dlq, 1, 1, Duration::from_secs(60)).await?;
+    await_records(&echoed, 1, 2, Duration::from_secs(60)).await?;
+    await_committed_to_end(&group, &input, 1, Duration::from_secs(60)).await?;
+    assert!(weir.terminate(Duration::from_secs(30)).await?.success());
+
+    let dead = read_all(&dlq)?;
+    assert_eq!(dead.len(), 1, "one dead letter");
+    let d = &dead[0];
+    assert_eq!(header(d, "weir-handler").as_deref(), Some("flaky"));
+    assert_eq!(
+        header(d, "weir-error-kind").as_deref(),
+        Some("retries-exhausted")
+    );
+    assert_eq!(header(d, "weir-attempts").as_deref(), Some("3"));
+    // Each handler's outcome is its own: echo handled both events, flaky
+    // passed event 2 on.
+    let echo_out = read_all(&echoed)?;
+    assert_eq!(causation_ids(&echo_out), ["e1", "e2"]);
+    assert_eq!(causation_ids(&read_all(&passed)?), ["e2"]);
+
+    // But not its timing: echo's output for event 2 was published only
+    // after flaky had given up on event 1.
+    let e2 = echo_out
+        .iter()
+        .find(|m| header(m, "causation-id").as_deref() == Some("e2"))
+        .expect("echo's output for e2");
+    let dead_at = d.timestamp().to_millis().expect("a dead-letter timestamp");
+    let e2_at = e2.timestamp().to_millis().expect("an output timestamp");
+    println!(
+        "shared worker: flaky dead-lettered e1 at {dead_at} ms, echo published e2 at {e2_at} ms ({} ms later)",
+        e2_at - dead_at
+    );
+    assert!(
+        e2_at >= dead_at,
+        "echo published e2 at {e2_at} before flaky dead-lettered e1 at {dead_at}: not held up"
+    );
+    Ok(())
+}

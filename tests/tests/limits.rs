@@ -46,7 +46,7 @@ async fn an_infinite_loop_runs_out_of_fuel_while_another_handler_goes_on() -> an
     produce(&good.input, &steady).await?;
     let handlers = [
         HandlerSpec::new("looper", "misbehave", &bad.input)
-            .extra("fuel_per_event = 200000000\ndeadline_ms = 20000"),
+            .extra("fuel_per_event = 200000000\ndeadline_ms = 10000"),
         HandlerSpec::new("steady", "echo", &good.input),
     ];
     let weir = Weir::start(&config_toml(&bad.group, &handlers))?;

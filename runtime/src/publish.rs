@@ -1,0 +1,420 @@
+//! Publishing: the producer every output, retry record and dead letter goes
+//! through, and what a refusal means.
+//!
+//! Errors are classed as librdkafka reports them. Retriable ones (a broker
+//! away, a leader moving, a timeout) are sent again until acknowledged.
+//! Permanent ones (a record too large, a topic that does not exist or may
+//! not be written, a policy violation) are handed back to the caller, which
+//! dead-letters the event (`produce-failed`) or, for a dead letter itself,
+//! stops the partition. A record refused for its size is first sent once
+//! more on its own: a topic's size limit bounds a whole record batch, so the
+//! small records that shared a batch with a large one are refused with it.
+//! A fatal producer error halts the runtime.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use opentelemetry::{Context as TraceContext, KeyValue};
+use rdkafka::client::ClientContext;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use tracing::{error, warn};
+
+use crate::config::Config;
+use crate::envelope::{Produce, Record};
+use crate::halt::Halt;
+use crate::kafka::producer_config;
+use crate::metrics::Metrics;
+use crate::telemetry;
+
+/// What a producer error means for the record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// Send it again: the cause can pass.
+    Retriable,
+    /// Sending it again gives the same answer.
+    Permanent,
+    /// The producer cannot go on (e.g. its idempotence state is broken).
+    Fatal,
+}
+
+/// Classes a producer error by librdkafka's code.
+pub fn classify(err: &KafkaError) -> ErrorClass {
+    use RDKafkaErrorCode as C;
+    let Some(code) = err.rdkafka_error_code() else {
+        return ErrorClass::Retriable;
+    };
+    match code {
+        C::Fatal => ErrorClass::Fatal,
+        C::MessageSizeTooLarge
+        | C::InvalidMessageSize
+        | C::MessageBatchTooLarge
+        | C::InvalidRecord
+        | C::UnknownTopic
+        | C::UnknownPartition
+        | C::InvalidTopic
+        | C::TopicAuthorizationFailed
+        | C::ClusterAuthorizationFailed
+        | C::PolicyViolation
+        | C::UnsupportedForMessageFormat
+        | C::InvalidRequiredAcks
+        | C::InvalidArgument => ErrorClass::Permanent,
+        _ => ErrorClass::Retriable,
+    }
+}
+
+/// Whether a permanent refusal may be the fault of the record's batch-mates.
+fn refused_for_size(err: &KafkaError) -> bool {
+    matches!(
+        err.rdkafka_error_code(),
+        Some(RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::MessageBatchTooLarge)
+    )
+}
+
+/// The producer's context: every client error wakes the fatal-error
+/// watch (librdkafka reports a fatal error with its underlying code).
+pub struct PublishContext {
+    errors: Arc<tokio::sync::Notify>,
+}
+
+impl ClientContext for PublishContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        warn!(error = %error, reason, "Kafka producer error");
+        self.errors.notify_one();
+    }
+}
+
+/// Halts the runtime once `producer` has a fatal error.
+fn watch_fatal(
+    producer: Arc<FutureProducer<PublishContext>>,
+    errors: Arc<tokio::sync::Notify>,
+    halt: Halt,
+) {
+    tokio::spawn(async move {
+        loop {
+            errors.notified().await;
+            if let Some((code, reason)) = producer.client().fatal_error() {
+                halt.halt(format!(
+                    "the Kafka producer hit a fatal error ({code:?}): {reason}"
+                ));
+                return;
+            }
+        }
+    });
+}
+
+/// A record handed to the producer, or refused before it was sent.
+pub enum Ack {
+    Pending(DeliveryFuture),
+    Refused(String),
+}
+
+/// How a record ended.
+pub enum Acked {
+    Yes,
+    /// Refused for good, with the broker's (or producer's) reason.
+    Refused(String),
+    /// Given up on: cancelled, or the runtime is halting.
+    Abandoned,
+}
+
+/// The producers of one runtime.
+pub struct Publisher {
+    producer: Arc<FutureProducer<PublishContext>>,
+    /// Sends one record per request, for records refused for their size.
+    solo: Arc<FutureProducer<PublishContext>>,
+    halt: Halt,
+    metrics: Option<Arc<Metrics>>,
+}
+
+impl Publisher {
+    pub fn new(config: &Config, halt: Halt, metrics: Option<Arc<Metrics>>) -> Result<Self> {
+        let create = |solo: bool| -> Result<Arc<FutureProducer<PublishContext>>> {
+            let mut c = producer_config(config);
+            if solo {
+                c.set("batch.num.messages", "1").set("linger.ms", "0");
+            }
+            let errors = Arc::new(tokio::sync::Notify::new());
+            let producer: Arc<FutureProducer<PublishContext>> = Arc::new(
+                c.create_with_context(PublishContext {
+                    errors: errors.clone(),
+                })
+                .context("cannot create the Kafka producer")?,
+            );
+            watch_fatal(producer.clone(), errors, halt.clone());
+            Ok(producer)
+        };
+        let producer = create(false)?;
+        let solo = create(true)?;
+        Ok(Self {
+            producer,
+            solo,
+            halt,
+            metrics,
+        })
+    }
+
+    fn produce_error(&self) {
+        if let Some(m) = &self.metrics {
+            m.produce_errors.inc();
+        }
+    }
+
+    /// Enqueues a record, waiting while the producer's queue is full. None
+    /// when cancelled. For worker threads.
+    pub fn send(&self, p: &Produce, cancel: &AtomicBool) -> Option<Ack> {
+        loop {
+            match self.enqueue(&self.producer, p) {
+                Ok(ack) => return Some(ack),
+                Err(wait) => {
+                    if cancel.load(Ordering::SeqCst) {
+                        return None;
+                    }
+                    std::thread::sleep(wait);
+                }
+            }
+        }
+    }
+
+    /// [`Publisher::send`] for async tasks, on the producer given.
+    async fn send_async(
+        &self,
+        producer: &FutureProducer<PublishContext>,
+        p: &Produce,
+        cancel: &AtomicBool,
+    ) -> Option<Ack> {
+        loop {
+            match self.enqueue(producer, p) {
+                Ok(ack) => return Some(ack),
+                Err(wait) => {
+                    if cancel.load(Ordering::SeqCst) {
+                        return None;
+                    }
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+    }
+
+    /// Sends a record from an async task: None when cancelled.
+    pub async fn send_now(&self, p: &Produce, cancel: &AtomicBool) -> Option<Ack> {
+        self.send_async(&self.producer, p, cancel).await
+    }
+
+    /// One attempt to enqueue a record: the ack, or how long to wait before
+    /// the next attempt.
+    fn enqueue(
+        &self,
+        producer: &FutureProducer<PublishContext>,
+        p: &Produce,
+    ) -> Result<Ack, Duration> {
+        let mut headers = OwnedHeaders::new_with_capacity(p.headers.len());
+        for (k, v) in &p.headers {
+            headers = headers.insert(Header {
+                key: k,
+                value: Some(v),
+            });
+        }
+        let mut record = FutureRecord::to(&p.topic)
+            .payload(&p.value)
+            .headers(headers);
+        if let Some(k) = &p.key {
+            record = record.key(k);
+        }
+        match producer.send_result(record) {
+            Ok(d) => Ok(Ack::Pending(d)),
+            // The producer's queue drains as the broker acknowledges.
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                Err(Duration::from_millis(5))
+            }
+            Err((e, _)) => {
+                self.produce_error();
+                match classify(&e) {
+                    ErrorClass::Permanent => Ok(Ack::Refused(e.to_string())),
+                    ErrorClass::Fatal => {
+                        self.halt
+                            .halt(format!("the Kafka producer hit a fatal error: {e}"));
+                        Err(Duration::from_millis(100))
+                    }
+                    ErrorClass::Retriable => {
+                        error!(topic = %p.topic, error = %e, "cannot enqueue a record; retrying");
+                        Err(Duration::from_millis(100))
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits for one record's acknowledgement, sending it again while the
+    /// broker refuses it for a reason that can pass.
+    pub async fn acknowledged(
+        &self,
+        ack: Ack,
+        cancel: &AtomicBool,
+        span: Option<&TraceContext>,
+    ) -> Acked {
+        let mut delivery = match ack {
+            Ack::Pending(d) => d,
+            Ack::Refused(reason) => return refused(span, reason),
+        };
+        let mut backoff = Duration::from_millis(100);
+        let mut sent_alone = false;
+        loop {
+            let outcome = loop {
+                tokio::select! {
+                    r = &mut delivery => break r,
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {
+                        if cancel.load(Ordering::SeqCst) || self.halt.reason().is_some() {
+                            return gave_up(span);
+                        }
+                    }
+                }
+            };
+            let (err, msg) = match outcome {
+                Ok(Ok(_)) => return Acked::Yes,
+                Ok(Err((err, msg))) => (err, msg),
+                // The producer is gone: shutting down.
+                Err(_) => return gave_up(span),
+            };
+            self.produce_error();
+            if let Some(span) = span {
+                telemetry::event(span, || {
+                    (
+                        "produce error",
+                        vec![KeyValue::new("error", err.to_string())],
+                    )
+                });
+            }
+            let class = classify(&err);
+            let producer = match class {
+                ErrorClass::Fatal => {
+                    let reason = self
+                        .producer
+                        .client()
+                        .fatal_error()
+                        .map_or_else(|| err.to_string(), |(_, r)| r);
+                    self.halt
+                        .halt(format!("the Kafka producer hit a fatal error: {reason}"));
+                    return gave_up(span);
+                }
+                ErrorClass::Permanent if refused_for_size(&err) && !sent_alone => {
+                    // Maybe refused for a batch-mate: once more, alone.
+                    sent_alone = true;
+                    &self.solo
+                }
+                ErrorClass::Permanent => {
+                    warn!(topic = msg.topic(), error = %err, "a record was refused for good");
+                    return refused(span, err.to_string());
+                }
+                ErrorClass::Retriable => {
+                    error!(topic = msg.topic(), error = %err,
+                        "a record could not be published; the partition waits and retries (nothing is committed past it)");
+                    if cancel.load(Ordering::SeqCst) {
+                        return gave_up(span);
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    &self.producer
+                }
+            };
+            let again = Record::from_message(&msg);
+            let produce = Produce {
+                topic: again.topic,
+                key: again.key,
+                value: again.value,
+                headers: again.headers,
+            };
+            match self.send_async(producer, &produce, cancel).await {
+                Some(Ack::Pending(d)) => delivery = d,
+                Some(Ack::Refused(reason)) => return refused(span, reason),
+                None => return gave_up(span),
+            }
+        }
+    }
+}
+
+fn refused(span: Option<&TraceContext>, reason: String) -> Acked {
+    if let Some(span) = span {
+        telemetry::fail(span, "produce-failed", &reason);
+    }
+    Acked::Refused(reason)
+}
+
+/// Marks a producer span whose record was given up on (it is redelivered
+/// with its event).
+fn gave_up(span: Option<&TraceContext>) -> Acked {
+    if let Some(span) = span {
+        telemetry::fail(span, "not-acknowledged", "given up at shutdown or revoke");
+    }
+    Acked::Abandoned
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Health;
+
+    #[test]
+    fn size_topic_and_permission_errors_are_permanent() {
+        for code in [
+            RDKafkaErrorCode::MessageSizeTooLarge,
+            RDKafkaErrorCode::UnknownTopic,
+            RDKafkaErrorCode::TopicAuthorizationFailed,
+            RDKafkaErrorCode::PolicyViolation,
+        ] {
+            let e = KafkaError::MessageProduction(code);
+            assert_eq!(classify(&e), ErrorClass::Permanent, "{code:?}");
+        }
+        for code in [
+            RDKafkaErrorCode::MessageTimedOut,
+            RDKafkaErrorCode::NotLeaderForPartition,
+            RDKafkaErrorCode::UnknownTopicOrPartition,
+            RDKafkaErrorCode::AllBrokersDown,
+        ] {
+            let e = KafkaError::MessageProduction(code);
+            assert_eq!(classify(&e), ErrorClass::Retriable, "{code:?}");
+        }
+        assert_eq!(
+            classify(&KafkaError::MessageProduction(RDKafkaErrorCode::Fatal)),
+            ErrorClass::Fatal
+        );
+    }
+
+    /// A fatal producer error (injected with librdkafka's test hook on the
+    /// mock cluster) halts the runtime with the reason, and readiness says so.
+    #[tokio::test]
+    async fn a_fatal_producer_error_halts_the_runtime() {
+        let mock = rdkafka::mocking::MockCluster::new(1).expect("a mock cluster");
+        let config = Config::parse(&format!(
+            "[kafka]\nbrokers = {:?}\ngroup_id = \"g\"\n\n[[handler]]\nname = \"h\"\nwasm = \"h.wasm\"\ntopics = [\"t\"]\n",
+            mock.bootstrap_servers()
+        ))
+        .expect("a config");
+        let health = Arc::new(Health::default());
+        let (halt, mut rx) = Halt::new(health.clone());
+        let publisher = Publisher::new(&config, halt, None).expect("a publisher");
+        let reason = std::ffi::CString::new("injected").unwrap();
+        // SAFETY: the producer's native handle is live for this call.
+        let rc = unsafe {
+            rdkafka::bindings::rd_kafka_test_fatal_error(
+                publisher.producer.client().native_ptr(),
+                rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER,
+                reason.as_ptr(),
+            )
+        };
+        assert_eq!(
+            rc,
+            rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR
+        );
+        // The error callback runs on the producer's poll thread.
+        tokio::time::timeout(Duration::from_secs(10), rx.wait_for(Option::is_some))
+            .await
+            .expect("halted within 10 s")
+            .expect("halt channel open");
+        let why = health.not_ready().expect("not ready");
+        assert!(why.contains("fatal error"), "{why}");
+    }
+}
