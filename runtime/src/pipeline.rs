@@ -696,6 +696,12 @@ fn unpark(consumer: &StreamConsumer<WeirContext>, workers: &Workers, shared: &Sh
     }
     for (tp, w) in map.iter_mut() {
         let Some(tx) = &w.tx else { continue };
+        if w.stopped.load(Ordering::Relaxed) {
+            // Its worker is gone; held records stay uncommitted.
+            let bytes: usize = w.parked.drain(..).map(|r| record_size(&r)).sum();
+            workers.parked_bytes.fetch_sub(bytes, Ordering::Relaxed);
+            continue;
+        }
         while let Some(record) = w.parked.pop_front() {
             let size = record_size(&record);
             match tx.try_send(record) {
@@ -900,13 +906,12 @@ impl Finalizer {
             for offset in deferred.drain(..) {
                 offsets.defer(offset);
             }
-            for i in 0..batch.len() {
-                let deliveries = std::mem::take(&mut batch[i].deliveries);
-                for delivery in deliveries {
+            for p in batch.iter_mut() {
+                for delivery in std::mem::take(&mut p.deliveries) {
                     match self.settle(delivery).await {
-                        Settled::Done(mark) => batch[i].marks.extend(mark),
+                        Settled::Done(mark) => p.marks.extend(mark),
                         Settled::Stop(reason) => {
-                            self.stop(batch[i].offset, reason);
+                            self.stop(p.offset, reason);
                             break 'events;
                         }
                         Settled::Abandoned => break 'events,
@@ -1225,7 +1230,10 @@ impl PartitionWorker {
                             continue;
                         }
                         let wait = wait.min(Duration::from_millis(100));
-                        match runtime.block_on(tokio::time::timeout(wait, rx.recv())) {
+                        // The timer is made inside the runtime's context.
+                        let next =
+                            runtime.block_on(async { tokio::time::timeout(wait, rx.recv()).await });
+                        match next {
                             Ok(Some(r)) => r,
                             Ok(None) => break,
                             Err(_) => continue,

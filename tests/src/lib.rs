@@ -147,43 +147,7 @@ impl In {
 
 /// Produces records in order and waits for every acknowledgement.
 pub async fn produce(topic: &str, records: &[In]) -> Result<()> {
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .set("enable.idempotence", "true")
-        .set("partitioner", "murmur2_random")
-        .set("linger.ms", "5")
-        .create()?;
-    let mut futures = Vec::with_capacity(records.len());
-    for r in records {
-        let mut headers = OwnedHeaders::new();
-        for (k, v) in &r.headers {
-            headers = headers.insert(Header {
-                key: k,
-                value: Some(v),
-            });
-        }
-        let mut rec = FutureRecord::to(topic).payload(&r.value).headers(headers);
-        if let Some(k) = &r.key {
-            rec = rec.key(k);
-        }
-        loop {
-            match producer.send_result(rec) {
-                Ok(f) => {
-                    futures.push(f);
-                    break;
-                }
-                Err((_, back)) => {
-                    rec = back;
-                    producer.poll(Duration::from_millis(10));
-                }
-            }
-        }
-    }
-    for f in futures {
-        f.await?.map_err(|(e, _)| e)?;
-    }
-    producer.flush(Duration::from_secs(10))?;
-    Ok(())
+    produce_generated(topic, records.len(), |i| records[i].clone()).await
 }
 
 fn base_consumer(group: Option<&str>) -> BaseConsumer {
@@ -773,9 +737,9 @@ fn any_value_text(v: Option<&opentelemetry_proto::tonic::common::v1::AnyValue>) 
 }
 
 /// Produces `n` records made by `make(i)`, in order, and waits for every
-/// acknowledgement. Unlike `produce`, each record is made only when it is
-/// sent and the client's send queue is capped (64 MiB), so a flood larger
-/// than the test should hold in memory costs it only that queue.
+/// acknowledgement. Each record is made only when it is sent and the
+/// client's send queue is capped (64 MiB), so a flood larger than the test
+/// should hold in memory costs it only that queue.
 pub async fn produce_generated(
     topic: &str,
     n: usize,
