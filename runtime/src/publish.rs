@@ -87,15 +87,19 @@ impl ClientContext for PublishContext {
     }
 }
 
-/// Halts the runtime once `producer` has a fatal error.
+/// Halts the runtime once `producer` has a fatal error. Holds the producer
+/// weakly: the watch ends with it.
 fn watch_fatal(
-    producer: Arc<FutureProducer<PublishContext>>,
+    producer: std::sync::Weak<FutureProducer<PublishContext>>,
     errors: Arc<tokio::sync::Notify>,
     halt: Halt,
 ) {
     tokio::spawn(async move {
         loop {
             errors.notified().await;
+            let Some(producer) = producer.upgrade() else {
+                return;
+            };
             if let Some((code, reason)) = producer.client().fatal_error() {
                 halt.halt(format!(
                     "the Kafka producer hit a fatal error ({code:?}): {reason}"
@@ -144,7 +148,7 @@ impl Publisher {
                 })
                 .context("cannot create the Kafka producer")?,
             );
-            watch_fatal(producer.clone(), errors, halt.clone());
+            watch_fatal(Arc::downgrade(&producer), errors, halt.clone());
             Ok(producer)
         };
         let producer = create(false)?;
