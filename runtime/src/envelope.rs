@@ -77,7 +77,6 @@ impl Record {
             .map(str::to_owned)
     }
 
-    /// `topic/partition/offset`: the id of an event without one of its own.
     /// A copy of a consumed (or returned) Kafka message.
     pub fn from_message(msg: &impl rdkafka::message::Message) -> Record {
         use rdkafka::message::Headers;
@@ -104,6 +103,7 @@ impl Record {
         }
     }
 
+    /// `topic/partition/offset`: the id of an event without one of its own.
     pub fn position_id(&self) -> String {
         format!("{}/{}/{}", self.topic, self.partition, self.offset)
     }

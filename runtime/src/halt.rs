@@ -16,6 +16,9 @@ use crate::metrics::Health;
 pub struct Halt {
     tx: Arc<watch::Sender<Option<String>>>,
     health: Arc<Health>,
+    /// Set when nothing more can be finished (the producer is broken), so
+    /// the stop does not wait for in-flight events.
+    now: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Halt {
@@ -26,6 +29,7 @@ impl Halt {
             Self {
                 tx: Arc::new(tx),
                 health,
+                now: Default::default(),
             },
             rx,
         )
@@ -44,6 +48,18 @@ impl Halt {
             error!(reason = %reason, "stopping: the runtime cannot go on safely");
             self.health.set_problem("halted", reason);
         }
+    }
+
+    /// Stops the runtime without finishing in-flight events: what is
+    /// final is committed, the rest is redelivered.
+    pub fn halt_now(&self, reason: String) {
+        self.now.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.halt(reason);
+    }
+
+    /// Whether the stop must not wait for in-flight events.
+    pub fn is_immediate(&self) -> bool {
+        self.now.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// The reason, once halted.

@@ -379,12 +379,18 @@ pub struct Health {
 impl Health {
     /// None when ready, else why not.
     pub fn not_ready(&self) -> Option<String> {
-        if self.stopping.load(Ordering::Relaxed) {
-            return Some("shutting down".into());
-        }
         let problems = self.problems.lock().unwrap_or_else(|e| e.into_inner());
+        let stopping = self.stopping.load(Ordering::Relaxed);
         if !problems.is_empty() {
-            return Some(problems.values().cloned().collect::<Vec<_>>().join("; "));
+            // A problem says why, even while the instance shuts down over it.
+            let mut why = problems.values().cloned().collect::<Vec<_>>().join("; ");
+            if stopping {
+                why.push_str("; shutting down");
+            }
+            return Some(why);
+        }
+        if stopping {
+            return Some("shutting down".into());
         }
         if !self.handlers_loaded.load(Ordering::Relaxed) {
             Some("loading handlers".into())

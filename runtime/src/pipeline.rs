@@ -131,7 +131,9 @@ struct Shared {
     /// `topic/partition` panics at this offset (`WEIR_FAULT_PANIC_AT`).
     panic_at: Option<(String, i32, i64)>,
     by_topic: HashMap<String, Vec<Arc<LoadedHandler>>>,
-    retry_topics: std::collections::HashSet<String>,
+    /// Each retry topic, with the dead-letter topic of its source topic
+    /// (where a record it cannot route goes).
+    retry_topics: HashMap<String, String>,
     dedup: Option<Arc<Dedup>>,
     stats: Arc<Stats>,
     obs: Observability,
@@ -440,7 +442,12 @@ pub async fn run(
         by_topic,
         retry_topics: handlers
             .iter()
-            .flat_map(|h| h.config_entry.retry_topics())
+            .flat_map(|h| {
+                h.topics().iter().filter_map(|source| {
+                    let retry = h.config_entry.retry_topic_of(source)?;
+                    Some((retry, h.config_entry.dead_letter_topic_of(source)))
+                })
+            })
             .collect(),
         dedup,
         stats,
@@ -494,9 +501,9 @@ pub async fn run(
             })
             .collect()
     };
-    // Halting: nothing more is finished (the producer may be broken);
-    // what is final is committed, the rest is redelivered.
-    let deadline = if halt_reason.is_some() {
+    // A broken producer finishes nothing more: what is final is committed,
+    // the rest is redelivered. Otherwise in-flight events are finished.
+    let deadline = if shared.halt.is_immediate() {
         Instant::now()
     } else {
         info!("shutting down: finishing in-flight events");
@@ -811,6 +818,7 @@ fn spawn_worker(
         in_flight: in_flight.clone(),
         cancel: cancel.clone(),
         stopped: stopped.clone(),
+        closing: stop.clone(),
     };
     {
         let halt = shared.halt.clone();
@@ -838,7 +846,7 @@ fn spawn_worker(
             .name(format!("weir-{}-{}", tp.0, tp.1))
             .spawn(move || {
                 let halt = shared.halt.clone();
-                let is_retry = shared.retry_topics.contains(&tp.0);
+                let is_retry = shared.retry_topics.contains_key(&tp.0);
                 let worker = PartitionWorker::new(shared, handlers, cancel, is_retry);
                 let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     worker.run(rx, pending_tx, &stop, runtime)
@@ -883,16 +891,17 @@ struct Finalizer {
     in_flight: Arc<AtomicI64>,
     cancel: Arc<AtomicBool>,
     stopped: Arc<AtomicBool>,
+    /// Set when the partition is revoked or the instance shuts down.
+    closing: Arc<AtomicBool>,
 }
 
 impl Finalizer {
     async fn run(self, mut steps: mpsc::Receiver<Step>) {
-        let (stats, dedup) = (&self.shared.stats, &self.shared.dedup);
         const BATCH: usize = 512;
         let mut batch: Vec<Pending> = Vec::with_capacity(BATCH);
         let mut offsets = Offsets::default();
         let mut deferred: Vec<i64> = Vec::new();
-        'events: while let Some(first) = steps.recv().await {
+        while let Some(first) = steps.recv().await {
             let mut next = Some(first);
             while let Some(step) = next.take() {
                 match step {
@@ -906,53 +915,86 @@ impl Finalizer {
             for offset in deferred.drain(..) {
                 offsets.defer(offset);
             }
-            for p in batch.iter_mut() {
+            // Events settle in order; a stop or an abandon cuts the batch:
+            // the events before it are final all the same.
+            let mut cut: Option<(usize, Option<String>)> = None;
+            'settle: for (i, p) in batch.iter_mut().enumerate() {
                 for delivery in std::mem::take(&mut p.deliveries) {
                     match self.settle(delivery).await {
                         Settled::Done(mark) => p.marks.extend(mark),
                         Settled::Stop(reason) => {
-                            self.stop(p.offset, reason);
-                            break 'events;
+                            cut = Some((i, Some(reason)));
+                            break 'settle;
                         }
-                        Settled::Abandoned => break 'events,
+                        Settled::Abandoned => {
+                            cut = Some((i, None));
+                            break 'settle;
+                        }
                     }
                 }
             }
-            if self.cancel.load(Ordering::SeqCst) {
+            let stop_at = cut.as_ref().map(|(i, _)| batch[*i].offset);
+            if let Some((i, _)) = &cut {
+                batch.truncate(*i);
+            }
+            if !self.finish(&mut batch, &mut offsets).await {
                 break;
             }
-            if let Some(dedup) = &dedup {
-                let keys = batch.iter().flat_map(|p| p.marks.iter().map(Vec::as_slice));
-                let mut backoff = Duration::from_millis(100);
-                while let Err(e) = dedup.mark(keys.clone()) {
-                    // Committing without the marks would let duplicates through
-                    // after a crash: wait for the store instead.
-                    error!(error = %format!("{e:#}"), "cannot mark events as processed; retrying");
-                    if self.cancel.load(Ordering::SeqCst) {
-                        break 'events;
-                    }
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
+            match cut {
+                None => {}
+                Some((_, Some(reason))) => {
+                    self.stop(stop_at.expect("a cut event"), reason);
+                    break;
                 }
+                Some((_, None)) => break,
             }
-            for p in &batch {
-                offsets.finish(p.offset);
+        }
+    }
+
+    /// Marks settled events in the idempotency store, then stores the
+    /// offset below every unfinished event. False when cancelled before
+    /// the marks were written.
+    async fn finish(&self, batch: &mut Vec<Pending>, offsets: &mut Offsets) -> bool {
+        if batch.is_empty() {
+            return true;
+        }
+        if let Some(dedup) = &self.shared.dedup {
+            let keys = batch.iter().flat_map(|p| p.marks.iter().map(Vec::as_slice));
+            let mut backoff = Duration::from_millis(100);
+            while let Err(e) = dedup.mark(keys.clone()) {
+                // Committing without the marks would let duplicates through
+                // after a crash: wait for the store instead.
+                error!(error = %format!("{e:#}"), "cannot mark events as processed; retrying");
+                if self.cancel.load(Ordering::SeqCst) {
+                    return false;
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
             }
-            if let Some(offset) = offsets.storable() {
-                if let Err(e) = self.consumer.store_offset(&self.tp.0, self.tp.1, offset) {
-                    // The partition is no longer ours (the new owner starts
-                    // from the last commit), or the client is failing.
+        }
+        for p in batch.iter() {
+            offsets.finish(p.offset);
+        }
+        if let Some(offset) = offsets.storable() {
+            if let Err(e) = self.consumer.store_offset(&self.tp.0, self.tp.1, offset) {
+                if self.cancel.load(Ordering::SeqCst) {
+                    // Abandoned in a rebalance: the partition is no longer
+                    // ours, and its new owner starts from the last commit.
+                    debug!(topic = %self.tp.0, partition = self.tp.1, offset, error = %e, "offset not stored");
+                } else {
                     warn!(topic = %self.tp.0, partition = self.tp.1, offset, error = %e, "offset not stored");
                     self.shared.kafka_error("store_offset");
                 }
             }
-            stats
-                .events_final
-                .fetch_add(batch.len() as u64, Ordering::Relaxed);
-            self.in_flight
-                .fetch_sub(batch.len() as i64, Ordering::Relaxed);
-            batch.clear();
         }
+        self.shared
+            .stats
+            .events_final
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        self.in_flight
+            .fetch_sub(batch.len() as i64, Ordering::Relaxed);
+        batch.clear();
+        true
     }
 
     /// Awaits one record; on a refusal for good, does what its event needs.
@@ -986,7 +1028,9 @@ impl Finalizer {
                         if f.used.swap(true, Ordering::SeqCst) {
                             return Settled::Done(None);
                         }
-                        let d = self.dead_letter(&f, &reason).await;
+                        let Some(d) = self.dead_letter(&f, &reason).await else {
+                            return Settled::Abandoned;
+                        };
                         match Box::pin(self.settle(d)).await {
                             Settled::Done(_) => Settled::Done(f.mark.clone()),
                             other => other,
@@ -998,7 +1042,8 @@ impl Finalizer {
     }
 
     /// The dead letter of an event one of whose records was refused.
-    async fn dead_letter(&self, f: &Fallback, reason: &str) -> Delivery {
+    /// None when cancelled before it was enqueued.
+    async fn dead_letter(&self, f: &Fallback, reason: &str) -> Option<Delivery> {
         let shared = &self.shared;
         let h = &f.handler;
         let topic = h.config_entry.dead_letter_topic_of(&f.record.topic);
@@ -1028,17 +1073,13 @@ impl Finalizer {
             Some(FailureKind::ProduceFailed.name()),
         );
         shared.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-        let ack = shared
-            .publisher
-            .send_now(&produce, &self.cancel)
-            .await
-            .unwrap_or_else(|| Ack::Refused("cancelled".into()));
-        Delivery {
+        let ack = shared.publisher.send_now(&produce, &self.cancel).await?;
+        Some(Delivery {
             ack,
             span,
             counter: f.metrics.dead_letter_counter(),
             on_refused: OnRefused::Stop(topic),
-        }
+        })
     }
 
     /// Stops the partition for good: the worker stops, its records are left
@@ -1049,6 +1090,13 @@ impl Finalizer {
             "partition stopped: nothing past this event is committed until the cause is fixed and the partition moves or the instance restarts");
         self.stopped.store(true, Ordering::SeqCst);
         self.cancel.store(true, Ordering::SeqCst);
+        // Its queued events are dropped uncommitted.
+        self.in_flight.store(0, Ordering::Relaxed);
+        if self.closing.load(Ordering::SeqCst) {
+            // Being revoked or shut down: the partition is not ours to
+            // report on any more.
+            return;
+        }
         self.shared.obs.health.set_problem(
             &partition_key(topic, partition),
             format!("partition {topic}/{partition} stopped at offset {offset}: {reason}"),
@@ -1666,7 +1714,12 @@ impl PartitionWorker {
         parent: &TraceContext,
         message: &str,
     ) -> Option<Delivery> {
-        let topic = deadletter::default_topic(&record.topic);
+        let topic = self
+            .shared
+            .retry_topics
+            .get(&record.topic)
+            .cloned()
+            .unwrap_or_else(|| deadletter::default_topic(&record.topic));
         let group = self.shared.config.kafka.group_id.clone();
         let cx = self.shared.tracing().start(parent, || {
             telemetry::consumer_span(record, None, "", "", &group)

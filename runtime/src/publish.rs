@@ -101,7 +101,7 @@ fn watch_fatal(
                 return;
             };
             if let Some((code, reason)) = producer.client().fatal_error() {
-                halt.halt(format!(
+                halt.halt_now(format!(
                     "the Kafka producer hit a fatal error ({code:?}): {reason}"
                 ));
                 return;
@@ -139,7 +139,10 @@ impl Publisher {
         let create = |solo: bool| -> Result<Arc<FutureProducer<PublishContext>>> {
             let mut c = producer_config(config);
             if solo {
-                c.set("batch.num.messages", "1").set("linger.ms", "0");
+                // Rarely used: a small queue.
+                c.set("batch.num.messages", "1")
+                    .set("linger.ms", "0")
+                    .set("queue.buffering.max.kbytes", "4096");
             }
             let errors = Arc::new(tokio::sync::Notify::new());
             let producer: Arc<FutureProducer<PublishContext>> = Arc::new(
@@ -240,7 +243,7 @@ impl Publisher {
                     ErrorClass::Permanent => Ok(Ack::Refused(e.to_string())),
                     ErrorClass::Fatal => {
                         self.halt
-                            .halt(format!("the Kafka producer hit a fatal error: {e}"));
+                            .halt_now(format!("the Kafka producer hit a fatal error: {e}"));
                         Err(Duration::from_millis(100))
                     }
                     ErrorClass::Retriable => {
@@ -301,7 +304,7 @@ impl Publisher {
                         .fatal_error()
                         .map_or_else(|| err.to_string(), |(_, r)| r);
                     self.halt
-                        .halt(format!("the Kafka producer hit a fatal error: {reason}"));
+                        .halt_now(format!("the Kafka producer hit a fatal error: {reason}"));
                     return gave_up(span);
                 }
                 ErrorClass::Permanent if refused_for_size(&err) && !sent_alone => {

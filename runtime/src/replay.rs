@@ -160,10 +160,14 @@ pub async fn run(command: DlqCommand) -> Result<()> {
     }
 }
 
+/// A header of a dead letter: the last one of that name, which is the one
+/// Weir added (the original record's own headers come first, and may
+/// carry anything).
 fn header<'a>(m: &'a impl Message, name: &str) -> Option<&'a [u8]> {
     m.headers()?
         .iter()
-        .find(|h| h.key == name)
+        .filter(|h| h.key == name)
+        .last()
         .and_then(|h| h.value)
 }
 

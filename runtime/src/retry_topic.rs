@@ -59,15 +59,19 @@ pub fn take_retry(record: &Record) -> Option<(Record, RetryInfo)> {
         headers: record
             .headers
             .iter()
-            .filter(|(k, _)| {
-                !k.starts_with("weir-retry-")
-                    && !k.starts_with("weir-original-")
-                    && k != deadletter::header::FIRST_FAILURE_AT
-            })
+            .filter(|(k, _)| !is_retry_state(k))
             .cloned()
             .collect(),
     };
     Some((original, info))
+}
+
+/// Whether a header is part of a retry record's state.
+fn is_retry_state(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    key.starts_with("weir-retry-")
+        || key.starts_with("weir-original-")
+        || key == deadletter::header::FIRST_FAILURE_AT
 }
 
 /// The record to send to a retry topic for `attempt` after `delay`. An
@@ -84,7 +88,14 @@ pub fn retry_record(
     topic: String,
 ) -> Produce {
     let not_before = OffsetDateTime::now_utc().unix_timestamp() * 1000 + delay.as_millis() as i64;
-    let mut headers = record.headers.clone();
+    // Only Weir's own retry state: whatever the original carried under
+    // these names is dropped, so it cannot steer the retry.
+    let mut headers: Vec<(String, Vec<u8>)> = record
+        .headers
+        .iter()
+        .filter(|(k, _)| !is_retry_state(k))
+        .cloned()
+        .collect();
     deadletter::add_origin(&mut headers, record);
     let mut add = |k: &str, v: String| headers.push((k.to_owned(), v.into_bytes()));
     if record.header(envelope::header::CORRELATION_ID).is_none() {
@@ -258,6 +269,39 @@ mod tests {
         );
         assert_eq!((info.handler.as_str(), info.attempt), ("h", 3));
         assert!(info.not_before_ms >= first.unix_timestamp() * 1000 + 500);
+    }
+
+    #[test]
+    fn forged_retry_headers_of_the_original_do_not_steer_its_retry() {
+        let mut r = record();
+        for (k, v) in [
+            ("weir-retry-handler", "other"),
+            ("Weir-Original-Topic", "elsewhere"),
+            ("weir-original-offset", "999"),
+        ] {
+            r.headers.push((k.into(), v.as_bytes().to_vec()));
+        }
+        let p = retry_record(
+            &r,
+            "c-1",
+            "h",
+            2,
+            Duration::ZERO,
+            OffsetDateTime::now_utc(),
+            "orders.retry".into(),
+        );
+        let consumed = Record {
+            topic: p.topic,
+            partition: 0,
+            offset: 1,
+            timestamp_ms: 0,
+            key: p.key,
+            value: p.value,
+            headers: p.headers,
+        };
+        let (original, info) = take_retry(&consumed).expect("a retry record");
+        assert_eq!(info.handler, "h");
+        assert_eq!((original.topic.as_str(), original.offset), ("orders", 40));
     }
 
     #[test]
