@@ -1,6 +1,6 @@
 //! A handler's stdout and stderr: each line goes to the runtime log, tagged
 //! with the handler and the stream, rate limited so a chatty or hostile
-//! handler cannot flood the log. [`LineLimiter`] is that rate limit; the
+//! handler cannot flood the log. `LineLimiter` is that rate limit; the
 //! host `log` import uses it too.
 
 use std::pin::Pin;

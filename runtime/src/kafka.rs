@@ -2,7 +2,12 @@
 
 use std::collections::BTreeMap;
 
+use std::time::Duration;
+
 use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{Consumer, ConsumerContext};
+use rdkafka::error::RDKafkaErrorCode;
+use tracing::{debug, info, warn};
 
 use crate::config::Config;
 
@@ -65,4 +70,66 @@ pub fn consumer_config(config: &Config) -> ClientConfig {
         );
     }
     c
+}
+
+/// Creates missing dead-letter and retry topics with their source topic's
+/// partition count, so failures have somewhere to go even where the broker
+/// does not create topics on first use. Best effort: a failure is logged,
+/// and the partition waits at the first failure if the topic is still missing.
+pub async fn ensure_topics<C: ConsumerContext>(config: &Config, consumer: &impl Consumer<C>) {
+    let Ok(md) = consumer.fetch_metadata(None, Duration::from_secs(10)) else {
+        warn!("cannot read cluster metadata; dead-letter and retry topics are not checked");
+        return;
+    };
+    let partitions = |name: &str| {
+        md.topics()
+            .iter()
+            .find(|t| t.name() == name && t.error().is_none())
+            .map(|t| t.partitions().len() as i32)
+    };
+    let mut wanted: Vec<(String, i32)> = Vec::new();
+    for h in &config.handlers {
+        for source in &h.topics {
+            let Some(n) = partitions(source) else {
+                continue;
+            };
+            let dlq = h.dead_letter_topic_of(source);
+            for t in std::iter::once(dlq).chain(h.retry_topic_of(source)) {
+                if partitions(&t).is_none() && !wanted.iter().any(|(w, _)| *w == t) {
+                    wanted.push((t, n));
+                }
+            }
+        }
+    }
+    if wanted.is_empty() {
+        return;
+    }
+    let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
+        match client_config(config, &Default::default()).create() {
+            Ok(a) => a,
+            Err(e) => return warn!(error = %e, "cannot create an admin client"),
+        };
+    let new: Vec<rdkafka::admin::NewTopic> = wanted
+        .iter()
+        .map(|(t, n)| {
+            rdkafka::admin::NewTopic::new(t, *n, rdkafka::admin::TopicReplication::Fixed(-1))
+        })
+        .collect();
+    let opts = rdkafka::admin::AdminOptions::new()
+        .operation_timeout(Some(Duration::from_secs(10)))
+        .request_timeout(Some(Duration::from_secs(10)));
+    match admin.create_topics(&new, &opts).await {
+        Ok(results) => {
+            for r in results {
+                match r {
+                    Ok(t) => info!(topic = %t, "created topic"),
+                    Err((t, RDKafkaErrorCode::TopicAlreadyExists)) => {
+                        debug!(topic = %t, "topic exists")
+                    }
+                    Err((t, e)) => warn!(topic = %t, error = %e, "cannot create topic"),
+                }
+            }
+        }
+        Err(e) => warn!(error = %e, "cannot create dead-letter/retry topics"),
+    }
 }

@@ -12,7 +12,6 @@ pub mod dedup;
 pub mod dev;
 pub mod envelope;
 pub mod failure;
-pub mod finalizer;
 pub mod guest_output;
 pub mod halt;
 pub mod handler;
@@ -22,6 +21,8 @@ pub mod pipeline;
 pub mod publish;
 pub mod replay;
 pub mod retry_topic;
+pub mod runner;
+pub mod samples;
 pub mod telemetry;
 
 use std::sync::Arc;

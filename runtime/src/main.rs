@@ -46,7 +46,11 @@ enum Command {
         #[command(subcommand)]
         command: weir::replay::DlqCommand,
     },
-    /// Run the example pipeline on an in-process mock Kafka cluster.
+    /// Run a component against sample events, without Kafka, and print
+    /// what it would publish.
+    Try(weir::runner::TryArgs),
+    /// Run the example pipeline (or your component) on an in-process mock
+    /// Kafka cluster.
     Dev(weir::dev::DevArgs),
     /// Measure throughput and handling latency against a real broker.
     Bench(weir::bench::BenchArgs),
@@ -171,6 +175,12 @@ fn real_main(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Dlq { command } => runtime.block_on(weir::replay::run(command)),
+        Command::Try(args) => {
+            if !weir::runner::run(&args)? {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         Command::Dev(args) => runtime.block_on(weir::dev::run(args)),
         Command::Bench(args) => runtime.block_on(weir::bench::run(args)),
     }

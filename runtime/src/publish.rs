@@ -28,7 +28,7 @@ use crate::envelope::{Produce, Record};
 use crate::halt::Halt;
 use crate::kafka::producer_config;
 use crate::metrics::Metrics;
-use crate::telemetry;
+use crate::telemetry::{self, Tracing};
 
 /// What a producer error means for the record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -357,6 +357,23 @@ fn gave_up(span: Option<&TraceContext>) -> Acked {
         telemetry::fail(span, "not-acknowledged", "given up at shutdown or revoke");
     }
     Acked::Abandoned
+}
+
+/// Starts the producer span of a record sent on behalf of the span in `cx`
+/// and writes its context into the record's headers, so whoever consumes
+/// the record continues the trace.
+pub fn publish_span(
+    tracing: &Tracing,
+    cx: &TraceContext,
+    p: &mut Produce,
+    correlation_id: &str,
+    dead_letter_reason: Option<&str>,
+) -> Option<TraceContext> {
+    let span = tracing.start(cx, || {
+        telemetry::producer_span(p, correlation_id, dead_letter_reason)
+    });
+    tracing.inject(&span, &mut p.headers);
+    tracing.enabled().then_some(span)
 }
 
 #[cfg(test)]

@@ -1,0 +1,446 @@
+//! One record through the handlers of its topic: retry state (on retry
+//! topics only), the envelope, routing by event type, the idempotency
+//! check, the call, and what the outcome sends: outputs, a retry record or
+//! a dead letter, each with what to do should the broker refuse it.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use opentelemetry::{Context as TraceContext, KeyValue};
+use prometheus::IntCounter;
+
+use time::OffsetDateTime;
+use tracing::{debug, error, warn};
+
+use super::finalizer::{Delivery, Fallback, OnRefused, Pending};
+use super::invoke::Verdict;
+use super::worker::PartitionWorker;
+use crate::config::RetryMode;
+use crate::deadletter::{self, DeadLetter};
+use crate::dedup::{self};
+use crate::envelope::{self, Record};
+use crate::failure::FailureKind;
+use crate::publish::publish_span;
+use crate::replay;
+use crate::retry_topic::{self};
+use crate::telemetry::{self, attr};
+
+impl PartitionWorker {
+    pub(super) fn process(&mut self, consumed: Record) -> Option<Pending> {
+        // Retry state is honoured only on retry topics; elsewhere the
+        // headers are ordinary headers.
+        let retry = if self.is_retry {
+            retry_topic::take_retry(&consumed)
+        } else {
+            None
+        };
+        let offset = consumed.offset;
+        if self.is_retry && retry.is_none() {
+            let parent = self.shared.tracing().extract(&consumed.headers);
+            let d = self.dead_letter_unrouted(
+                &consumed,
+                &parent,
+                "a record in a retry topic without valid retry headers",
+            )?;
+            return Some(Pending {
+                offset,
+                deliveries: vec![d],
+                marks: Vec::new(),
+            });
+        }
+        let (record_arc, retry, consumed) = match retry {
+            Some((original, info)) => (Arc::new(original), Some(info), Some(consumed)),
+            None => (Arc::new(consumed), None, None),
+        };
+        let record: &Record = &record_arc;
+        let retry = retry.as_ref();
+        // The context the event arrived with (for a retry record: the
+        // context of the span that sent it to the retry topic).
+        let parent = self.shared.tracing().extract(&record.headers);
+        let mut deliveries = Vec::new();
+        let mut marks = Vec::new();
+        let shared = self.shared.clone();
+        let group = shared.config.kafka.group_id.as_str();
+        let dedup_on = shared.dedup.is_some();
+        let done = |deliveries, marks| {
+            Some(Pending {
+                offset,
+                deliveries,
+                marks,
+            })
+        };
+        let mut event = match envelope::decode(record) {
+            Ok(event) => event,
+            Err(undecodable) => {
+                let position = replay::position_id(record);
+                let keys: Vec<Vec<u8>> = self
+                    .handlers
+                    .iter()
+                    .map(|(h, _, _)| {
+                        dedup::key(&h.name, &replay::dedup_id(&position, record, &h.name))
+                    })
+                    .collect();
+                if let (true, Some(first)) = (dedup_on, keys.first()) {
+                    if self.already_done(first)? {
+                        self.shared.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                        if let Some((_, _, m)) = self.handlers.first() {
+                            m.duplicate();
+                        }
+                        return done(deliveries, marks);
+                    }
+                    for k in &keys {
+                        self.recent.insert(k);
+                    }
+                    marks = keys;
+                }
+                let names: Vec<&str> = self
+                    .handlers
+                    .iter()
+                    .map(|(h, _, _)| h.name.as_str())
+                    .collect();
+                let versions: Vec<&str> = self
+                    .handlers
+                    .iter()
+                    .map(|(h, _, _)| h.version.as_str())
+                    .collect();
+                let topic = self.handlers.first().map_or_else(
+                    || deadletter::default_topic(&record.topic),
+                    |(h, _, _)| h.config_entry.dead_letter_topic_of(&record.topic),
+                );
+                let handler = names.join(",");
+                let cx = self.shared.tracing().start(&parent, || {
+                    telemetry::consumer_span(record, None, &handler, &versions.join(","), group)
+                });
+                telemetry::fail(&cx, FailureKind::Undecodable.name(), &undecodable.0);
+                warn!(trace_id = %telemetry::trace_id(&cx), topic = %record.topic, partition = record.partition,
+                    offset = record.offset, handler = %handler, reason = %undecodable,
+                    dead_letter_topic = %topic, "undecodable event dead-lettered");
+                // Counted against the handler whose dead-letter topic takes it.
+                let metrics = self
+                    .handlers
+                    .first()
+                    .map(|(_, _, m)| m.clone())
+                    .unwrap_or_default();
+                metrics.failed(FailureKind::Undecodable, None);
+                let now = OffsetDateTime::now_utc();
+                let dl = DeadLetter {
+                    record,
+                    kind: FailureKind::Undecodable,
+                    message: undecodable.0,
+                    handler: handler.clone(),
+                    handler_version: versions.join(","),
+                    attempts: 1,
+                    group_id: group,
+                    first_failure: now,
+                    last_failure: now,
+                };
+                let correlation = record
+                    .header_str(envelope::header::CORRELATION_ID)
+                    .unwrap_or_default();
+                deliveries.push(self.send_dead_letter(
+                    dl,
+                    topic,
+                    &cx,
+                    metrics.dead_letter_counter(),
+                    &correlation,
+                )?);
+                telemetry::end(&cx);
+                return done(deliveries, marks);
+            }
+        };
+        if record.header(replay::REPLAY_HEADER).is_some() && event.id == record.position_id() {
+            // A replayed event without an envelope id keeps its first one.
+            event.id = replay::position_id(record);
+        }
+        // An event that starts a trace and goes to several handlers gets one
+        // `receive` span over theirs, so it is one trace, not one per handler.
+        let receive = (self.handlers.len() > 1
+            && self.shared.tracing().enabled()
+            && !opentelemetry::trace::TraceContextExt::span(&parent)
+                .span_context()
+                .is_valid())
+        .then(|| {
+            self.shared.tracing().start(&parent, || {
+                let (_, kind, attributes) =
+                    telemetry::consumer_span(record, Some(&event), "", "", group);
+                (format!("receive {}", record.topic), kind, attributes)
+            })
+        });
+        let parent = receive.clone().unwrap_or(parent);
+        let mut routed = false;
+        for i in 0..self.handlers.len() {
+            let handler = self.handlers[i].0.clone();
+            let metrics = self.handlers[i].2.clone();
+            if !handler.config_entry.accepts(&event.event_type)
+                || retry.is_some_and(|r| r.handler != handler.name)
+            {
+                continue;
+            }
+            routed = true;
+            let cx = self.shared.tracing().start(&parent, || {
+                telemetry::consumer_span(
+                    record,
+                    Some(&event),
+                    &handler.name,
+                    &handler.version,
+                    group,
+                )
+            });
+            let id = replay::dedup_id(&event.id, record, &handler.name);
+            let key = dedup::key(&handler.name, &id);
+            if dedup_on && self.already_done(&key)? {
+                debug!(trace_id = %telemetry::trace_id(&cx), handler = %handler.name, event_id = %event.id,
+                    correlation_id = %event.correlation_id, causation_id = event.causation_id.as_deref().unwrap_or(""),
+                    topic = %record.topic, partition = record.partition, offset = record.offset,
+                    "duplicate skipped");
+                telemetry::event(&cx, || ("duplicate skipped", Vec::new()));
+                self.shared.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                metrics.duplicate();
+                continue;
+            }
+            // In topic retry mode, this attempt may already have been handed
+            // on to the retry topic before a crash: one retry chain only.
+            let consumed_attempt = retry.map_or(1, |r| r.attempt);
+            let hop = (dedup_on && handler.config_entry.retry_mode == RetryMode::Topic)
+                .then(|| dedup::key(&handler.name, &retry_topic::hop_id(&id, consumed_attempt)));
+            if let Some(hop) = &hop {
+                if self.already_done(hop)? {
+                    debug!(trace_id = %telemetry::trace_id(&cx), handler = %handler.name, event_id = %event.id,
+                        topic = %record.topic, partition = record.partition, offset = record.offset,
+                        attempt = consumed_attempt, "retry already scheduled; skipped");
+                    telemetry::event(&cx, || ("retry already scheduled", Vec::new()));
+                    continue;
+                }
+            }
+            let started = Instant::now();
+            self.throttled = Duration::ZERO;
+            let verdict = self.call(i, &event, record, retry, &cx)?;
+            // Waiting for the fuel budget is throttling, not handling.
+            let took = started.elapsed().saturating_sub(self.throttled);
+            let fallback = |mark: Option<Vec<u8>>, attempts: u32, first_failure| {
+                OnRefused::DeadLetter(Arc::new(Fallback {
+                    record: record_arc.clone(),
+                    handler: handler.clone(),
+                    metrics: metrics.clone(),
+                    attempts,
+                    first_failure,
+                    correlation_id: event.correlation_id.clone(),
+                    cx: cx.clone(),
+                    mark,
+                    used: AtomicBool::new(false),
+                }))
+            };
+            let final_key = dedup_on.then(|| key.clone());
+            match (&verdict, hop) {
+                (Verdict::Retry { .. }, Some(hop)) => {
+                    self.recent.insert(&hop);
+                    marks.push(hop);
+                }
+                (Verdict::Retry { .. }, None) => {}
+                _ if dedup_on => {
+                    self.recent.insert(&key);
+                    marks.push(key);
+                }
+                _ => {}
+            }
+            match verdict {
+                Verdict::Outputs(outputs) => {
+                    debug!(trace_id = %telemetry::trace_id(&cx), handler = %handler.name, event_id = %event.id,
+                        correlation_id = %event.correlation_id, causation_id = event.causation_id.as_deref().unwrap_or(""),
+                        topic = %record.topic, partition = record.partition, offset = record.offset,
+                        outputs = outputs.len(), "handled");
+                    let on_refused = (!outputs.is_empty())
+                        .then(|| fallback(None, consumed_attempt, OffsetDateTime::now_utc()));
+                    for mut o in outputs {
+                        let span = publish_span(
+                            self.shared.tracing(),
+                            &cx,
+                            &mut o,
+                            &event.correlation_id,
+                            None,
+                        );
+                        let on_refused = match &on_refused {
+                            Some(OnRefused::DeadLetter(f)) => OnRefused::DeadLetter(f.clone()),
+                            _ => unreachable!("outputs have a fallback"),
+                        };
+                        deliveries.push(Delivery {
+                            ack: self.shared.publisher.send(&o, &self.cancel)?,
+                            span,
+                            counter: metrics.output_counter(),
+                            on_refused,
+                        });
+                    }
+                    self.shared.stats.handled.fetch_add(1, Ordering::Relaxed);
+                    metrics.handled(took);
+                }
+                Verdict::Retry {
+                    attempt,
+                    delay,
+                    message,
+                    first_failure,
+                } => {
+                    let topic = handler
+                        .config_entry
+                        .retry_topic_of(&record.topic)
+                        .expect("topic retry mode has a retry topic");
+                    debug!(trace_id = %telemetry::trace_id(&cx), handler = %handler.name, event_id = %event.id,
+                        correlation_id = %event.correlation_id, causation_id = event.causation_id.as_deref().unwrap_or(""),
+                        topic = %record.topic, partition = record.partition, offset = record.offset,
+                        attempt, ?delay, reason = %message, retry_topic = %topic, "sent to the retry topic");
+                    telemetry::event(&cx, || {
+                        (
+                            "retry scheduled",
+                            vec![
+                                KeyValue::new(attr::ATTEMPT, attempt as i64),
+                                KeyValue::new("weir.retry.delay_ms", delay.as_millis() as i64),
+                                KeyValue::new("weir.retry.reason", message.clone()),
+                            ],
+                        )
+                    });
+                    let mut p = retry_topic::retry_record(
+                        record,
+                        &event.correlation_id,
+                        &handler.name,
+                        attempt,
+                        delay,
+                        first_failure,
+                        topic,
+                    );
+                    let span = publish_span(
+                        self.shared.tracing(),
+                        &cx,
+                        &mut p,
+                        &event.correlation_id,
+                        None,
+                    );
+                    deliveries.push(Delivery {
+                        ack: self.shared.publisher.send(&p, &self.cancel)?,
+                        span,
+                        counter: None,
+                        on_refused: fallback(final_key, attempt - 1, first_failure),
+                    });
+                    self.shared.stats.retries.fetch_add(1, Ordering::Relaxed);
+                    metrics.sent_to_retry(took);
+                }
+                Verdict::Failed {
+                    kind,
+                    message,
+                    attempts,
+                    first_failure,
+                } => {
+                    let topic = handler.config_entry.dead_letter_topic_of(&record.topic);
+                    telemetry::fail(&cx, kind.name(), &message);
+                    warn!(trace_id = %telemetry::trace_id(&cx), handler = %handler.name, event_id = %event.id,
+                        correlation_id = %event.correlation_id, causation_id = event.causation_id.as_deref().unwrap_or(""),
+                        topic = %record.topic,
+                        partition = record.partition, offset = record.offset, kind = %kind,
+                        reason = %message, attempts, dead_letter_topic = %topic, "event dead-lettered");
+                    metrics.failed(kind, Some(took));
+                    let dl = DeadLetter {
+                        record,
+                        kind,
+                        message,
+                        handler: handler.name.clone(),
+                        handler_version: handler.version.clone(),
+                        attempts,
+                        group_id: group,
+                        first_failure,
+                        last_failure: OffsetDateTime::now_utc(),
+                    };
+                    deliveries.push(self.send_dead_letter(
+                        dl,
+                        topic,
+                        &cx,
+                        metrics.dead_letter_counter(),
+                        &event.correlation_id,
+                    )?);
+                }
+            }
+            telemetry::end(&cx);
+        }
+        if let (false, Some(info)) = (routed, retry) {
+            // The handler was renamed, removed or no longer takes this
+            // event type: dead-letter rather than drop it.
+            let message = format!(
+                "retry record for handler {:?}, which no longer handles {} events of {}",
+                info.handler, event.event_type, record.topic
+            );
+            let consumed = consumed.as_ref().unwrap_or(record);
+            deliveries.push(self.dead_letter_unrouted(consumed, &parent, &message)?);
+        }
+        if let Some(cx) = receive {
+            telemetry::end(&cx);
+        }
+        done(deliveries, marks)
+    }
+
+    /// Dead-letters a record no handler can take.
+    pub(super) fn dead_letter_unrouted(
+        &mut self,
+        record: &Record,
+        parent: &TraceContext,
+        message: &str,
+    ) -> Option<Delivery> {
+        let topic = self
+            .shared
+            .retry_topics
+            .get(&record.topic)
+            .cloned()
+            .unwrap_or_else(|| deadletter::default_topic(&record.topic));
+        let group = self.shared.config.kafka.group_id.clone();
+        let cx = self.shared.tracing().start(parent, || {
+            telemetry::consumer_span(record, None, "", "", &group)
+        });
+        telemetry::fail(&cx, FailureKind::Undecodable.name(), message);
+        error!(trace_id = %telemetry::trace_id(&cx), handler = "", topic = %record.topic, partition = record.partition,
+            offset = record.offset, reason = message, dead_letter_topic = %topic,
+            "unroutable record dead-lettered");
+        let now = OffsetDateTime::now_utc();
+        let dl = DeadLetter {
+            record,
+            kind: FailureKind::Undecodable,
+            message: message.to_owned(),
+            handler: String::new(),
+            handler_version: String::new(),
+            attempts: 1,
+            group_id: &group,
+            first_failure: now,
+            last_failure: now,
+        };
+        let counter = self.shared.obs.metrics.as_ref().map(|m| m.unrouted());
+        let d = self.send_dead_letter(dl, topic, &cx, counter, "");
+        telemetry::end(&cx);
+        d
+    }
+
+    /// Publishes a dead letter (its acknowledgement makes the event final).
+    pub(super) fn send_dead_letter(
+        &self,
+        dl: DeadLetter<'_>,
+        topic: String,
+        cx: &TraceContext,
+        counter: Option<IntCounter>,
+        correlation_id: &str,
+    ) -> Option<Delivery> {
+        let kind = dl.kind;
+        let mut produce = dl.into_produce(topic.clone());
+        let span = publish_span(
+            self.shared.tracing(),
+            cx,
+            &mut produce,
+            correlation_id,
+            Some(kind.name()),
+        );
+        self.shared
+            .stats
+            .dead_lettered
+            .fetch_add(1, Ordering::Relaxed);
+        Some(Delivery {
+            ack: self.shared.publisher.send(&produce, &self.cancel)?,
+            span,
+            counter,
+            on_refused: OnRefused::Stop(topic),
+        })
+    }
+}

@@ -1,0 +1,430 @@
+//! The finalizer of one partition: awaits what each event produced, in the
+//! order the worker handled them, marks the events in the idempotency
+//! store and stores the offset below every unfinished event (the
+//! [`Offsets`] lattice); a record refused for good dead-letters its event,
+//! or stops the partition if it is a dead letter itself.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use opentelemetry::Context as TraceContext;
+use prometheus::IntCounter;
+
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use time::OffsetDateTime;
+use tokio::sync::mpsc;
+use tracing::{debug, error, warn};
+
+use super::source::{partition_key, WeirContext};
+use super::{Shared, TopicPartition};
+use crate::deadletter::DeadLetter;
+use crate::envelope::Record;
+use crate::failure::FailureKind;
+use crate::handler::LoadedHandler;
+use crate::metrics::HandlerMetrics;
+use crate::publish::{publish_span, Ack, Acked};
+use crate::telemetry;
+
+/// What a worker hands its finalizer, in the order it handles records.
+pub(super) enum Step {
+    /// A record held until it is due (retry partitions): final later.
+    Deferred(i64),
+    /// A record handled: what must be acknowledged before it is final.
+    Done(Pending),
+}
+
+/// The outcome of one event: what must be acknowledged before its offset
+/// is final.
+pub(super) struct Pending {
+    pub(super) offset: i64,
+    pub(super) deliveries: Vec<Delivery>,
+    /// Idempotency keys to mark once the deliveries are acknowledged.
+    pub(super) marks: Vec<Vec<u8>>,
+}
+
+/// A record sent for an event, awaited before the event is final.
+pub(super) struct Delivery {
+    pub(super) ack: Ack,
+    /// The producer span, ended at the acknowledgement.
+    pub(super) span: Option<TraceContext>,
+    /// Counted once acknowledged (outputs or dead letters of a handler).
+    pub(super) counter: Option<IntCounter>,
+    /// What a refusal for good means.
+    pub(super) on_refused: OnRefused,
+}
+
+/// What the finalizer does when a record is refused for good.
+pub(super) enum OnRefused {
+    /// An output or a retry record: the event is dead-lettered for its
+    /// handler as `produce-failed`.
+    DeadLetter(Arc<Fallback>),
+    /// A dead letter to this topic: the partition stops, nothing is
+    /// committed past the event.
+    Stop(String),
+}
+
+/// What dead-lettering an event for one handler takes, should one of the
+/// records its call produced be refused.
+pub(super) struct Fallback {
+    pub(super) record: Arc<Record>,
+    pub(super) handler: Arc<LoadedHandler>,
+    pub(super) metrics: HandlerMetrics,
+    pub(super) attempts: u32,
+    pub(super) first_failure: OffsetDateTime,
+    pub(super) correlation_id: String,
+    pub(super) cx: TraceContext,
+    /// Marked once the dead letter is acknowledged, when the call's own
+    /// mark is not (a retry hop that could not be written).
+    pub(super) mark: Option<Vec<u8>>,
+    /// Set once dead-lettered: an event is dead-lettered once per handler.
+    pub(super) used: AtomicBool,
+}
+
+/// One partition's finalizer: awaits each event's acknowledgements in the
+/// order the worker handled them, marks the events in the idempotency
+/// store, then stores the offset below every unfinished event. Events that
+/// are ready together are marked in one batch. A record refused for a
+/// reason that can pass is sent again; one refused for good dead-letters
+/// its event, or, if it is a dead letter, stops the partition, so nothing
+/// is committed past an output or dead letter that is not durable.
+pub(super) struct Finalizer {
+    pub(super) tp: TopicPartition,
+    pub(super) consumer: Arc<StreamConsumer<WeirContext>>,
+    pub(super) shared: Arc<Shared>,
+    pub(super) in_flight: Arc<AtomicI64>,
+    pub(super) cancel: Arc<AtomicBool>,
+    pub(super) stopped: Arc<AtomicBool>,
+    /// Set when the partition is revoked or the instance shuts down.
+    pub(super) closing: Arc<AtomicBool>,
+}
+
+impl Finalizer {
+    pub(super) async fn run(self, mut steps: mpsc::Receiver<Step>) {
+        const BATCH: usize = 512;
+        let mut batch: Vec<Pending> = Vec::with_capacity(BATCH);
+        let mut offsets = Offsets::default();
+        let mut deferred: Vec<i64> = Vec::new();
+        while let Some(first) = steps.recv().await {
+            let mut next = Some(first);
+            while let Some(step) = next.take() {
+                match step {
+                    Step::Deferred(offset) => deferred.push(offset),
+                    Step::Done(p) => batch.push(p),
+                }
+                if batch.len() < BATCH {
+                    next = steps.try_recv().ok();
+                }
+            }
+            for offset in deferred.drain(..) {
+                offsets.defer(offset);
+            }
+            // Events settle in order; a stop or an abandon cuts the batch:
+            // the events before it are final all the same.
+            let mut cut: Option<(usize, Option<String>)> = None;
+            'settle: for (i, p) in batch.iter_mut().enumerate() {
+                for delivery in std::mem::take(&mut p.deliveries) {
+                    match self.settle(delivery).await {
+                        Settled::Done(mark) => p.marks.extend(mark),
+                        Settled::Stop(reason) => {
+                            cut = Some((i, Some(reason)));
+                            break 'settle;
+                        }
+                        Settled::Abandoned => {
+                            cut = Some((i, None));
+                            break 'settle;
+                        }
+                    }
+                }
+            }
+            let stop_at = cut.as_ref().map(|(i, _)| batch[*i].offset);
+            if let Some((i, _)) = &cut {
+                batch.truncate(*i);
+            }
+            if !self.finish(&mut batch, &mut offsets).await {
+                break;
+            }
+            match cut {
+                None => {}
+                Some((_, Some(reason))) => {
+                    self.stop(stop_at.expect("a cut event"), reason);
+                    break;
+                }
+                Some((_, None)) => break,
+            }
+        }
+    }
+
+    /// Marks settled events in the idempotency store, then stores the
+    /// offset below every unfinished event. False when cancelled before
+    /// the marks were written.
+    pub(super) async fn finish(&self, batch: &mut Vec<Pending>, offsets: &mut Offsets) -> bool {
+        if batch.is_empty() {
+            return true;
+        }
+        if let Some(dedup) = &self.shared.dedup {
+            let keys = batch.iter().flat_map(|p| p.marks.iter().map(Vec::as_slice));
+            let mut backoff = Duration::from_millis(100);
+            while let Err(e) = dedup.mark(keys.clone()) {
+                // Committing without the marks would let duplicates through
+                // after a crash: wait for the store instead.
+                error!(error = %format!("{e:#}"), "cannot mark events as processed; retrying");
+                if self.cancel.load(Ordering::SeqCst) {
+                    return false;
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+        for p in batch.iter() {
+            offsets.finish(p.offset);
+        }
+        if let Some(offset) = offsets.storable() {
+            if let Err(e) = self.consumer.store_offset(&self.tp.0, self.tp.1, offset) {
+                if self.cancel.load(Ordering::SeqCst) {
+                    // Abandoned in a rebalance: the partition is no longer
+                    // ours, and its new owner starts from the last commit.
+                    debug!(topic = %self.tp.0, partition = self.tp.1, offset, error = %e, "offset not stored");
+                } else {
+                    warn!(topic = %self.tp.0, partition = self.tp.1, offset, error = %e, "offset not stored");
+                    self.shared.kafka_error("store_offset");
+                }
+            }
+        }
+        self.shared
+            .stats
+            .events_final
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        self.in_flight
+            .fetch_sub(batch.len() as i64, Ordering::Relaxed);
+        batch.clear();
+        true
+    }
+
+    /// Awaits one record; on a refusal for good, does what its event needs.
+    pub(super) async fn settle(&self, delivery: Delivery) -> Settled {
+        let shared = &self.shared;
+        match shared
+            .publisher
+            .acknowledged(delivery.ack, &self.cancel, delivery.span.as_ref())
+            .await
+        {
+            Acked::Yes => {
+                shared.stats.outputs.fetch_add(1, Ordering::Relaxed);
+                if let Some(c) = delivery.counter {
+                    c.inc();
+                }
+                if let Some(span) = delivery.span {
+                    telemetry::end(&span);
+                }
+                Settled::Done(None)
+            }
+            Acked::Abandoned => Settled::Abandoned,
+            Acked::Refused(reason) => {
+                if let Some(span) = &delivery.span {
+                    telemetry::end(span);
+                }
+                match delivery.on_refused {
+                    OnRefused::Stop(topic) => Settled::Stop(format!(
+                        "the dead-letter topic {topic} refused a record for good: {reason}"
+                    )),
+                    OnRefused::DeadLetter(f) => {
+                        if f.used.swap(true, Ordering::SeqCst) {
+                            return Settled::Done(None);
+                        }
+                        let Some(d) = self.dead_letter(&f, &reason).await else {
+                            return Settled::Abandoned;
+                        };
+                        match Box::pin(self.settle(d)).await {
+                            Settled::Done(_) => Settled::Done(f.mark.clone()),
+                            other => other,
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The dead letter of an event one of whose records was refused.
+    /// None when cancelled before it was enqueued.
+    pub(super) async fn dead_letter(&self, f: &Fallback, reason: &str) -> Option<Delivery> {
+        let shared = &self.shared;
+        let h = &f.handler;
+        let topic = h.config_entry.dead_letter_topic_of(&f.record.topic);
+        let message = format!("the broker refused a record of this event for good: {reason}");
+        warn!(trace_id = %telemetry::trace_id(&f.cx), handler = %h.name,
+            correlation_id = %f.correlation_id, topic = %f.record.topic,
+            partition = f.record.partition, offset = f.record.offset,
+            reason = %message, dead_letter_topic = %topic, "event dead-lettered: produce failed");
+        f.metrics.failed(FailureKind::ProduceFailed, None);
+        let dl = DeadLetter {
+            record: &f.record,
+            kind: FailureKind::ProduceFailed,
+            message,
+            handler: h.name.clone(),
+            handler_version: h.version.clone(),
+            attempts: f.attempts,
+            group_id: &shared.config.kafka.group_id,
+            first_failure: f.first_failure,
+            last_failure: OffsetDateTime::now_utc(),
+        };
+        let mut produce = dl.into_produce(topic.clone());
+        let span = publish_span(
+            shared.tracing(),
+            &f.cx,
+            &mut produce,
+            &f.correlation_id,
+            Some(FailureKind::ProduceFailed.name()),
+        );
+        shared.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+        let ack = shared.publisher.send_now(&produce, &self.cancel).await?;
+        Some(Delivery {
+            ack,
+            span,
+            counter: f.metrics.dead_letter_counter(),
+            on_refused: OnRefused::Stop(topic),
+        })
+    }
+
+    /// Stops the partition for good: the worker stops, its records are left
+    /// uncommitted, and the instance is not ready until the partition moves.
+    pub(super) fn stop(&self, offset: i64, reason: String) {
+        let (topic, partition) = (&self.tp.0, self.tp.1);
+        error!(topic = %topic, partition, offset, reason = %reason,
+            "partition stopped: nothing past this event is committed until the cause is fixed and the partition moves or the instance restarts");
+        self.stopped.store(true, Ordering::SeqCst);
+        self.cancel.store(true, Ordering::SeqCst);
+        // Its queued events are dropped uncommitted.
+        self.in_flight.store(0, Ordering::Relaxed);
+        if self.closing.load(Ordering::SeqCst) {
+            // Being revoked or shut down: the partition is not ours to
+            // report on any more.
+            return;
+        }
+        self.shared.obs.health.set_problem(
+            &partition_key(topic, partition),
+            format!("partition {topic}/{partition} stopped at offset {offset}: {reason}"),
+        );
+        if let Some(m) = &self.shared.obs.metrics {
+            m.stopped_partitions.inc();
+        }
+    }
+}
+
+/// How one record's delivery ended for its event.
+pub(super) enum Settled {
+    /// Acknowledged (or dead-lettered instead): maybe one more key to mark.
+    Done(Option<Vec<u8>>),
+    /// A dead letter was refused for good.
+    Stop(String),
+    /// Cancelled or halting.
+    Abandoned,
+}
+
+/// Offsets of one partition: handed over, final, and storable.
+#[derive(Debug, Default)]
+pub(super) struct Offsets {
+    /// Handed over out of order (deferred) and not final yet.
+    unfinished: BTreeSet<i64>,
+    /// Final, but above an unfinished one.
+    finished: BTreeSet<i64>,
+    /// The highest offset with nothing unfinished at or below it.
+    watermark: Option<i64>,
+    /// What was last returned by [`Offsets::storable`].
+    stored: Option<i64>,
+}
+
+impl Offsets {
+    /// An event that will become final later, out of order.
+    pub(super) fn defer(&mut self, offset: i64) {
+        self.unfinished.insert(offset);
+    }
+
+    /// An event's outcome is final (deferred or not).
+    pub(super) fn finish(&mut self, offset: i64) {
+        self.unfinished.remove(&offset);
+        self.finished.insert(offset);
+        let below = match self.unfinished.first() {
+            Some(&low) => low,
+            None => i64::MAX,
+        };
+        while let Some(&o) = self.finished.first() {
+            if o >= below {
+                break;
+            }
+            self.finished.pop_first();
+            self.watermark = Some(self.watermark.map_or(o, |w| w.max(o)));
+        }
+    }
+
+    /// The offset to store now, if it moved since the last call: the last
+    /// final event below every unfinished one.
+    pub(super) fn storable(&mut self) -> Option<i64> {
+        if self.watermark > self.stored {
+            self.stored = self.watermark;
+            self.watermark
+        } else {
+            None
+        }
+    }
+
+    /// Events handed over and not final.
+    #[cfg(test)]
+    pub(super) fn unfinished(&self) -> usize {
+        self.unfinished.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn in_order_completions_store_each_offset() {
+        let mut o = Offsets::default();
+        o.finish(0);
+        assert_eq!(o.storable(), Some(0));
+        o.finish(1);
+        o.finish(2);
+        assert_eq!(o.storable(), Some(2));
+        assert_eq!(o.storable(), None, "nothing new to store");
+    }
+
+    #[test]
+    fn out_of_order_completions_store_only_below_the_lowest_unfinished() {
+        let mut o = Offsets::default();
+        for off in [10, 11, 12, 13] {
+            o.defer(off);
+        }
+        o.finish(12);
+        o.finish(13);
+        assert_eq!(o.storable(), None, "10 and 11 are not final");
+        o.finish(10);
+        assert_eq!(o.storable(), Some(10));
+        o.finish(11);
+        assert_eq!(o.storable(), Some(13), "11 released 12 and 13");
+        assert_eq!(o.unfinished(), 0);
+    }
+
+    #[test]
+    fn a_deferred_event_holds_back_later_in_order_ones() {
+        let mut o = Offsets::default();
+        o.finish(4);
+        o.defer(5);
+        o.finish(6);
+        o.finish(7);
+        assert_eq!(o.storable(), Some(4));
+        o.finish(5);
+        assert_eq!(o.storable(), Some(7));
+    }
+
+    #[test]
+    fn gaps_in_offsets_do_not_hold_anything_back() {
+        // Compacted topics and transaction markers leave holes.
+        let mut o = Offsets::default();
+        o.finish(3);
+        o.finish(9);
+        assert_eq!(o.storable(), Some(9));
+    }
+}

@@ -1,0 +1,370 @@
+//! The consumer pipeline: Kafka partitions → per-partition ordered workers →
+//! handler calls → outputs or dead letters → ordered finalizer → offsets.
+//!
+//! Each assigned partition gets a worker thread that handles its events one
+//! at a time, in offset order, and an ordered finalizer task that awaits the
+//! acknowledgements of what each event produced and only then stores the
+//! event's offset. Stored offsets are committed periodically, on revoke and
+//! on shutdown, so a commit never passes an event whose outcome is not final.
+//!
+//! The path of one event, by module: `source` (assignment, hand-over to
+//! the partition's worker, pause and resume) → `worker` (the partition's
+//! thread; retry records wait there until due) → `dispatch` (retry state,
+//! envelope, routing, idempotency check, what the outcome sends) →
+//! `invoke` (the call under its limits, in-place retries) →
+//! [`crate::publish`] → `finalizer` (acknowledgements, marks, stored
+//! offsets) → `commit`. This file wires them: [`run`] and the spawning of
+//! a partition's worker and finalizer.
+
+mod commit;
+mod dispatch;
+mod finalizer;
+mod invoke;
+mod source;
+mod worker;
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result};
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, error, info};
+
+use crate::config::Config;
+use crate::dedup::Dedup;
+use crate::envelope::Record;
+use crate::halt::{panic_text, Halt};
+use crate::handler::LoadedHandler;
+use crate::kafka::{consumer_config, ensure_topics};
+use crate::metrics::{HandlerMetrics, Health, Metrics};
+use crate::publish::Publisher;
+use crate::telemetry::Tracing;
+use commit::commit_sync;
+use finalizer::{Finalizer, Step};
+use source::{drain, hand_over, unpark, WeirContext, Worker, Workers};
+use worker::PartitionWorker;
+
+type TopicPartition = (String, i32);
+
+/// Counters of what the pipeline did, shared with whoever runs it.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Events whose outcome is final (handled, skipped or dead-lettered).
+    pub events_final: AtomicU64,
+    /// Handler calls that succeeded.
+    pub handled: AtomicU64,
+    /// Records sent to a dead-letter topic.
+    pub dead_lettered: AtomicU64,
+    /// Output records acknowledged by the broker.
+    pub outputs: AtomicU64,
+    /// Retries of `retriable` failures.
+    pub retries: AtomicU64,
+    /// Handler calls skipped because the event was already handled.
+    pub duplicates: AtomicU64,
+    /// Fuel used by handler calls.
+    pub fuel_used: AtomicU64,
+    /// Times a worker waited for its handler's fuel budget to refill.
+    pub budget_waits: AtomicU64,
+    /// Partitions resumed after a pause.
+    pub resumes: AtomicU64,
+    /// Handler call durations in microseconds (for benchmarks).
+    pub handle_micros: Option<Mutex<hdrhistogram::Histogram<u64>>>,
+    /// Partitions paused for backpressure, since start.
+    pub pauses: AtomicU64,
+}
+
+impl Stats {
+    /// One log line with the counters, for operators without a metrics scraper.
+    pub fn log_progress(&self) {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        info!(
+            final_events = g(&self.events_final),
+            handled = g(&self.handled),
+            outputs = g(&self.outputs),
+            dead_lettered = g(&self.dead_lettered),
+            retries = g(&self.retries),
+            duplicates = g(&self.duplicates),
+            fuel_used = g(&self.fuel_used),
+            pauses = g(&self.pauses),
+            resumes = g(&self.resumes),
+            budget_waits = g(&self.budget_waits),
+            "progress"
+        );
+    }
+
+    fn record_handle(&self, d: Duration) {
+        if let Some(h) = &self.handle_micros {
+            let _ = h.lock().unwrap().record(d.as_micros() as u64);
+        }
+    }
+}
+
+/// What the pipeline reports to operators: spans, metrics, readiness.
+#[derive(Clone, Default)]
+pub struct Observability {
+    pub tracing: Arc<Tracing>,
+    /// None when metrics are off (nothing is recorded).
+    pub metrics: Option<Arc<Metrics>>,
+    pub health: Arc<Health>,
+}
+
+impl Observability {
+    /// No spans, no metrics (trace context is still propagated).
+    pub fn off() -> Self {
+        Self::default()
+    }
+
+    fn handler_metrics(&self, h: &LoadedHandler) -> HandlerMetrics {
+        match &self.metrics {
+            Some(m) => m.handler(&h.name, &h.version),
+            None => HandlerMetrics::off(),
+        }
+    }
+}
+
+/// Everything a worker and a finalizer need, shared.
+struct Shared {
+    config: Config,
+    publisher: Publisher,
+    halt: Halt,
+    /// Fault injection for the end-to-end tests: the worker of this
+    /// `topic/partition` panics at this offset (`WEIR_FAULT_PANIC_AT`).
+    panic_at: Option<(String, i32, i64)>,
+    by_topic: HashMap<String, Vec<Arc<LoadedHandler>>>,
+    /// Each retry topic, with the dead-letter topic of its source topic
+    /// (where a record it cannot route goes).
+    retry_topics: HashMap<String, String>,
+    dedup: Option<Arc<Dedup>>,
+    stats: Arc<Stats>,
+    obs: Observability,
+    /// Per handler name.
+    handler_metrics: HashMap<String, HandlerMetrics>,
+}
+
+impl Shared {
+    fn tracing(&self) -> &Tracing {
+        &self.obs.tracing
+    }
+
+    fn kafka_error(&self, operation: &str) {
+        if let Some(m) = &self.obs.metrics {
+            m.kafka_errors.with_label_values(&[operation]).inc();
+        }
+    }
+}
+
+/// Runs the pipeline until `shutdown` resolves, then drains and commits.
+pub async fn run(
+    config: Config,
+    handlers: Vec<Arc<LoadedHandler>>,
+    dedup: Option<Arc<Dedup>>,
+    stats: Arc<Stats>,
+    obs: Observability,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
+    let mut by_topic: HashMap<String, Vec<Arc<LoadedHandler>>> = HashMap::new();
+    for h in &handlers {
+        for t in h
+            .topics()
+            .iter()
+            .cloned()
+            .chain(h.config_entry.retry_topics())
+        {
+            let subscribed = by_topic.entry(t).or_default();
+            if !subscribed.iter().any(|s| Arc::ptr_eq(s, h)) {
+                subscribed.push(h.clone());
+            }
+        }
+    }
+    let (halt, mut halted) = Halt::new(obs.health.clone());
+    let publisher = Publisher::new(&config, halt.clone(), obs.metrics.clone())?;
+    let workers = Arc::new(Workers::default());
+    let context = WeirContext {
+        workers: workers.clone(),
+        drain_timeout: config.pipeline.drain_timeout(),
+        obs: obs.clone(),
+        commits: Default::default(),
+    };
+    let consumer: Arc<StreamConsumer<WeirContext>> = Arc::new(
+        consumer_config(&config)
+            .create_with_context(context)
+            .context("cannot create the Kafka consumer")?,
+    );
+    ensure_topics(&config, consumer.as_ref()).await;
+    let topics = config.topics();
+    let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
+    consumer
+        .subscribe(&topic_refs)
+        .with_context(|| format!("cannot subscribe to {topics:?}"))?;
+    info!(group = %config.kafka.group_id, ?topics, handlers = handlers.len(), "consuming");
+
+    let shared = Arc::new(Shared {
+        config,
+        publisher,
+        halt,
+        panic_at: std::env::var("WEIR_FAULT_PANIC_AT").ok().and_then(|v| {
+            let mut it = v.rsplitn(3, '/');
+            let offset = it.next()?.parse().ok()?;
+            let partition = it.next()?.parse().ok()?;
+            Some((it.next()?.to_owned(), partition, offset))
+        }),
+        by_topic,
+        retry_topics: handlers
+            .iter()
+            .flat_map(|h| {
+                h.topics().iter().filter_map(|source| {
+                    let retry = h.config_entry.retry_topic_of(source)?;
+                    Some((retry, h.config_entry.dead_letter_topic_of(source)))
+                })
+            })
+            .collect(),
+        dedup,
+        stats,
+        handler_metrics: handlers
+            .iter()
+            .map(|h| (h.name.clone(), obs.handler_metrics(h)))
+            .collect(),
+        obs,
+    });
+    let commit_task = commit::every(consumer.clone(), shared.config.pipeline.commit_interval());
+
+    tokio::pin!(shutdown);
+    let mut resume_tick = tokio::time::interval(Duration::from_millis(20));
+    let mut stats_tick = tokio::time::interval(Duration::from_secs(10));
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = halted.changed() => break,
+            msg = consumer.recv() => match msg {
+                Ok(msg) => hand_over(&shared, &consumer, &workers, Record::from_message(&msg)),
+                Err(e) => {
+                    error!(error = %e, "consumer error");
+                    shared.kafka_error("consume");
+                }
+            },
+            _ = resume_tick.tick() => unpark(&consumer, &workers, &shared),
+            _ = stats_tick.tick() => shared.stats.log_progress(),
+        }
+    }
+
+    let halt_reason = shared.halt.reason();
+    shared.obs.health.stopping.store(true, Ordering::Relaxed);
+    commit_task.abort();
+    let mut all: Vec<Worker> = {
+        let mut map = workers.map.lock().unwrap();
+        map.drain()
+            .map(|(_, mut w)| {
+                w.close(&workers);
+                w
+            })
+            .collect()
+    };
+    // A broken producer finishes nothing more: what is final is committed,
+    // the rest is redelivered. Otherwise in-flight events are finished.
+    let deadline = if shared.halt.is_immediate() {
+        Instant::now()
+    } else {
+        info!("shutting down: finishing in-flight events");
+        Instant::now() + shared.config.pipeline.drain_timeout()
+    };
+    let abandoned = drain(&mut all, deadline);
+    commit_sync(consumer.as_ref());
+    shared.stats.log_progress();
+    if let Some(reason) = halt_reason {
+        anyhow::bail!("stopped: {reason}");
+    }
+    if abandoned > 0 {
+        anyhow::bail!(
+            "stopped with the events in hand of {abandoned} partition(s) unfinished after pipeline.drain_timeout_ms; they will be redelivered"
+        );
+    }
+    info!("offsets committed; stopped");
+    Ok(())
+}
+
+fn spawn_worker(
+    shared: Arc<Shared>,
+    consumer: &Arc<StreamConsumer<WeirContext>>,
+    tp: &TopicPartition,
+    first_offset: i64,
+) -> Worker {
+    let capacity = shared.config.pipeline.max_in_flight_per_partition;
+    let (tx, rx) = mpsc::channel::<Record>(capacity);
+    let (pending_tx, pending_rx) = mpsc::channel::<Step>(capacity);
+    let (done_tx, done_rx) = watch::channel(false);
+    let cancel = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let stopped = Arc::new(AtomicBool::new(false));
+    let handlers = shared.by_topic.get(&tp.0).cloned().unwrap_or_default();
+    let in_flight = Arc::new(AtomicI64::new(0));
+    debug!(topic = %tp.0, partition = tp.1, first_offset, "starting partition worker");
+
+    let finalizer = Finalizer {
+        tp: tp.clone(),
+        consumer: consumer.clone(),
+        shared: shared.clone(),
+        in_flight: in_flight.clone(),
+        cancel: cancel.clone(),
+        stopped: stopped.clone(),
+        closing: stop.clone(),
+    };
+    {
+        let halt = shared.halt.clone();
+        let tp = tp.clone();
+        tokio::spawn(async move {
+            use futures::FutureExt;
+            let run = std::panic::AssertUnwindSafe(finalizer.run(pending_rx)).catch_unwind();
+            if let Err(panic) = run.await {
+                halt.halt(format!(
+                    "the finalizer of partition {}/{} panicked: {}",
+                    tp.0,
+                    tp.1,
+                    panic_text(panic.as_ref())
+                ));
+            }
+            let _ = done_tx.send(true);
+        });
+    }
+    let thread = {
+        let cancel = cancel.clone();
+        let stop = stop.clone();
+        let tp = tp.clone();
+        let runtime = tokio::runtime::Handle::current();
+        std::thread::Builder::new()
+            .name(format!("weir-{}-{}", tp.0, tp.1))
+            .spawn(move || {
+                let halt = shared.halt.clone();
+                let is_retry = shared.retry_topics.contains_key(&tp.0);
+                let worker = PartitionWorker::new(shared, handlers, cancel, is_retry);
+                let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    worker.run(rx, pending_tx, &stop, runtime)
+                }));
+                if let Err(panic) = run {
+                    // Noticed at once, not at the partition's next record.
+                    let text = panic_text(panic.as_ref());
+                    error!(topic = %tp.0, partition = tp.1, panic = %text, "a partition worker panicked");
+                    halt.halt(format!(
+                        "the worker of partition {}/{} panicked: {text}",
+                        tp.0, tp.1
+                    ));
+                }
+            })
+            .expect("spawning a worker thread")
+    };
+    Worker {
+        tx: Some(tx),
+        parked: VecDeque::new(),
+        paused: false,
+        next_offset: first_offset,
+        stop,
+        cancel,
+        stopped,
+        done: done_rx,
+        thread: Some(thread),
+        in_flight,
+    }
+}

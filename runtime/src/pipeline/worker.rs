@@ -1,0 +1,258 @@
+//! A partition's worker thread: takes its records in offset order (a retry
+//! partition holds each record until it is due), runs them through the
+//! handlers and hands what they produced to the finalizer.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tracing::error;
+
+use super::finalizer::Step;
+use super::Shared;
+use crate::envelope::Record;
+use crate::handler::{HandlerInstance, LoadedHandler};
+use crate::metrics::HandlerMetrics;
+use crate::retry_topic::{self, DelayQueue};
+
+/// Handles one partition's events, in order, on its own thread.
+pub(super) struct PartitionWorker {
+    pub(super) shared: Arc<Shared>,
+    pub(super) handlers: Vec<(Arc<LoadedHandler>, Option<HandlerInstance>, HandlerMetrics)>,
+    pub(super) cancel: Arc<AtomicBool>,
+    /// Keys handled by this worker whose marks may not be written yet: a
+    /// duplicate close behind its original is caught here.
+    pub(super) recent: RecentKeys,
+    /// The producer's record size limit (`message.max.bytes`).
+    pub(super) max_record_bytes: usize,
+    /// Time the current event waited for its handler's fuel budget.
+    pub(super) throttled: Duration,
+    /// The partition is of a retry topic: records carry retry state and
+    /// wait in `delayed` until they are due.
+    pub(super) is_retry: bool,
+    pub(super) delayed: DelayQueue<Record>,
+}
+
+/// A bounded set of recently handled idempotency keys, oldest evicted
+/// first. Keys are kept as 128-bit digests, so memory does not depend on
+/// the length of event ids.
+pub(super) struct RecentKeys {
+    pub(super) capacity: usize,
+    pub(super) set: std::collections::HashSet<[u8; 16]>,
+    pub(super) order: VecDeque<[u8; 16]>,
+}
+
+impl RecentKeys {
+    pub(super) fn new(capacity: usize) -> Self {
+        Self {
+            capacity,
+            set: Default::default(),
+            order: VecDeque::new(),
+        }
+    }
+
+    pub(super) fn digest(key: &[u8]) -> [u8; 16] {
+        use sha2::Digest;
+        let d = sha2::Sha256::digest(key);
+        d[..16].try_into().expect("16 bytes")
+    }
+
+    pub(super) fn contains(&self, key: &[u8]) -> bool {
+        self.set.contains(&Self::digest(key))
+    }
+
+    pub(super) fn insert(&mut self, key: &[u8]) {
+        let d = Self::digest(key);
+        if self.set.insert(d) {
+            self.order.push_back(d);
+            if self.order.len() > self.capacity {
+                if let Some(old) = self.order.pop_front() {
+                    self.set.remove(&old);
+                }
+            }
+        }
+    }
+}
+
+impl PartitionWorker {
+    pub(super) fn new(
+        shared: Arc<Shared>,
+        handlers: Vec<Arc<LoadedHandler>>,
+        cancel: Arc<AtomicBool>,
+        is_retry: bool,
+    ) -> Self {
+        Self {
+            handlers: handlers
+                .into_iter()
+                .map(|h| {
+                    let m = shared
+                        .handler_metrics
+                        .get(&h.name)
+                        .cloned()
+                        .unwrap_or_default();
+                    (h, None, m)
+                })
+                .collect(),
+            // What the finalizer may hold unmarked: its queue and one batch.
+            recent: RecentKeys::new(shared.config.pipeline.max_in_flight_per_partition + 1024),
+            max_record_bytes: shared
+                .config
+                .kafka
+                .producer_options
+                .get("message.max.bytes")
+                .or(shared.config.kafka.options.get("message.max.bytes"))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(1_000_000),
+            shared,
+            cancel,
+            throttled: Duration::ZERO,
+            is_retry,
+            delayed: DelayQueue::default(),
+        }
+    }
+
+    pub(super) fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Record>,
+        pending: mpsc::Sender<Step>,
+        stop: &AtomicBool,
+        runtime: tokio::runtime::Handle,
+    ) {
+        // Retry records held until due; beyond this many the worker waits
+        // for the soonest instead of taking more.
+        let max_delayed = self.shared.config.pipeline.max_in_flight_per_partition;
+        loop {
+            if stop.load(Ordering::SeqCst) || self.cancel.load(Ordering::SeqCst) {
+                break;
+            }
+            let now = Instant::now();
+            let record = if let Some(due) = self.delayed.pop_due(now) {
+                due
+            } else {
+                let record = match self.delayed.next_due() {
+                    None => match rx.blocking_recv() {
+                        Some(r) => r,
+                        None => break,
+                    },
+                    Some(due) => {
+                        let wait = due.saturating_duration_since(now);
+                        if self.delayed.len() >= max_delayed {
+                            self.sleep(wait.min(Duration::from_millis(100)));
+                            continue;
+                        }
+                        let wait = wait.min(Duration::from_millis(100));
+                        // The timer is made inside the runtime's context.
+                        let next =
+                            runtime.block_on(async { tokio::time::timeout(wait, rx.recv()).await });
+                        match next {
+                            Ok(Some(r)) => r,
+                            Ok(None) => break,
+                            Err(_) => continue,
+                        }
+                    }
+                };
+                if stop.load(Ordering::SeqCst) || self.cancel.load(Ordering::SeqCst) {
+                    break;
+                }
+                if let Some(due) = self.not_due(&record) {
+                    // Later records that are due sooner go first.
+                    if pending
+                        .blocking_send(Step::Deferred(record.offset))
+                        .is_err()
+                    {
+                        break;
+                    }
+                    self.delayed.push(due, record);
+                    continue;
+                }
+                record
+            };
+            if let Some((t, p, o)) = &self.shared.panic_at {
+                if record.topic == *t && record.partition == *p && record.offset == *o {
+                    panic!("injected fault: the worker of {t}/{p} panics at offset {o}");
+                }
+            }
+            let Some(p) = self.process(record) else {
+                break;
+            };
+            if pending.blocking_send(Step::Done(p)).is_err() {
+                break;
+            }
+        }
+    }
+
+    /// When a retry record that is not due yet will be; None for one that
+    /// is due, or that is not a retry record.
+    pub(super) fn not_due(&self, record: &Record) -> Option<Instant> {
+        if !self.is_retry {
+            return None;
+        }
+        let (_, info) = retry_topic::take_retry(record)?;
+        // Never longer than the longest backoff of the handler it names.
+        let cap = self
+            .handlers
+            .iter()
+            .find(|(h, _, _)| h.name == info.handler)
+            .map_or(0, |(h, _, _)| h.config_entry.max_backoff_ms);
+        let due = retry_topic::due_at(&info, Duration::from_millis(cap));
+        (due > Instant::now()).then_some(due)
+    }
+
+    /// Runs every subscribed handler on one record and enqueues what they
+    /// produced or the dead letters. None when cancelled.
+    /// Whether `key` already has a final outcome. A store that cannot be
+    /// read is waited for: guessing either way would break a promise.
+    pub(super) fn already_done(&self, key: &[u8]) -> Option<bool> {
+        let dedup = self.shared.dedup.as_ref()?;
+        if self.recent.contains(key) {
+            return Some(true);
+        }
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match dedup.contains(key) {
+                Ok(found) => return Some(found),
+                Err(e) => {
+                    error!(error = %format!("{e:#}"), "cannot read the idempotency store; retrying");
+                    if !self.sleep(backoff) {
+                        return None;
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+    }
+
+    /// Sleeps for a backoff; false when cancelled meanwhile.
+    pub(super) fn sleep(&self, d: Duration) -> bool {
+        sleep_cancellable(&self.cancel, d)
+    }
+}
+
+/// Sleeps for `d` in slices, so a cancel is noticed; false when cancelled.
+pub(super) fn sleep_cancellable(cancel: &AtomicBool, d: Duration) -> bool {
+    let until = Instant::now() + d;
+    while Instant::now() < until {
+        if cancel.load(Ordering::SeqCst) {
+            return false;
+        }
+        std::thread::sleep((until - Instant::now()).min(Duration::from_millis(50)));
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    pub(super) fn recent_keys_forget_the_oldest_past_capacity() {
+        let mut recent = RecentKeys::new(2);
+        for k in [b"a", b"b", b"c"] {
+            recent.insert(k);
+        }
+        assert!(!recent.contains(b"a"));
+        assert!(recent.contains(b"b") && recent.contains(b"c"));
+    }
+}

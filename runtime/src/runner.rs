@@ -1,0 +1,210 @@
+//! `weir try`: runs a component against sample events, without Kafka, and
+//! prints per event what `weir run` would publish (envelope and headers
+//! included), or how it failed, with the fuel used and the time of the
+//! call. The fastest loop a handler author has: edit, build, try.
+//!
+//! The handler runs with the same engine, limits and host imports as under
+//! `weir run`, on one instance reused from event to event (a fresh one after
+//! a trap, as in a partition worker). A `retriable` error is retried at
+//! once, up to `max_attempts` (the backoff is not waited).
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+
+use crate::config::{Config, HandlerConfig};
+use crate::envelope::{self, Produce, Record};
+use crate::handler::{CallOutcome, LoadedHandler, PluginEngine};
+use crate::samples;
+
+/// Options of `weir try`.
+#[derive(Debug, clap::Args)]
+pub struct TryArgs {
+    /// The component to run (a `.wasm` file of the `weir:plugin` world).
+    pub wasm: PathBuf,
+    /// Sample events, one JSON object a line (an envelope, or a record with
+    /// `value`, `key`, `headers`, `topic`).
+    #[arg(long)]
+    pub events: PathBuf,
+    /// A config file whose handler settings apply (limits, `[handler.config]`,
+    /// topics, event types, retries): the handler that names this component,
+    /// or `--handler`, or the only one.
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// The handler of the config to take the settings of.
+    #[arg(long)]
+    pub handler: Option<String>,
+}
+
+/// The settings the component runs with.
+fn handler_config(args: &TryArgs) -> Result<HandlerConfig> {
+    let Some(path) = &args.config else {
+        let name = args
+            .wasm
+            .file_stem()
+            .map_or("handler".into(), |s| s.to_string_lossy().replace('_', "-"));
+        let text = format!("name = {name:?}\nwasm = \"\"\ntopics = [\"events\"]\n");
+        let mut h: HandlerConfig = toml::from_str(&text).expect("a valid handler table");
+        h.wasm = args.wasm.clone();
+        return Ok(h);
+    };
+    let config = Config::load(path)?;
+    let same_file = |h: &HandlerConfig| {
+        let a = std::fs::canonicalize(&h.wasm).ok();
+        a.is_some() && a == std::fs::canonicalize(&args.wasm).ok()
+    };
+    let found = match &args.handler {
+        Some(name) => config
+            .handlers
+            .iter()
+            .find(|h| &h.name == name)
+            .with_context(|| format!("{}: no handler named {name:?}", path.display()))?,
+        None => match config.handlers.iter().find(|h| same_file(h)) {
+            Some(h) => h,
+            None if config.handlers.len() == 1 => &config.handlers[0],
+            None => bail!(
+                "{}: no handler runs {}; name one with --handler",
+                path.display(),
+                args.wasm.display()
+            ),
+        },
+    };
+    let mut h = found.clone();
+    h.wasm = args.wasm.clone();
+    Ok(h)
+}
+
+/// Runs `weir try`; Ok(false) when any event failed.
+pub fn run(args: &TryArgs) -> Result<bool> {
+    let cfg = handler_config(args)?;
+    let records = samples::load(&args.events, &cfg.topics[0])?;
+    let engine = PluginEngine::new()?;
+    let started = Instant::now();
+    let handler = LoadedHandler::load(&engine, &cfg)?;
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "handler {} (version {}) from {}: compiled and instantiated in {:.0} ms\n",
+        handler.name,
+        handler.version,
+        args.wasm.display(),
+        started.elapsed().as_secs_f64() * 1000.0
+    )?;
+    let mut failed = 0;
+    let mut instance = None;
+    for record in &records {
+        if !try_event(&handler, &mut instance, record, &mut out)? {
+            failed += 1;
+        }
+    }
+    writeln!(
+        out,
+        "{} events: {} ok, {failed} failed",
+        records.len(),
+        records.len() - failed
+    )?;
+    Ok(failed == 0)
+}
+
+/// One event through the handler; false when it failed.
+fn try_event(
+    handler: &LoadedHandler,
+    instance: &mut Option<crate::handler::HandlerInstance>,
+    record: &Record,
+    out: &mut impl Write,
+) -> Result<bool> {
+    let at = format!("{}/{}/{}", record.topic, record.partition, record.offset);
+    let event = match envelope::decode(record) {
+        Ok(e) => e,
+        Err(e) => {
+            writeln!(out, "event {at}: FAILED undecodable: {e}\n")?;
+            return Ok(false);
+        }
+    };
+    let kind = if event.event_type.is_empty() {
+        "raw".to_owned()
+    } else {
+        event.event_type.clone()
+    };
+    if !handler.config_entry.accepts(&event.event_type) {
+        writeln!(out, "event {at} ({kind}): not subscribed (event_types)\n")?;
+        return Ok(true);
+    }
+    for attempt in 1..=handler.config_entry.max_attempts {
+        if instance.is_none() {
+            *instance = Some(handler.instantiate()?);
+        }
+        let inst = instance.as_mut().expect("an instance");
+        let started = Instant::now();
+        let outcome = inst.call(&event, record, attempt, "");
+        let took = started.elapsed().as_secs_f64() * 1000.0;
+        let fuel = inst.last_fuel_used();
+        if inst.is_poisoned() {
+            *instance = None;
+        }
+        let head = format!(
+            "event {at} ({kind}, id {}), attempt {attempt}: {took:.2} ms, fuel {fuel}",
+            event.id
+        );
+        match outcome {
+            CallOutcome::Ok(outputs) => {
+                writeln!(out, "{head}: ok, {} output(s)", outputs.len())?;
+                for o in outputs {
+                    match envelope::encode_output(o, &event, 1_000_000) {
+                        Ok(p) => print_output(&p, out)?,
+                        Err(why) => {
+                            writeln!(out, "  FAILED invalid-output: {why}\n")?;
+                            return Ok(false);
+                        }
+                    }
+                }
+                writeln!(out)?;
+                return Ok(true);
+            }
+            CallOutcome::Failed(kind, message) => {
+                writeln!(out, "{head}: FAILED {kind}: {message}\n")?;
+                return Ok(false);
+            }
+            CallOutcome::Retriable(message) => {
+                writeln!(out, "{head}: retriable: {message}")?;
+            }
+        }
+    }
+    writeln!(
+        out,
+        "event {at}: FAILED retries-exhausted after {} attempts\n",
+        handler.config_entry.max_attempts
+    )?;
+    Ok(false)
+}
+
+/// An output as it would be published.
+fn print_output(p: &Produce, out: &mut impl Write) -> Result<()> {
+    let key = p
+        .key
+        .as_ref()
+        .map_or("(none)".into(), |k| String::from_utf8_lossy(k).into_owned());
+    writeln!(out, "  → {} key={key}", p.topic)?;
+    for (k, v) in &p.headers {
+        writeln!(out, "    {k}: {}", String::from_utf8_lossy(v))?;
+    }
+    let msgpack = p
+        .headers
+        .iter()
+        .any(|(k, v)| k == envelope::header::CONTENT_TYPE && v == b"application/msgpack");
+    let value = if msgpack {
+        match rmpv::decode::read_value(&mut p.value.as_slice()) {
+            Ok(v) => format!("(msgpack) {v}"),
+            Err(_) => format!("({} bytes of msgpack)", p.value.len()),
+        }
+    } else {
+        match std::str::from_utf8(&p.value) {
+            Ok(text) => text.to_owned(),
+            Err(_) => format!("({} bytes)", p.value.len()),
+        }
+    };
+    writeln!(out, "    {value}")?;
+    Ok(())
+}
