@@ -30,6 +30,18 @@ pub struct DevArgs {
     /// `echo.wasm`); default: the workspace's wasm32-wasip2 release output.
     #[arg(long)]
     plugins: Option<PathBuf>,
+    /// Run this component instead of the demo's handlers (with `--events`).
+    #[arg(long, value_name = "FILE.wasm")]
+    handler: Option<PathBuf>,
+    /// Sample events for `--handler`, one JSON object a line (as for `weir try`).
+    #[arg(long)]
+    events: Option<PathBuf>,
+    /// A config whose handler settings apply to `--handler` (as for `weir try`).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// The handler of `--config` to take the settings of.
+    #[arg(long)]
+    name: Option<String>,
 }
 
 const INPUT: &str = "orders";
@@ -119,15 +131,14 @@ fn sample_events() -> Vec<(String, Vec<u8>, &'static str)> {
     events
 }
 
-/// Runs the demo and prints what happened.
-pub async fn run(args: DevArgs) -> Result<()> {
-    let dir = plugins_dir(args.plugins)?;
-    // The mock cluster lives as long as the client that owns it.
+/// The client that owns librdkafka's in-process mock cluster (the cluster
+/// lives as long as it does).
+fn start_mock() -> Result<FutureProducer> {
     let owner: FutureProducer = ClientConfig::new()
         .set("test.mock.num.brokers", "1")
         .create()
         .context("cannot start librdkafka's mock cluster")?;
-    let mock = owner
+    owner
         .client()
         .mock_cluster()
         .context("librdkafka did not start a mock cluster")?;
@@ -137,21 +148,14 @@ pub async fn run(args: DevArgs) -> Result<()> {
         let raw = rdkafka::bindings::rd_kafka_handle_mock_cluster(owner.client().native_ptr());
         rdkafka::bindings::rd_kafka_mock_group_initial_rebalance_delay_ms(raw, 0);
     }
-    let brokers = mock.bootstrap_servers();
-    for (topic, partitions) in [
-        (INPUT, PARTITIONS),
-        ("orders.enriched", PARTITIONS),
-        ("orders.cancelled", 1),
-        ("orders.audit", 1),
-        ("orders.dlq", 1),
-    ] {
-        mock.create_topic(topic, partitions, 1)?;
-    }
-    println!("mock Kafka cluster at {brokers}; topics: orders (4 partitions), orders.enriched, orders.cancelled, orders.audit, orders.dlq");
+    Ok(owner)
+}
 
-    let config = Config {
+/// The Kafka settings of a pipeline on the mock cluster.
+fn mock_config(brokers: &str, handlers: Vec<HandlerConfig>) -> Config {
+    Config {
         kafka: KafkaConfig {
-            brokers: brokers.clone(),
+            brokers: brokers.to_owned(),
             group_id: "weir-dev".into(),
             options: BTreeMap::new(),
             consumer_options: BTreeMap::from([("session.timeout.ms".into(), "6000".into())]),
@@ -165,7 +169,34 @@ pub async fn run(args: DevArgs) -> Result<()> {
         idempotency: Default::default(),
         tracing: Default::default(),
         metrics: Default::default(),
-        handlers: vec![
+        handlers,
+    }
+}
+
+/// Runs the demo, or the user's component with `--handler`, and prints
+/// what happened.
+pub async fn run(args: DevArgs) -> Result<()> {
+    if let Some(wasm) = &args.handler {
+        return run_own(&args, wasm).await;
+    }
+    let dir = plugins_dir(args.plugins)?;
+    let owner = start_mock()?;
+    let mock = owner.client().mock_cluster().expect("started above");
+    let brokers = mock.bootstrap_servers();
+    for (topic, partitions) in [
+        (INPUT, PARTITIONS),
+        ("orders.enriched", PARTITIONS),
+        ("orders.cancelled", 1),
+        ("orders.audit", 1),
+        ("orders.dlq", 1),
+    ] {
+        mock.create_topic(topic, partitions, 1)?;
+    }
+    println!("mock Kafka cluster at {brokers}; topics: orders (4 partitions), orders.enriched, orders.cancelled, orders.audit, orders.dlq");
+
+    let config = mock_config(
+        &brokers,
+        vec![
             handler(
                 "order-enricher",
                 dir.join("order_enricher.wasm"),
@@ -179,7 +210,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
                 &[("output_topic", "orders.audit")],
             ),
         ],
-    };
+    );
     config.validate()?;
     let engine = PluginEngine::new()?;
     let handlers = crate::load_handlers(&engine, &config)?;
@@ -213,39 +244,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
     }
     println!("produced {} sample events to {INPUT} (one malformed, one for a country no region serves)\n", events.len());
 
-    let stats = Arc::new(Stats::default());
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let state = tempfile::tempdir()?;
-    let dedup = crate::dedup::Dedup::open(state.path(), Duration::from_secs(3600))?;
-    // Metrics are recorded as `weir run` records them (no HTTP server here).
-    let metrics = Arc::new(crate::metrics::Metrics::new());
-    let obs = pipeline::Observability {
-        metrics: Some(metrics.clone()),
-        ..pipeline::Observability::off()
-    };
-    let task = tokio::spawn(pipeline::run(
-        config.clone(),
-        handlers,
-        Some(Arc::new(dedup)),
-        stats.clone(),
-        obs,
-        async {
-            let _ = stop_rx.await;
-        },
-    ));
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while stats.events_final.load(Ordering::Relaxed) < events.len() as u64 {
-        if tokio::time::Instant::now() > deadline || task.is_finished() {
-            bail!(
-                "the demo pipeline did not finish its {} events",
-                events.len()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let _ = stop_tx.send(());
-    task.await??;
-    info!("pipeline stopped");
+    let (stats, metrics) = run_pipeline(&config, handlers, events.len()).await?;
 
     print_topic(
         &brokers,
@@ -259,7 +258,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
     )?;
     print_topic(&brokers, "orders.audit", "audit-log → orders.audit")?;
     print_topic(&brokers, "orders.dlq", "dead letters → orders.dlq")?;
-    print_committed(&brokers, &config.kafka.group_id)?;
+    print_committed(&brokers, &config.kafka.group_id, INPUT, PARTITIONS)?;
     println!(
         "\nsummary: {} events final, {} handler calls succeeded, {} outputs published, {} dead letters",
         stats.events_final.load(Ordering::Relaxed),
@@ -287,6 +286,149 @@ pub async fn run(args: DevArgs) -> Result<()> {
     drop(mock);
     drop(owner);
     Ok(())
+}
+
+/// `weir dev --handler FILE.wasm --events FILE`: the user's component on
+/// the mock cluster, fed the sample events; prints every topic it wrote
+/// and the committed offsets.
+async fn run_own(args: &DevArgs, wasm: &Path) -> Result<()> {
+    let events = args
+        .events
+        .as_deref()
+        .context("--handler needs --events FILE (sample events, one JSON object a line)")?;
+    let cfg = crate::runner::settings(wasm, args.config.as_deref(), args.name.as_deref())?;
+    let records = crate::samples::load(events, &cfg.topics[0])?;
+    if let Some(r) = records.iter().find(|r| !cfg.topics.contains(&r.topic)) {
+        bail!(
+            "{}: an event for topic {:?}, which handler {} does not subscribe to ({:?})",
+            events.display(),
+            r.topic,
+            cfg.name,
+            cfg.topics
+        );
+    }
+    let owner = start_mock()?;
+    let mock = owner.client().mock_cluster().expect("started above");
+    let brokers = mock.bootstrap_servers();
+    let mut inputs: Vec<(String, i32)> = Vec::new();
+    for t in &cfg.topics {
+        let partitions = records
+            .iter()
+            .filter(|r| &r.topic == t)
+            .map(|r| r.partition + 1)
+            .max()
+            .unwrap_or(1);
+        mock.create_topic(t, partitions, 1)?;
+        mock.create_topic(&cfg.dead_letter_topic_of(t), 1, 1)?;
+        inputs.push((t.clone(), partitions));
+    }
+    let config = mock_config(&brokers, vec![cfg]);
+    config.validate()?;
+    let engine = PluginEngine::new()?;
+    let handlers = crate::load_handlers(&engine, &config)?;
+    let h = &handlers[0];
+    println!(
+        "mock Kafka cluster at {brokers}; handler {} (version {}) on {:?}",
+        h.name,
+        h.version,
+        h.topics()
+    );
+    let producer: FutureProducer = crate::kafka::producer_config(&config).create()?;
+    for r in &records {
+        let mut headers = rdkafka::message::OwnedHeaders::new();
+        for (k, v) in &r.headers {
+            headers = headers.insert(rdkafka::message::Header {
+                key: k,
+                value: Some(v),
+            });
+        }
+        let mut record = FutureRecord::to(&r.topic)
+            .partition(r.partition)
+            .payload(&r.value)
+            .headers(headers);
+        if let Some(k) = &r.key {
+            record = record.key(k);
+        }
+        producer
+            .send(record, Duration::from_secs(5))
+            .await
+            .map_err(|(e, _)| e)
+            .context("cannot produce the sample events")?;
+    }
+    println!(
+        "produced {} sample events from {}",
+        records.len(),
+        events.display()
+    );
+    let (stats, _) = run_pipeline(&config, handlers, records.len()).await?;
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()?;
+    let metadata = consumer.fetch_metadata(None, Duration::from_secs(5))?;
+    let mut written: Vec<String> = metadata
+        .topics()
+        .iter()
+        .map(|t| t.name().to_owned())
+        .filter(|t| !inputs.iter().any(|(i, _)| i == t) && !t.starts_with("__"))
+        .collect();
+    written.sort();
+    for t in &written {
+        print_topic(&brokers, t, t)?;
+    }
+    for (t, partitions) in &inputs {
+        print_committed(&brokers, &config.kafka.group_id, t, *partitions)?;
+    }
+    println!(
+        "\nsummary: {} events final, {} handler calls succeeded, {} dead letters",
+        stats.events_final.load(Ordering::Relaxed),
+        stats.handled.load(Ordering::Relaxed),
+        stats.dead_lettered.load(Ordering::Relaxed),
+    );
+    // Clients first, then the cluster they talk to.
+    drop(consumer);
+    drop(producer);
+    drop(mock);
+    drop(owner);
+    Ok(())
+}
+
+/// Runs the pipeline on the mock cluster until `events` events are final.
+async fn run_pipeline(
+    config: &Config,
+    handlers: Vec<Arc<crate::handler::LoadedHandler>>,
+    events: usize,
+) -> Result<(Arc<Stats>, Arc<crate::metrics::Metrics>)> {
+    let stats = Arc::new(Stats::default());
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let state = tempfile::tempdir()?;
+    let dedup = crate::dedup::Dedup::open(state.path(), Duration::from_secs(3600))?;
+    // Metrics are recorded as `weir run` records them (no HTTP server here).
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    let obs = pipeline::Observability {
+        metrics: Some(metrics.clone()),
+        ..pipeline::Observability::off()
+    };
+    let task = tokio::spawn(pipeline::run(
+        config.clone(),
+        handlers,
+        Some(Arc::new(dedup)),
+        stats.clone(),
+        obs,
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while stats.events_final.load(Ordering::Relaxed) < events as u64 {
+        if tokio::time::Instant::now() > deadline || task.is_finished() {
+            bail!("the pipeline did not finish its {events} events");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = stop_tx.send(());
+    task.await??;
+    info!("pipeline stopped");
+    Ok((stats, metrics))
 }
 
 /// Prints every record of `topic`.
@@ -347,25 +489,25 @@ fn truncate(s: &str, n: usize) -> String {
     }
 }
 
-/// Prints the group's committed offsets beside the end offsets.
-fn print_committed(brokers: &str, group: &str) -> Result<()> {
+/// Prints the group's committed offsets of `topic` beside the end offsets.
+fn print_committed(brokers: &str, group: &str, topic: &str, partitions: i32) -> Result<()> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", group)
         .create()?;
     let mut tpl = TopicPartitionList::new();
-    for p in 0..PARTITIONS {
-        tpl.add_partition(INPUT, p);
+    for p in 0..partitions {
+        tpl.add_partition(topic, p);
     }
     let committed = consumer.committed_offsets(tpl, Duration::from_secs(5))?;
     println!("\n== committed offsets of group {group}");
     for e in committed.elements() {
-        let (_, hi) = consumer.fetch_watermarks(INPUT, e.partition(), Duration::from_secs(5))?;
+        let (_, hi) = consumer.fetch_watermarks(topic, e.partition(), Duration::from_secs(5))?;
         let c = match e.offset() {
             Offset::Offset(o) => o.to_string(),
             other => format!("{other:?}"),
         };
-        println!("  {INPUT}[{}] committed {c} / end {hi}", e.partition());
+        println!("  {topic}[{}] committed {c} / end {hi}", e.partition());
     }
     Ok(())
 }

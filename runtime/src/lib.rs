@@ -23,6 +23,7 @@ pub mod replay;
 pub mod retry_topic;
 pub mod runner;
 pub mod samples;
+pub mod scaffold;
 pub mod telemetry;
 
 use std::sync::Arc;

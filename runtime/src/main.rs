@@ -46,6 +46,9 @@ enum Command {
         #[command(subcommand)]
         command: weir::replay::DlqCommand,
     },
+    /// Create a handler project (Rust, Python or JavaScript) that builds,
+    /// tests and runs as it is.
+    New(weir::scaffold::NewArgs),
     /// Run a component against sample events, without Kafka, and print
     /// what it would publish.
     Try(weir::runner::TryArgs),
@@ -175,6 +178,11 @@ fn real_main(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Dlq { command } => runtime.block_on(weir::replay::run(command)),
+        Command::New(args) => {
+            let dir = weir::scaffold::run(&args)?;
+            println!("created {} (see its README.md)", dir.display());
+            Ok(())
+        }
         Command::Try(args) => {
             if !weir::runner::run(&args)? {
                 std::process::exit(1);

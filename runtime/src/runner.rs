@@ -9,7 +9,7 @@
 //! once, up to `max_attempts` (the backoff is not waited).
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -38,28 +38,33 @@ pub struct TryArgs {
     pub handler: Option<String>,
 }
 
-/// The settings the component runs with.
-fn handler_config(args: &TryArgs) -> Result<HandlerConfig> {
-    let Some(path) = &args.config else {
-        let name = args
-            .wasm
+/// The settings a component runs with: those of the handler of `config`
+/// that names it (or `handler`, or the only one), else the defaults on the
+/// topic `events`. Shared by `weir try` and `weir dev --handler`.
+pub fn settings(
+    wasm: &Path,
+    config: Option<&Path>,
+    handler: Option<&str>,
+) -> Result<HandlerConfig> {
+    let Some(path) = config else {
+        let name = wasm
             .file_stem()
             .map_or("handler".into(), |s| s.to_string_lossy().replace('_', "-"));
         let text = format!("name = {name:?}\nwasm = \"\"\ntopics = [\"events\"]\n");
         let mut h: HandlerConfig = toml::from_str(&text).expect("a valid handler table");
-        h.wasm = args.wasm.clone();
+        h.wasm = wasm.to_path_buf();
         return Ok(h);
     };
     let config = Config::load(path)?;
     let same_file = |h: &HandlerConfig| {
         let a = std::fs::canonicalize(&h.wasm).ok();
-        a.is_some() && a == std::fs::canonicalize(&args.wasm).ok()
+        a.is_some() && a == std::fs::canonicalize(wasm).ok()
     };
-    let found = match &args.handler {
+    let found = match handler {
         Some(name) => config
             .handlers
             .iter()
-            .find(|h| &h.name == name)
+            .find(|h| h.name == name)
             .with_context(|| format!("{}: no handler named {name:?}", path.display()))?,
         None => match config.handlers.iter().find(|h| same_file(h)) {
             Some(h) => h,
@@ -67,18 +72,18 @@ fn handler_config(args: &TryArgs) -> Result<HandlerConfig> {
             None => bail!(
                 "{}: no handler runs {}; name one with --handler",
                 path.display(),
-                args.wasm.display()
+                wasm.display()
             ),
         },
     };
     let mut h = found.clone();
-    h.wasm = args.wasm.clone();
+    h.wasm = wasm.to_path_buf();
     Ok(h)
 }
 
 /// Runs `weir try`; Ok(false) when any event failed.
 pub fn run(args: &TryArgs) -> Result<bool> {
-    let cfg = handler_config(args)?;
+    let cfg = settings(&args.wasm, args.config.as_deref(), args.handler.as_deref())?;
     let records = samples::load(&args.events, &cfg.topics[0])?;
     let engine = PluginEngine::new()?;
     let started = Instant::now();

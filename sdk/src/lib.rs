@@ -5,20 +5,27 @@
 //! `wasm32-wasip2` and the result is a WebAssembly component the `weir`
 //! runtime loads.
 //!
-//! # Delivery semantics
+//! The crate ships the WIT contract it is built against (`wit/plugin.wit`,
+//! world `weir:plugin/handler@0.1.0`), so a handler crate anywhere on disk
+//! can depend on it by path or version:
 //!
-//! The runtime calls the handler once per event and attempt, in partition
-//! order. Outputs are published only when the handler returns `Ok`, after
-//! which the event counts as handled; an `Err(HandlerError::Retriable)` is
-//! called again later with `attempt` increased, an `Err(HandlerError::Fatal)`
-//! sends the event to the dead-letter topic. Events are delivered at least
-//! once, so a handler should be a function of its event.
+//! ```toml
+//! [lib]
+//! crate-type = ["cdylib", "rlib"]   # cdylib: the component; rlib: native tests
+//!
+//! [dependencies]
+//! weir-sdk = { path = "/path/to/weir/sdk" }
+//! serde = { version = "1", features = ["derive"] }
+//!
+//! [dev-dependencies]
+//! serde_json = "1"
+//! ```
 //!
 //! # Example
 //!
 //! ```
 //! use serde::{Deserialize, Serialize};
-//! use weir_sdk::{Event, HandlerError, Output};
+//! use weir_sdk::{Event, HandlerError, HandlerResult, Output};
 //!
 //! #[derive(Deserialize)]
 //! struct OrderPlaced { order_id: String, amount_cents: u64 }
@@ -26,7 +33,8 @@
 //! #[derive(Serialize)]
 //! struct Receipt { order_id: String, total: String }
 //!
-//! fn handle(event: Event) -> Result<Vec<Output>, HandlerError> {
+//! fn handle(event: Event) -> HandlerResult {
+//!     // A payload that does not decode is a fatal error: dead-lettered.
 //!     let order: OrderPlaced = event.decode()?;
 //!     if order.amount_cents == 0 {
 //!         return Err(HandlerError::fatal("an order must have an amount"));
@@ -39,6 +47,7 @@
 //!         .with_key(order.order_id)])
 //! }
 //!
+//! // Exports `handle` as the component's handler (on wasm32 only).
 //! weir_sdk::handler!(handle);
 //!
 //! // Handler logic is plain Rust: test it natively with `cargo test`.
@@ -48,10 +57,72 @@
 //! assert_eq!(outputs[0].topic, "receipts");
 //! assert_eq!(outputs[0].key.as_deref(), Some(&b"o-1"[..]));
 //! ```
+//!
+//! # Delivery semantics
+//!
+//! The runtime calls the handler once per event and attempt, in partition
+//! order. Outputs are published only when the handler returns `Ok`, after
+//! which the event counts as handled; an `Err(HandlerError::Retriable)` is
+//! called again later with `attempt` increased (and dead-lettered as
+//! `retries-exhausted` after the handler's `max_attempts`), an
+//! `Err(HandlerError::Fatal)` sends the event to the dead-letter topic
+//! with error kind `fatal`. Events are delivered at least once, so a
+//! handler should be a function of its event.
+//!
+//! # Errors and `?`
+//!
+//! [`HandlerError`] converts from the errors a handler typically meets, so
+//! `?` works on them. Each becomes [`HandlerError::Fatal`]: a malformed
+//! payload, or one that cannot be encoded, will not get better on retry.
+//!
+//! | error | becomes |
+//! |---|---|
+//! | [`serde_json::Error`] | `Fatal("JSON: …")` |
+//! | [`rmp_serde::decode::Error`] | `Fatal("MessagePack decode: …")` |
+//! | [`rmp_serde::encode::Error`] | `Fatal("MessagePack encode: …")` |
+//! | `anyhow::Error` (feature `anyhow`, on by default) | `Fatal` with the error and its causes (`outer: inner`) |
+//!
+//! Any other error (anything that implements `Display`) is marked with
+//! [`ResultExt::fatal`] or [`ResultExt::retriable`], or built with
+//! [`HandlerError::fatal`] / [`HandlerError::retriable`]:
+//!
+//! ```
+//! use weir_sdk::{Event, HandlerError, HandlerResult, ResultExt};
+//!
+//! fn handle(event: Event) -> HandlerResult {
+//!     let limit: u64 = weir_sdk::config("limit").unwrap_or("10".into())
+//!         .parse().fatal()?;                       // a bad config stays bad
+//!     let value: serde_json::Value = serde_json::from_slice(&event.payload)?; // fatal
+//!     let _ = (limit, value);
+//!     call_inventory().retriable()?;               // may work next time
+//!     Ok(vec![])
+//! }
+//! # fn call_inventory() -> Result<(), std::io::Error> { Ok(()) }
+//! # assert!(handle(Event::raw("t", "{}")).is_ok());
+//! # assert!(matches!(handle(Event::raw("t", "{")), Err(HandlerError::Fatal(_))));
+//! ```
+//!
+//! A failed [`Event::decode`] is a fatal error too; to treat it otherwise,
+//! map it (`event.decode().map_err(..)`).
+//!
+//! # Testing natively
+//!
+//! Natively, [`handler!`] expands to nothing and the host functions work
+//! from thread-local state that the [`testing`] module sets and reads:
+//! [`config`] returns what [`testing::with_config`] or
+//! [`testing::set_config`] set, and [`log`] lines are captured for
+//! [`testing::logs`] (and printed to stderr). The test harness runs each
+//! test on its own thread, so tests do not see each other's config or logs.
+//!
+//! # Features
+//!
+//! - `anyhow` (default): `impl From<anyhow::Error> for HandlerError`.
 #![deny(missing_docs)]
 
 // Lets the generated bindings name this crate by its public path.
 extern crate self as weir_sdk;
+
+use std::fmt;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -71,6 +142,9 @@ pub struct Header {
 }
 
 /// One event, as the runtime hands it to the handler.
+///
+/// In native tests, build one with [`Event::json`], [`Event::msgpack`] or
+/// [`Event::raw`] and adjust it with the `with_*` methods.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Event {
     /// The envelope `id`, else `topic/partition/offset`.
@@ -104,7 +178,14 @@ pub struct Event {
 }
 
 impl Event {
-    /// A raw event, for native tests.
+    /// A raw event (no envelope, empty content type), for native tests.
+    ///
+    /// ```
+    /// let e = weir_sdk::Event::raw("audit", "hello");
+    /// assert_eq!(e.payload, b"hello");
+    /// assert_eq!(e.id, "audit/0/0");
+    /// assert_eq!(e.attempt, 1);
+    /// ```
     pub fn raw(topic: &str, payload: impl Into<Vec<u8>>) -> Event {
         Event {
             id: format!("{topic}/0/0"),
@@ -124,14 +205,23 @@ impl Event {
         }
     }
 
-    /// An event with a JSON envelope, for native tests.
-    pub fn json<T: Serialize>(
+    /// An event with a JSON envelope (`schemaVersion` "1"), for native
+    /// tests. Fails (fatal) only if `payload` cannot be encoded as JSON.
+    ///
+    /// ```
+    /// use weir_sdk::{Event, JSON};
+    /// let e = Event::json("orders", "order.placed",
+    ///     &serde_json::json!({"order_id": "o-1"})).unwrap();
+    /// assert_eq!(e.content_type, JSON);
+    /// assert_eq!(e.event_type, "order.placed");
+    /// ```
+    pub fn json<T: Serialize + ?Sized>(
         topic: &str,
         event_type: &str,
         payload: &T,
     ) -> Result<Event, HandlerError> {
         let payload = serde_json::to_vec(payload)
-            .map_err(|e| HandlerError::fatal(format!("cannot encode test payload: {e}")))?;
+            .map_err(|e| HandlerError::fatal(format!("cannot encode test payload as JSON: {e}")))?;
         Ok(Event {
             event_type: event_type.into(),
             schema_version: "1".into(),
@@ -140,9 +230,60 @@ impl Event {
         })
     }
 
+    /// An event with a MessagePack envelope (`schemaVersion` "1"), for
+    /// native tests. Structs are encoded as maps (field names included),
+    /// as [`Output::msgpack`] does. Fails (fatal) only if `payload` cannot
+    /// be encoded.
+    ///
+    /// ```
+    /// use serde::{Deserialize, Serialize};
+    /// use weir_sdk::{Event, MSGPACK};
+    ///
+    /// #[derive(Serialize, Deserialize, Debug, PartialEq)]
+    /// struct Ping { n: u32 }
+    ///
+    /// let e = Event::msgpack("pings", "ping", &Ping { n: 7 }).unwrap();
+    /// assert_eq!(e.content_type, MSGPACK);
+    /// assert_eq!(e.decode::<Ping>().unwrap(), Ping { n: 7 });
+    /// ```
+    pub fn msgpack<T: Serialize + ?Sized>(
+        topic: &str,
+        event_type: &str,
+        payload: &T,
+    ) -> Result<Event, HandlerError> {
+        let payload = rmp_serde::to_vec_named(payload).map_err(|e| {
+            HandlerError::fatal(format!("cannot encode test payload as MessagePack: {e}"))
+        })?;
+        Ok(Event {
+            event_type: event_type.into(),
+            schema_version: "1".into(),
+            content_type: MSGPACK.into(),
+            ..Event::raw(topic, payload)
+        })
+    }
+
     /// Decodes the payload into `T` by its content type (MessagePack for
-    /// [`MSGPACK`], JSON otherwise). A payload that does not decode is a
-    /// fatal error: retrying cannot fix it.
+    /// [`MSGPACK`], JSON otherwise).
+    ///
+    /// A payload that does not decode is a [`HandlerError::Fatal`] naming
+    /// the event id and the decoder's complaint: returned with `?`, the
+    /// runtime sends the event to the dead-letter topic with error kind
+    /// `fatal` (retrying cannot fix it), unless the handler maps the error
+    /// to something else.
+    ///
+    /// ```
+    /// use weir_sdk::{Event, HandlerError};
+    ///
+    /// #[derive(serde::Deserialize)]
+    /// struct Order { order_id: String }
+    ///
+    /// let good = Event::json("orders", "order.placed",
+    ///     &serde_json::json!({"order_id": "o-1"})).unwrap();
+    /// assert_eq!(good.decode::<Order>().unwrap().order_id, "o-1");
+    ///
+    /// let bad = Event::json("orders", "order.placed", &serde_json::json!({"id": 1})).unwrap();
+    /// assert!(matches!(bad.decode::<Order>(), Err(HandlerError::Fatal(m)) if m.contains("order_id")));
+    /// ```
     pub fn decode<T: DeserializeOwned>(&self) -> Result<T, HandlerError> {
         if self.content_type == MSGPACK {
             rmp_serde::from_slice(&self.payload).map_err(|e| {
@@ -162,6 +303,12 @@ impl Event {
     }
 
     /// The first header named `key`.
+    ///
+    /// ```
+    /// let e = weir_sdk::Event::raw("t", "x").with_header("tenant", "acme");
+    /// assert_eq!(e.header("tenant"), Some(&b"acme"[..]));
+    /// assert_eq!(e.header("missing"), None);
+    /// ```
     pub fn header(&self, key: &str) -> Option<&[u8]> {
         self.headers
             .iter()
@@ -169,9 +316,29 @@ impl Event {
             .map(|h| h.value.as_slice())
     }
 
-    /// Sets the key (builder style, for tests).
+    /// Sets the record key (builder style, for tests).
     pub fn with_key(mut self, key: impl Into<Vec<u8>>) -> Event {
         self.key = Some(key.into());
+        self
+    }
+
+    /// Adds a header (builder style, for tests).
+    pub fn with_header(mut self, key: &str, value: impl Into<Vec<u8>>) -> Event {
+        self.headers.push(Header {
+            key: key.into(),
+            value: value.into(),
+        });
+        self
+    }
+
+    /// Sets the attempt number (builder style, for tests of retry logic).
+    ///
+    /// ```
+    /// let e = weir_sdk::Event::raw("t", "x").with_attempt(3);
+    /// assert_eq!(e.attempt, 3);
+    /// ```
+    pub fn with_attempt(mut self, attempt: u32) -> Event {
+        self.attempt = attempt;
         self
     }
 }
@@ -197,8 +364,16 @@ pub struct Output {
 }
 
 impl Output {
-    /// An event in a JSON envelope.
-    pub fn json<T: Serialize>(
+    /// An event in a JSON envelope. Fails (fatal) if `payload` cannot be
+    /// encoded as JSON.
+    ///
+    /// ```
+    /// let o = weir_sdk::Output::json("receipts", "receipt.issued",
+    ///     &serde_json::json!({"order_id": "o-1"})).unwrap().with_key("o-1");
+    /// assert_eq!(o.content_type, weir_sdk::JSON);
+    /// assert_eq!(o.payload, br#"{"order_id":"o-1"}"#);
+    /// ```
+    pub fn json<T: Serialize + ?Sized>(
         topic: &str,
         event_type: &str,
         payload: &T,
@@ -212,8 +387,15 @@ impl Output {
         })
     }
 
-    /// An event in a MessagePack envelope.
-    pub fn msgpack<T: Serialize>(
+    /// An event in a MessagePack envelope; structs are encoded as maps
+    /// (field names included). Fails (fatal) if `payload` cannot be encoded.
+    ///
+    /// ```
+    /// let o = weir_sdk::Output::msgpack("scores", "score.set",
+    ///     &serde_json::json!({"score": 3})).unwrap();
+    /// assert_eq!(o.content_type, weir_sdk::MSGPACK);
+    /// ```
+    pub fn msgpack<T: Serialize + ?Sized>(
         topic: &str,
         event_type: &str,
         payload: &T,
@@ -228,7 +410,13 @@ impl Output {
         })
     }
 
-    /// A raw record: the payload is published as is.
+    /// A raw record: the payload is published as is, without an envelope.
+    ///
+    /// ```
+    /// let o = weir_sdk::Output::raw("audit", "plain text").with_header("source", "me");
+    /// assert_eq!(o.event_type, "");
+    /// assert_eq!(o.headers[0].key, "source");
+    /// ```
     pub fn raw(topic: &str, payload: impl Into<Vec<u8>>) -> Output {
         Output {
             topic: topic.into(),
@@ -264,27 +452,61 @@ impl Output {
 }
 
 /// How a handler failed.
+///
+/// `?` converts [`serde_json::Error`], the `rmp_serde` encode and decode
+/// errors and (feature `anyhow`) `anyhow::Error` into [`HandlerError::Fatal`];
+/// see [`ResultExt`] to mark any other error retriable or fatal.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HandlerError {
-    /// Transient (a dependency is down): the runtime calls again later.
+    /// Transient (a dependency is down): the runtime calls again later, with
+    /// backoff, up to the handler's `max_attempts`; then the event is
+    /// dead-lettered as `retries-exhausted`.
     Retriable(String),
-    /// Permanent (the event is wrong): the event goes to the dead-letter topic.
+    /// Permanent (the event is wrong): the event goes to the dead-letter
+    /// topic with error kind `fatal`.
     Fatal(String),
 }
 
 impl HandlerError {
-    /// A transient failure.
-    pub fn retriable(message: impl Into<String>) -> HandlerError {
-        HandlerError::Retriable(message.into())
+    /// A transient failure, with `error`'s text as the message.
+    ///
+    /// ```
+    /// use weir_sdk::HandlerError;
+    /// assert_eq!(HandlerError::retriable("inventory is down"),
+    ///     HandlerError::Retriable("inventory is down".into()));
+    /// let io = std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out");
+    /// assert_eq!(HandlerError::retriable(io).message(), "timed out");
+    /// ```
+    pub fn retriable(error: impl fmt::Display) -> HandlerError {
+        HandlerError::Retriable(error.to_string())
     }
-    /// A permanent failure.
-    pub fn fatal(message: impl Into<String>) -> HandlerError {
-        HandlerError::Fatal(message.into())
+
+    /// A permanent failure, with `error`'s text as the message.
+    ///
+    /// ```
+    /// use weir_sdk::HandlerError;
+    /// assert_eq!(HandlerError::fatal(format!("unknown country {}", "AQ")),
+    ///     HandlerError::Fatal("unknown country AQ".into()));
+    /// ```
+    pub fn fatal(error: impl fmt::Display) -> HandlerError {
+        HandlerError::Fatal(error.to_string())
+    }
+
+    /// Whether the runtime will call again with this event.
+    pub fn is_retriable(&self) -> bool {
+        matches!(self, HandlerError::Retriable(_))
+    }
+
+    /// The message, without the class.
+    pub fn message(&self) -> &str {
+        match self {
+            HandlerError::Retriable(m) | HandlerError::Fatal(m) => m,
+        }
     }
 }
 
-impl std::fmt::Display for HandlerError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl fmt::Display for HandlerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             HandlerError::Retriable(m) => write!(f, "retriable: {m}"),
             HandlerError::Fatal(m) => write!(f, "fatal: {m}"),
@@ -294,12 +516,105 @@ impl std::fmt::Display for HandlerError {
 
 impl std::error::Error for HandlerError {}
 
+/// Fatal: JSON that does not parse or fit the type will not on retry.
+///
+/// ```
+/// use weir_sdk::{HandlerError, HandlerResult};
+/// fn parse(bytes: &[u8]) -> HandlerResult {
+///     let _: serde_json::Value = serde_json::from_slice(bytes)?;
+///     Ok(vec![])
+/// }
+/// assert!(matches!(parse(b"{"), Err(HandlerError::Fatal(m)) if m.starts_with("JSON: ")));
+/// ```
+impl From<serde_json::Error> for HandlerError {
+    fn from(e: serde_json::Error) -> Self {
+        HandlerError::Fatal(format!("JSON: {e}"))
+    }
+}
+
+/// Fatal: MessagePack that does not decode will not on retry.
+impl From<rmp_serde::decode::Error> for HandlerError {
+    fn from(e: rmp_serde::decode::Error) -> Self {
+        HandlerError::Fatal(format!("MessagePack decode: {e}"))
+    }
+}
+
+/// Fatal: a value that cannot be encoded as MessagePack will not be on retry.
+impl From<rmp_serde::encode::Error> for HandlerError {
+    fn from(e: rmp_serde::encode::Error) -> Self {
+        HandlerError::Fatal(format!("MessagePack encode: {e}"))
+    }
+}
+
+/// Fatal, with the error and its chain of causes (`outer: inner: root`).
+/// To have an anyhow error retried, use [`ResultExt::retriable`].
+/// Feature `anyhow` (on by default).
+///
+/// ```
+/// use anyhow::Context;
+/// use weir_sdk::{HandlerError, HandlerResult};
+/// fn handle() -> HandlerResult {
+///     "x".parse::<u32>().context("reading the amount")?;
+///     Ok(vec![])
+/// }
+/// assert!(matches!(handle(), Err(HandlerError::Fatal(m)) if m.starts_with("reading the amount: ")));
+/// ```
+#[cfg(feature = "anyhow")]
+impl From<anyhow::Error> for HandlerError {
+    fn from(e: anyhow::Error) -> Self {
+        HandlerError::Fatal(format!("{e:#}"))
+    }
+}
+
+/// Marks the error of any `Result` whose error is `Display` as retriable or
+/// fatal, for `?`.
+///
+/// ```
+/// use weir_sdk::{Event, HandlerError, HandlerResult, ResultExt};
+///
+/// fn handle(event: Event) -> HandlerResult {
+///     let n: u32 = std::str::from_utf8(&event.payload).fatal()?.parse().fatal()?;
+///     if n > 10 {
+///         Err(std::io::Error::other("backend busy")).retriable()?;
+///     }
+///     Ok(vec![])
+/// }
+/// assert!(handle(Event::raw("t", "3")).is_ok());
+/// assert_eq!(handle(Event::raw("t", "x")), Err(HandlerError::Fatal("invalid digit found in string".into())));
+/// assert_eq!(handle(Event::raw("t", "11")), Err(HandlerError::Retriable("backend busy".into())));
+/// ```
+///
+/// On a `Result<_, HandlerError>` the message keeps its old class as a
+/// prefix (`"fatal: …"`); match on the error to change its class instead.
+pub trait ResultExt<T> {
+    /// Turns the error into [`HandlerError::Retriable`] with its text.
+    fn retriable(self) -> Result<T, HandlerError>;
+    /// Turns the error into [`HandlerError::Fatal`] with its text.
+    fn fatal(self) -> Result<T, HandlerError>;
+}
+
+impl<T, E: fmt::Display> ResultExt<T> for Result<T, E> {
+    fn retriable(self) -> Result<T, HandlerError> {
+        self.map_err(HandlerError::retriable)
+    }
+    fn fatal(self) -> Result<T, HandlerError> {
+        self.map_err(HandlerError::fatal)
+    }
+}
+
 /// What a handler returns.
 pub type HandlerResult = Result<Vec<Output>, HandlerError>;
 
-/// Reads a value of this handler's `config` table in the runtime config.
+/// Reads a value of this handler's `config` table in the runtime config
+/// (`[handler.config]` in `weir.toml`); `None` when the key is not set.
 ///
-/// Natively (in tests) the values come from [`testing::set_config`].
+/// Natively (in tests) the values come from [`testing::with_config`] or
+/// [`testing::set_config`].
+///
+/// ```
+/// let topic = weir_sdk::config("output_topic").unwrap_or_else(|| "receipts".into());
+/// assert_eq!(topic, "receipts");
+/// ```
 pub fn config(key: &str) -> Option<String> {
     #[cfg(target_arch = "wasm32")]
     {
@@ -311,10 +626,18 @@ pub fn config(key: &str) -> Option<String> {
     }
 }
 
-/// Writes to the runtime's log, tagged with the handler's name.
+/// Writes to the runtime's log, tagged with the handler's name (target
+/// `weir::handler`). The runtime rate-limits these lines per instance.
+///
+/// Natively, lines go to stderr and are captured for [`testing::logs`].
+///
+/// ```
+/// weir_sdk::log::info("starting");
+/// weir_sdk::log::warn(&format!("attempt {}", 2));
+/// ```
 pub mod log {
     /// Log levels, from the most verbose.
-    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
     pub enum Level {
         /// Very verbose.
         Trace,
@@ -343,7 +666,15 @@ pub mod log {
             log(level, message);
         }
         #[cfg(not(target_arch = "wasm32"))]
-        eprintln!("[{level:?}] {message}");
+        {
+            eprintln!("[{level:?}] {message}");
+            crate::testing::LOGS.with(|l| {
+                l.borrow_mut().push(crate::testing::LogLine {
+                    level,
+                    message: message.into(),
+                })
+            });
+        }
     }
     /// Logs at trace level.
     pub fn trace(message: &str) {
@@ -367,19 +698,114 @@ pub mod log {
     }
 }
 
-/// Native test support.
+/// Native test support: set the handler's config, read what it logged.
+///
+/// State is per thread. The test harness runs each test on its own thread,
+/// so tests do not see each other's config or log lines; a handler that
+/// spawns threads logs and reads config on those threads' own state.
+///
+/// ```
+/// use weir_sdk::{log::Level, testing, Event, HandlerResult, Output};
+///
+/// fn handle(event: Event) -> HandlerResult {
+///     let topic = weir_sdk::config("output_topic").unwrap_or("out".into());
+///     weir_sdk::log::info(&format!("forwarding to {topic}"));
+///     Ok(vec![Output::raw(&topic, event.payload)])
+/// }
+///
+/// let outputs = testing::with_config(&[("output_topic", "copies")], || {
+///     handle(Event::raw("in", "x"))
+/// }).unwrap();
+/// assert_eq!(outputs[0].topic, "copies");
+/// assert_eq!(testing::logs(), vec![testing::LogLine {
+///     level: Level::Info,
+///     message: "forwarding to copies".into(),
+/// }]);
+/// // Outside `with_config` the previous config is back.
+/// assert_eq!(handle(Event::raw("in", "x")).unwrap()[0].topic, "out");
+/// ```
 #[cfg(not(target_arch = "wasm32"))]
 pub mod testing {
     use std::cell::RefCell;
     use std::collections::HashMap;
+    use std::fmt;
+
+    use crate::log::Level;
 
     thread_local! {
         pub(crate) static CONFIG: RefCell<HashMap<String, String>> = RefCell::new(HashMap::new());
+        pub(crate) static LOGS: RefCell<Vec<LogLine>> = const { RefCell::new(Vec::new()) };
     }
 
-    /// Sets a value that [`crate::config`] returns on this thread.
+    /// One line a handler logged with [`crate::log`].
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct LogLine {
+        /// The level it was logged at.
+        pub level: Level,
+        /// The message.
+        pub message: String,
+    }
+
+    impl fmt::Display for LogLine {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "[{:?}] {}", self.level, self.message)
+        }
+    }
+
+    /// Sets a value that [`crate::config`] returns on this thread, until
+    /// the thread ends or [`clear_config`].
     pub fn set_config(key: &str, value: &str) {
         CONFIG.with(|c| c.borrow_mut().insert(key.into(), value.into()));
+    }
+
+    /// Removes every value [`set_config`] set on this thread.
+    pub fn clear_config() {
+        CONFIG.with(|c| c.borrow_mut().clear());
+    }
+
+    /// Runs `f` with exactly `config` as the handler's config on this
+    /// thread (keys not listed read as `None`), then restores the previous
+    /// config, also when `f` panics.
+    ///
+    /// ```
+    /// use weir_sdk::testing::with_config;
+    /// let v = with_config(&[("limit", "5")], || weir_sdk::config("limit"));
+    /// assert_eq!(v.as_deref(), Some("5"));
+    /// assert_eq!(weir_sdk::config("limit"), None);
+    /// ```
+    pub fn with_config<R>(config: &[(&str, &str)], f: impl FnOnce() -> R) -> R {
+        struct Restore(Option<HashMap<String, String>>);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                if let Some(previous) = self.0.take() {
+                    CONFIG.with(|c| *c.borrow_mut() = previous);
+                }
+            }
+        }
+        let new = config
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let _restore = Restore(Some(CONFIG.with(|c| c.replace(new))));
+        f()
+    }
+
+    /// Every line logged on this thread so far (since the thread started or
+    /// the last [`take_logs`]), oldest first.
+    pub fn logs() -> Vec<LogLine> {
+        LOGS.with(|l| l.borrow().clone())
+    }
+
+    /// Like [`logs`], and forgets them: the next call sees only newer lines.
+    ///
+    /// ```
+    /// use weir_sdk::testing::take_logs;
+    /// weir_sdk::log::warn("first");
+    /// assert_eq!(take_logs()[0].message, "first");
+    /// assert!(take_logs().is_empty());
+    /// ```
+    pub fn take_logs() -> Vec<LogLine> {
+        LOGS.with(|l| std::mem::take(&mut *l.borrow_mut()))
     }
 }
 
@@ -387,7 +813,8 @@ pub mod testing {
 #[doc(hidden)]
 pub mod __bindings {
     wit_bindgen::generate!({
-        path: "../wit",
+        // Relative to this crate (sdk/), which ships the WIT: builds anywhere.
+        path: "wit",
         world: "handler",
         pub_export_macro: true,
         export_macro_name: "__export_handler",
@@ -459,9 +886,26 @@ pub mod __bindings {
     }
 }
 
-/// Registers `fn(Event) -> Result<Vec<Output>, HandlerError>` as the
-/// component's handler. Outside WebAssembly it expands to nothing, so the
-/// function stays testable natively.
+/// Registers a `fn(Event) -> Result<Vec<Output>, HandlerError>` (a path to
+/// it) as the component's handler. Use it once per crate, at the top level.
+///
+/// Built for `wasm32-wasip2`, it generates the component's export: it
+/// implements the `handle` function of the `weir:plugin/handler` world
+/// (`wit/plugin.wit`) by converting the runtime's event into an [`Event`],
+/// calling the function, and converting its [`Output`]s or
+/// [`HandlerError`] back. Built natively it expands to nothing, so the
+/// function stays plain Rust that native tests call directly.
+///
+/// ```
+/// use weir_sdk::{Event, HandlerResult, Output};
+///
+/// pub fn handle(event: Event) -> HandlerResult {
+///     Ok(vec![Output::raw("copies", event.payload)])
+/// }
+///
+/// weir_sdk::handler!(handle);
+/// # assert_eq!(handle(Event::raw("in", "x")).unwrap()[0].payload, b"x");
+/// ```
 #[macro_export]
 macro_rules! handler {
     ($handle:path) => {
@@ -481,4 +925,49 @@ macro_rules! handler {
     $crate::__bindings::__export_handler!(WeirHandler with_types_in $crate::__bindings);
         };
     };
+}
+
+#[cfg(test)]
+mod tests {
+    /// The WIT shipped in the crate (`sdk/wit/plugin.wit`) must be the
+    /// repository's contract (`wit/plugin.wit`), which the runtime is built
+    /// against. Read at run time so that packaging the crate does not need
+    /// the file outside it.
+    #[test]
+    fn shipped_wit_is_the_repository_wit() {
+        let dir = env!("CARGO_MANIFEST_DIR");
+        let shipped = std::fs::read_to_string(format!("{dir}/wit/plugin.wit"))
+            .expect("read sdk/wit/plugin.wit");
+        let repo = std::fs::read_to_string(format!("{dir}/../wit/plugin.wit"))
+            .expect("read wit/plugin.wit (this test runs in the Weir repository)");
+        assert!(
+            shipped == repo,
+            "sdk/wit/plugin.wit differs from wit/plugin.wit: copy it with \
+             `cp wit/plugin.wit sdk/wit/plugin.wit`"
+        );
+    }
+
+    #[test]
+    fn with_config_restores_the_previous_config_after_a_panic() {
+        crate::testing::set_config("k", "before");
+        let r = std::panic::catch_unwind(|| {
+            crate::testing::with_config(&[("k", "inside")], || {
+                assert_eq!(crate::config("k").as_deref(), Some("inside"));
+                panic!("handler panicked");
+            })
+        });
+        assert!(r.is_err());
+        assert_eq!(crate::config("k").as_deref(), Some("before"));
+    }
+
+    #[test]
+    fn error_conversions_are_fatal() {
+        let bytes = rmp_serde::to_vec(&"text").unwrap();
+        let e: crate::HandlerError = rmp_serde::from_slice::<u32>(&bytes).unwrap_err().into();
+        assert!(
+            matches!(e, crate::HandlerError::Fatal(m) if m.starts_with("MessagePack decode: "))
+        );
+        let e: crate::HandlerError = serde_json::from_str::<u32>("x").unwrap_err().into();
+        assert!(!e.is_retriable());
+    }
 }

@@ -807,3 +807,13 @@ pub fn progress_counter(log: &[String], name: &str) -> u64 {
         .parse()
         .unwrap_or_else(|_| panic!("{name} is not a number in {line:?}"))
 }
+
+/// README.md's code blocks, compiled by `cargo test --doc -p weir-e2e` so
+/// that the handler example ("Writing a handler") cannot drift from the
+/// SDK: every ```` ```rust ```` block (and untagged one) is a doctest, a
+/// ```` ```rust,test_harness ```` block is built as a test crate and its
+/// `#[test]`s run. Lives here, not in the SDK, so that `cargo package -p
+/// weir-sdk` does not need a file outside the crate.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;
