@@ -1,7 +1,7 @@
 //! `weir new NAME [--lang rust|python|js]`: writes a standalone handler
-//! project (the handler, a native test where the language has one, sample
-//! events, a `weir.toml` that runs it, a short README) that builds, tests
-//! and runs as it is.
+//! project (the handler, a native test in the language's own test runner,
+//! sample events, a `weir.toml` that runs it, a short README) that builds,
+//! tests and runs as it is.
 
 use std::path::{Path, PathBuf};
 
@@ -105,6 +105,16 @@ pub fn run(args: &NewArgs) -> Result<PathBuf> {
                 "app.py",
                 include_str!("../../plugins/python-echo/app.py").to_owned(),
             ),
+            // `python3 -m unittest`: the handler tested without a build,
+            // the generated modules replaced by stand-ins.
+            (
+                "test_app.py",
+                include_str!("../templates/python/test_app.py").to_owned(),
+            ),
+            (
+                "weir_testing.py",
+                include_str!("../templates/python/weir_testing.py").to_owned(),
+            ),
             ("wit/plugin.wit", WIT.to_owned()),
             (
                 "README.md",
@@ -119,6 +129,20 @@ pub fn run(args: &NewArgs) -> Result<PathBuf> {
             (
                 "handler.js",
                 include_str!("../../plugins/js-echo/handler.js").to_owned(),
+            ),
+            // `npm test`: node's own test runner, the host import resolved
+            // to a stand-in by a module hook.
+            (
+                "test/handler.test.mjs",
+                include_str!("../templates/js/test/handler.test.mjs").to_owned(),
+            ),
+            (
+                "test/register.mjs",
+                include_str!("../templates/js/test/register.mjs").to_owned(),
+            ),
+            (
+                "test/host.mjs",
+                include_str!("../templates/js/test/host.mjs").to_owned(),
             ),
             ("wit/plugin.wit", WIT.to_owned()),
             (
@@ -192,6 +216,39 @@ mod tests {
         let config = std::fs::read_to_string(dir.join("weir.toml")).unwrap();
         assert!(config.contains("target/wasm32-wasip2/release/greeter.wasm"));
         assert!(run(&args).is_err(), "an existing folder is not overwritten");
+    }
+
+    #[test]
+    fn python_and_js_projects_have_their_tests() {
+        let tmp = tempfile::tempdir().unwrap();
+        for (lang, files) in [
+            (
+                Lang::Python,
+                &["app.py", "test_app.py", "weir_testing.py"][..],
+            ),
+            (
+                Lang::Js,
+                &[
+                    "handler.js",
+                    "test/handler.test.mjs",
+                    "test/register.mjs",
+                    "test/host.mjs",
+                ][..],
+            ),
+        ] {
+            let args = NewArgs {
+                name: format!("{lang:?}").to_lowercase(),
+                lang,
+                dir: tmp.path().to_path_buf(),
+                sdk: None,
+            };
+            let dir = run(&args).unwrap();
+            for f in files {
+                assert!(dir.join(f).is_file(), "{lang:?}: {f}");
+            }
+        }
+        let package = std::fs::read_to_string(tmp.path().join("js/package.json")).unwrap();
+        assert!(package.contains("\"test\": \"node --import ./test/register.mjs"));
     }
 
     #[test]

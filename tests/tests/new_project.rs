@@ -102,6 +102,10 @@ fn a_new_python_project_builds_and_runs() -> Result<()> {
     let componentize = std::env::var("WEIR_COMPONENTIZE_PY")
         .context("WEIR_COMPONENTIZE_PY is not set: run the tests with ./dev test")?;
     let (_tmp, dir) = new_project("py-greeter", "python")?;
+    // Its native test: plain Python, no build.
+    let tested = run(&dir, Command::new("python3").args(["-m", "unittest"]))?;
+    assert!(tested.contains("Ran 3 tests"), "{tested}");
+    assert!(tested.contains("OK"), "{tested}");
     // The build line of the project's README.
     run(
         &dir,
@@ -128,8 +132,12 @@ fn a_new_javascript_project_builds_and_runs() -> Result<()> {
     let bin = std::env::var("WEIR_NODE_BIN")
         .context("WEIR_NODE_BIN is not set: run the tests with ./dev test")?;
     let (_tmp, dir) = new_project("js-greeter", "js")?;
-    // `npm run build` with the pinned componentize-js already installed.
     let path = format!("{bin}:{}", std::env::var("PATH").unwrap_or_default());
+    // Its native test: node's test runner, no build.
+    let tested = run(&dir, Command::new("npm").arg("test").env("PATH", &path))?;
+    assert!(tested.contains("# pass 3"), "{tested}");
+    assert!(tested.contains("# fail 0"), "{tested}");
+    // `npm run build` with the pinned componentize-js already installed.
     run(
         &dir,
         Command::new("npm").args(["run", "build"]).env("PATH", path),
