@@ -1,5 +1,5 @@
-// Echo in JavaScript: the `fail-on-marker` handler built with jco
-// (componentize-js, StarlingMonkey).
+// Echo in JavaScript: the `fail-on-marker` handler, a component built with
+// componentize-js (StarlingMonkey): see the README for the build line.
 //
 // Publishes every event to the topic in the `output_topic` config (default
 // `<topic>.out`) with the same key and payload; an enveloped input becomes an

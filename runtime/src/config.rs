@@ -380,6 +380,14 @@ impl PipelineConfig {
 impl Config {
     /// Reads, parses and validates a config file; errors name the file and the key.
     pub fn load(path: &Path) -> Result<Config> {
+        let config = Self::read(path)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads and parses a config file, paths resolved against its folder,
+    /// without validating it (for callers that replace parts first).
+    pub fn read(path: &Path) -> Result<Config> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read config file {}", path.display()))?;
         let mut config = Self::parse(&text)
@@ -398,7 +406,6 @@ impl Config {
                 }
             }
         }
-        config.validate()?;
         Ok(config)
     }
 

@@ -34,13 +34,13 @@ pub struct DevArgs {
     #[arg(long, value_name = "FILE.wasm")]
     handler: Option<PathBuf>,
     /// Sample events for `--handler`, one JSON object a line (as for `weir try`).
-    #[arg(long)]
+    #[arg(long, requires = "handler")]
     events: Option<PathBuf>,
     /// A config whose handler settings apply to `--handler` (as for `weir try`).
-    #[arg(long, short)]
+    #[arg(long, short, requires = "handler")]
     config: Option<PathBuf>,
     /// The handler of `--config` to take the settings of.
-    #[arg(long)]
+    #[arg(long, requires = "handler")]
     name: Option<String>,
 }
 
@@ -296,7 +296,8 @@ async fn run_own(args: &DevArgs, wasm: &Path) -> Result<()> {
         .events
         .as_deref()
         .context("--handler needs --events FILE (sample events, one JSON object a line)")?;
-    let cfg = crate::runner::settings(wasm, args.config.as_deref(), args.name.as_deref())?;
+    let (cfg, _) =
+        crate::runner::settings(wasm, args.config.as_deref(), args.name.as_deref(), "--name")?;
     let records = crate::samples::load(events, &cfg.topics[0])?;
     if let Some(r) = records.iter().find(|r| !cfg.topics.contains(&r.topic)) {
         bail!(

@@ -39,13 +39,16 @@ pub struct TryArgs {
 }
 
 /// The settings a component runs with: those of the handler of `config`
-/// that names it (or `handler`, or the only one), else the defaults on the
-/// topic `events`. Shared by `weir try` and `weir dev --handler`.
+/// that names it (or the one named `handler`, or the only one), else the
+/// defaults on the topic `events`; with the config's `message.max.bytes`.
+/// Shared by `weir try` and `weir dev --handler`; `flag` is the option
+/// that names a handler, for messages.
 pub fn settings(
     wasm: &Path,
     config: Option<&Path>,
     handler: Option<&str>,
-) -> Result<HandlerConfig> {
+    flag: &str,
+) -> Result<(HandlerConfig, usize)> {
     let Some(path) = config else {
         let name = wasm
             .file_stem()
@@ -53,38 +56,68 @@ pub fn settings(
         let text = format!("name = {name:?}\nwasm = \"\"\ntopics = [\"events\"]\n");
         let mut h: HandlerConfig = toml::from_str(&text).expect("a valid handler table");
         h.wasm = wasm.to_path_buf();
-        return Ok(h);
+        return Ok((h, DEFAULT_MAX_BYTES));
     };
-    let config = Config::load(path)?;
+    // Validated once this component stands in for the handler: the config
+    // may name files that are not built yet.
+    let mut config = Config::read(path)?;
     let same_file = |h: &HandlerConfig| {
         let a = std::fs::canonicalize(&h.wasm).ok();
         a.is_some() && a == std::fs::canonicalize(wasm).ok()
     };
-    let found = match handler {
+    let at = match handler {
         Some(name) => config
             .handlers
             .iter()
-            .find(|h| h.name == name)
+            .position(|h| h.name == name)
             .with_context(|| format!("{}: no handler named {name:?}", path.display()))?,
-        None => match config.handlers.iter().find(|h| same_file(h)) {
-            Some(h) => h,
-            None if config.handlers.len() == 1 => &config.handlers[0],
+        None => match config.handlers.iter().position(same_file) {
+            Some(i) => i,
+            None if config.handlers.len() == 1 => 0,
             None => bail!(
-                "{}: no handler runs {}; name one with --handler",
+                "{}: no handler runs {}; name one with {flag}",
                 path.display(),
                 wasm.display()
             ),
         },
     };
-    let mut h = found.clone();
+    let mut h = config.handlers.swap_remove(at);
     h.wasm = wasm.to_path_buf();
-    Ok(h)
+    config.handlers = vec![h];
+    config
+        .validate()
+        .with_context(|| format!("invalid config file {}", path.display()))?;
+    let max_bytes = config
+        .kafka
+        .producer_options
+        .get("message.max.bytes")
+        .or(config.kafka.options.get("message.max.bytes"))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(DEFAULT_MAX_BYTES);
+    Ok((config.handlers.remove(0), max_bytes))
 }
+
+/// librdkafka's default `message.max.bytes`.
+const DEFAULT_MAX_BYTES: usize = 1_000_000;
 
 /// Runs `weir try`; Ok(false) when any event failed.
 pub fn run(args: &TryArgs) -> Result<bool> {
-    let cfg = settings(&args.wasm, args.config.as_deref(), args.handler.as_deref())?;
+    let (cfg, max_bytes) = settings(
+        &args.wasm,
+        args.config.as_deref(),
+        args.handler.as_deref(),
+        "--handler",
+    )?;
     let records = samples::load(&args.events, &cfg.topics[0])?;
+    if let Some(r) = records.iter().find(|r| !cfg.topics.contains(&r.topic)) {
+        bail!(
+            "{}: an event for topic {:?}, which handler {} does not subscribe to ({:?})",
+            args.events.display(),
+            r.topic,
+            cfg.name,
+            cfg.topics
+        );
+    }
     let engine = PluginEngine::new()?;
     let started = Instant::now();
     let handler = LoadedHandler::load(&engine, &cfg)?;
@@ -100,7 +133,7 @@ pub fn run(args: &TryArgs) -> Result<bool> {
     let mut failed = 0;
     let mut instance = None;
     for record in &records {
-        if !try_event(&handler, &mut instance, record, &mut out)? {
+        if !try_event(&handler, &mut instance, record, max_bytes, &mut out)? {
             failed += 1;
         }
     }
@@ -118,6 +151,7 @@ fn try_event(
     handler: &LoadedHandler,
     instance: &mut Option<crate::handler::HandlerInstance>,
     record: &Record,
+    max_bytes: usize,
     out: &mut impl Write,
 ) -> Result<bool> {
     let at = format!("{}/{}/{}", record.topic, record.partition, record.offset);
@@ -155,18 +189,25 @@ fn try_event(
         );
         match outcome {
             CallOutcome::Ok(outputs) => {
-                writeln!(out, "{head}: ok, {} output(s)", outputs.len())?;
-                for o in outputs {
-                    match envelope::encode_output(o, &event, 1_000_000) {
-                        Ok(p) => print_output(&p, out)?,
-                        Err(why) => {
-                            writeln!(out, "  FAILED invalid-output: {why}\n")?;
-                            return Ok(false);
+                // All or nothing, as `weir run` publishes them.
+                let encoded: Result<Vec<Produce>, String> = outputs
+                    .into_iter()
+                    .map(|o| envelope::encode_output(o, &event, max_bytes))
+                    .collect();
+                match encoded {
+                    Ok(produced) => {
+                        writeln!(out, "{head}: ok, {} output(s)", produced.len())?;
+                        for p in &produced {
+                            print_output(p, out)?;
                         }
+                        writeln!(out)?;
+                        return Ok(true);
+                    }
+                    Err(why) => {
+                        writeln!(out, "{head}: FAILED invalid-output: {why}\n")?;
+                        return Ok(false);
                     }
                 }
-                writeln!(out)?;
-                return Ok(true);
             }
             CallOutcome::Failed(kind, message) => {
                 writeln!(out, "{head}: FAILED {kind}: {message}\n")?;

@@ -32,7 +32,7 @@ pub fn load(path: &Path, default_topic: &str) -> Result<Vec<Record>> {
 pub fn parse(text: &str, default_topic: &str) -> Result<Vec<Record>> {
     let mut records: Vec<Record> = Vec::new();
     for (i, line) in text.lines().enumerate() {
-        let line = line.trim();
+        let line = line.trim_start_matches('\u{feff}').trim();
         if line.is_empty() || line.starts_with('#') || line.starts_with("//") {
             continue;
         }
@@ -87,14 +87,18 @@ fn parse_line(line: &str, default_topic: &str) -> Result<Record> {
             None => default_topic.to_owned(),
         },
         partition: match obj.get("partition") {
-            Some(p) => p.as_i64().context("partition must be a number")? as i32,
+            Some(p) => p
+                .as_i64()
+                .and_then(|p| i32::try_from(p).ok())
+                .filter(|p| (0..1024).contains(p))
+                .context("partition must be a number from 0 to 1023")?,
             None => 0,
         },
         offset: 0,
         timestamp_ms: now,
         key: match obj.get("key") {
+            Some(Value::Null) | None => None,
             Some(k) => Some(text(k, "key")?.into_bytes()),
-            None => None,
         },
         value: match body {
             Value::String(s) => s.into_bytes(),
@@ -125,6 +129,13 @@ mod tests {
         assert_eq!(r[1].header("h"), Some(&b"v"[..]));
         assert_eq!((r[2].topic.as_str(), r[2].offset), ("other", 0));
         assert_eq!(r[2].value, br#"{"n":2}"#);
+    }
+
+    #[test]
+    fn a_null_key_is_no_key_and_a_bom_is_skipped() {
+        let r = parse("\u{feff}{\"key\": null, \"value\": \"v\"}", "t").unwrap();
+        assert_eq!(r[0].key, None);
+        assert!(parse("{\"partition\": -1, \"value\": 1}", "t").is_err());
     }
 
     #[test]

@@ -50,6 +50,16 @@ pub fn run(args: &NewArgs) -> Result<PathBuf> {
     {
         bail!("name {name:?}: use lowercase letters, digits and dashes, starting with a letter");
     }
+    // Cargo refuses packages named like these.
+    const RESERVED: &[&str] = &[
+        "as", "async", "await", "break", "const", "continue", "crate", "dyn", "else", "enum",
+        "extern", "false", "fn", "for", "if", "impl", "in", "let", "loop", "match", "mod", "move",
+        "mut", "pub", "ref", "return", "self", "static", "struct", "super", "trait", "true",
+        "type", "unsafe", "use", "where", "while", "test", "core", "std", "alloc",
+    ];
+    if RESERVED.contains(&name.as_str()) {
+        bail!("name {name:?} is reserved in Rust; choose another");
+    }
     let dir = args.dir.join(name);
     if dir.exists() {
         bail!("{} already exists", dir.display());
@@ -60,7 +70,8 @@ pub fn run(args: &NewArgs) -> Result<PathBuf> {
         Lang::Python | Lang::Js => format!("{crate_name}.wasm"),
     };
     let sdk = match args.lang {
-        Lang::Rust => sdk_path(args.sdk.as_deref())?.display().to_string(),
+        // A TOML string (escaped as Rust's debug format escapes it).
+        Lang::Rust => format!("{:?}", sdk_path(args.sdk.as_deref())?.display().to_string()),
         _ => String::new(),
     };
     let fill = |template: &str| {
@@ -252,8 +263,16 @@ mod tests {
     }
 
     #[test]
+    fn the_pinned_toolchains_are_the_ones_the_examples_are_built_with() {
+        let dev = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../dev"))
+            .expect("the repository's dev script");
+        assert!(dev.contains(&format!("COMPONENTIZE_PY_VERSION={COMPONENTIZE_PY}")));
+        assert!(dev.contains(&format!("COMPONENTIZE_JS_VERSION={COMPONENTIZE_JS}")));
+    }
+
+    #[test]
     fn bad_names_are_refused() {
-        for name in ["", "Greeter", "1st", "a b", "../x"] {
+        for name in ["", "Greeter", "1st", "a b", "../x", "type", "test"] {
             let args = NewArgs {
                 name: name.into(),
                 lang: Lang::Rust,

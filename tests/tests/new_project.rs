@@ -59,9 +59,9 @@ fn try_samples(dir: &Path, wasm: &str) -> Result<String> {
 /// runs.
 fn nested_target() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable");
-    // <target>/<profile>/deps/<test> → <target>/../weir-new-projects
+    // <target>/<profile>/deps/<test> → <target>/weir-new-projects
     exe.ancestors()
-        .nth(4)
+        .nth(3)
         .expect("target layout")
         .join("weir-new-projects")
 }
@@ -75,21 +75,21 @@ fn a_new_rust_project_tests_builds_and_runs() -> Result<()> {
             .env_remove("RUSTFLAGS");
         c
     };
+    // The versions this repository is built and tested with.
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.lock"),
+        dir.join("Cargo.lock"),
+    )?;
     let tested = run(&dir, cargo().args(["test", "--quiet"]))?;
     assert!(tested.contains("2 passed"), "{tested}");
     run(
         &dir,
         cargo().args(["build", "--release", "--target", "wasm32-wasip2"]),
     )?;
-    // Where the project's own target folder would have it (weir.toml and
-    // the README name that path).
-    let wasm = "target/wasm32-wasip2/release/greeter.wasm";
-    std::fs::create_dir_all(dir.join("target/wasm32-wasip2/release"))?;
-    std::fs::copy(
-        nested_target().join("wasm32-wasip2/release/greeter.wasm"),
-        dir.join(wasm),
-    )?;
-    let out = try_samples(&dir, wasm)?;
+    // Built into the shared target folder, not the project's `target/` that
+    // weir.toml names: `weir try` takes the handler's settings all the same.
+    let wasm = nested_target().join("wasm32-wasip2/release/greeter.wasm");
+    let out = try_samples(&dir, &wasm.display().to_string())?;
     println!("{out}");
     assert!(out.contains("2 events: 2 ok, 0 failed"), "{out}");
     assert!(out.contains("→ greetings.answered"), "{out}");
