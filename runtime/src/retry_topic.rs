@@ -247,16 +247,7 @@ mod tests {
             "orders.retry".into(),
         );
         assert_eq!(p.topic, "orders.retry");
-        let consumed = Record {
-            topic: p.topic,
-            partition: 0,
-            offset: 9,
-            timestamp_ms: 8,
-            key: p.key,
-            value: p.value,
-            headers: p.headers,
-        };
-        let (original, info) = take_retry(&consumed).expect("a retry record");
+        let (original, info) = take_retry(&consumed(p)).expect("a retry record");
         assert_eq!(original.topic, "orders");
         assert_eq!(
             (original.partition, original.offset, original.timestamp_ms),
@@ -269,6 +260,19 @@ mod tests {
         );
         assert_eq!((info.handler.as_str(), info.attempt), ("h", 3));
         assert!(info.not_before_ms >= first.unix_timestamp() * 1000 + 500);
+    }
+
+    /// A retry record as read back from its retry topic.
+    fn consumed(p: Produce) -> Record {
+        Record {
+            topic: p.topic,
+            partition: 0,
+            offset: 9,
+            timestamp_ms: 8,
+            key: p.key,
+            value: p.value,
+            headers: p.headers,
+        }
     }
 
     #[test]
@@ -290,16 +294,7 @@ mod tests {
             OffsetDateTime::now_utc(),
             "orders.retry".into(),
         );
-        let consumed = Record {
-            topic: p.topic,
-            partition: 0,
-            offset: 1,
-            timestamp_ms: 0,
-            key: p.key,
-            value: p.value,
-            headers: p.headers,
-        };
-        let (original, info) = take_retry(&consumed).expect("a retry record");
+        let (original, info) = take_retry(&consumed(p)).expect("a retry record");
         assert_eq!(info.handler, "h");
         assert_eq!((original.topic.as_str(), original.offset), ("orders", 40));
     }
