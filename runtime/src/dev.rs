@@ -263,7 +263,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
         "\nsummary: {} events final, {} handler calls succeeded, {} outputs published, {} dead letters",
         stats.events_final.load(Ordering::Relaxed),
         stats.handled.load(Ordering::Relaxed),
-        stats.outputs.load(Ordering::Relaxed) - stats.dead_lettered.load(Ordering::Relaxed),
+        stats.outputs.load(Ordering::Relaxed),
         stats.dead_lettered.load(Ordering::Relaxed),
     );
     println!("\nmetrics, as `weir run` serves them on /metrics (excerpt):");

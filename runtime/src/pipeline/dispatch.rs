@@ -113,9 +113,14 @@ impl PartitionWorker {
                     telemetry::consumer_span(record, None, &handler, &versions.join(","), group)
                 });
                 telemetry::fail(&cx, FailureKind::Undecodable.name(), &undecodable.0);
-                warn!(trace_id = %telemetry::trace_id(&cx), topic = %record.topic, partition = record.partition,
-                    offset = record.offset, handler = %handler, reason = %undecodable,
-                    dead_letter_topic = %topic, "undecodable event dead-lettered");
+                let correlation = record
+                    .header_str(envelope::header::CORRELATION_ID)
+                    .unwrap_or_default();
+                warn!(trace_id = %telemetry::trace_id(&cx), handler = %handler, event_id = %position,
+                    correlation_id = %correlation,
+                    causation_id = %record.header_str(envelope::header::CAUSATION_ID).unwrap_or_default(),
+                    topic = %record.topic, partition = record.partition, offset = record.offset,
+                    reason = %undecodable, dead_letter_topic = %topic, "undecodable event dead-lettered");
                 // Counted against the handler whose dead-letter topic takes it.
                 let metrics = self
                     .handlers
@@ -135,9 +140,6 @@ impl PartitionWorker {
                     first_failure: now,
                     last_failure: now,
                 };
-                let correlation = record
-                    .header_str(envelope::header::CORRELATION_ID)
-                    .unwrap_or_default();
                 deliveries.push(self.send_dead_letter(
                     dl,
                     topic,
@@ -207,6 +209,7 @@ impl PartitionWorker {
             if let Some(hop) = &hop {
                 if self.already_done(hop)? {
                     debug!(trace_id = %telemetry::trace_id(&cx), handler = %handler.name, event_id = %event.id,
+                        correlation_id = %event.correlation_id, causation_id = event.causation_id.as_deref().unwrap_or(""),
                         topic = %record.topic, partition = record.partition, offset = record.offset,
                         attempt = consumed_attempt, "retry already scheduled; skipped");
                     telemetry::event(&cx, || ("retry already scheduled", Vec::new()));
@@ -269,6 +272,7 @@ impl PartitionWorker {
                             span,
                             counter: metrics.output_counter(),
                             on_refused,
+                            output: true,
                         });
                     }
                     self.shared.stats.handled.fetch_add(1, Ordering::Relaxed);
@@ -319,6 +323,7 @@ impl PartitionWorker {
                         span,
                         counter: None,
                         on_refused: fallback(final_key, attempt - 1, first_failure),
+                        output: false,
                     });
                     self.shared.stats.retries.fetch_add(1, Ordering::Relaxed);
                     metrics.sent_to_retry(took);
@@ -393,9 +398,11 @@ impl PartitionWorker {
             telemetry::consumer_span(record, None, "", "", &group)
         });
         telemetry::fail(&cx, FailureKind::Undecodable.name(), message);
-        error!(trace_id = %telemetry::trace_id(&cx), handler = "", topic = %record.topic, partition = record.partition,
-            offset = record.offset, reason = message, dead_letter_topic = %topic,
-            "unroutable record dead-lettered");
+        error!(trace_id = %telemetry::trace_id(&cx), handler = "", event_id = %record.position_id(),
+            correlation_id = %record.header_str(envelope::header::CORRELATION_ID).unwrap_or_default(),
+            causation_id = %record.header_str(envelope::header::CAUSATION_ID).unwrap_or_default(),
+            topic = %record.topic, partition = record.partition, offset = record.offset,
+            reason = message, dead_letter_topic = %topic, "unroutable record dead-lettered");
         let now = OffsetDateTime::now_utc();
         let dl = DeadLetter {
             record,
@@ -441,6 +448,7 @@ impl PartitionWorker {
             span,
             counter,
             on_refused: OnRefused::Stop(topic),
+            output: false,
         })
     }
 }

@@ -20,7 +20,7 @@ use tracing::{debug, error, warn};
 use super::source::{partition_key, WeirContext};
 use super::{Shared, TopicPartition};
 use crate::deadletter::DeadLetter;
-use crate::envelope::Record;
+use crate::envelope::{self, Record};
 use crate::failure::FailureKind;
 use crate::handler::LoadedHandler;
 use crate::metrics::HandlerMetrics;
@@ -53,6 +53,9 @@ pub(super) struct Delivery {
     pub(super) counter: Option<IntCounter>,
     /// What a refusal for good means.
     pub(super) on_refused: OnRefused,
+    /// A handler's output (not a retry record or a dead letter), for the
+    /// `outputs` count of the progress line.
+    pub(super) output: bool,
 }
 
 /// What the finalizer does when a record is refused for good.
@@ -187,7 +190,7 @@ impl Finalizer {
                     // ours, and its new owner starts from the last commit.
                     debug!(topic = %self.tp.0, partition = self.tp.1, offset, error = %e, "offset not stored");
                 } else {
-                    warn!(topic = %self.tp.0, partition = self.tp.1, offset, error = %e, "offset not stored");
+                    error!(topic = %self.tp.0, partition = self.tp.1, offset, error = %e, "offset not stored");
                     self.shared.kafka_error("store_offset");
                 }
             }
@@ -211,7 +214,9 @@ impl Finalizer {
             .await
         {
             Acked::Yes => {
-                shared.stats.outputs.fetch_add(1, Ordering::Relaxed);
+                if delivery.output {
+                    shared.stats.outputs.fetch_add(1, Ordering::Relaxed);
+                }
                 if let Some(c) = delivery.counter {
                     c.inc();
                 }
@@ -253,8 +258,13 @@ impl Finalizer {
         let h = &f.handler;
         let topic = h.config_entry.dead_letter_topic_of(&f.record.topic);
         let message = format!("the broker refused a record of this event for good: {reason}");
-        warn!(trace_id = %telemetry::trace_id(&f.cx), handler = %h.name,
-            correlation_id = %f.correlation_id, topic = %f.record.topic,
+        // The event's ids, for the log line (this path is rare: decode again).
+        let (event_id, causation_id) = match envelope::decode(&f.record) {
+            Ok(e) => (e.id, e.causation_id.unwrap_or_default()),
+            Err(_) => (f.record.position_id(), String::new()),
+        };
+        warn!(trace_id = %telemetry::trace_id(&f.cx), handler = %h.name, event_id = %event_id,
+            correlation_id = %f.correlation_id, causation_id = %causation_id, topic = %f.record.topic,
             partition = f.record.partition, offset = f.record.offset,
             reason = %message, dead_letter_topic = %topic, "event dead-lettered: produce failed");
         f.metrics.failed(FailureKind::ProduceFailed, None);
@@ -284,6 +294,7 @@ impl Finalizer {
             span,
             counter: f.metrics.dead_letter_counter(),
             on_refused: OnRefused::Stop(topic),
+            output: false,
         })
     }
 
