@@ -11,10 +11,10 @@ use opentelemetry::{Context as TraceContext, KeyValue};
 use prometheus::IntCounter;
 
 use time::OffsetDateTime;
-use tracing::{debug, error, warn};
 
 use super::finalizer::{Delivery, Fallback, OnRefused, Pending};
 use super::invoke::Verdict;
+use super::observe::{event_log, EventFields};
 use super::worker::PartitionWorker;
 use crate::config::RetryMode;
 use crate::deadletter::{self, DeadLetter};
@@ -116,11 +116,19 @@ impl PartitionWorker {
                 let correlation = record
                     .header_str(envelope::header::CORRELATION_ID)
                     .unwrap_or_default();
-                warn!(trace_id = %telemetry::trace_id(&cx), handler = %handler, event_id = %position,
-                    correlation_id = %correlation,
-                    causation_id = %record.header_str(envelope::header::CAUSATION_ID).unwrap_or_default(),
-                    topic = %record.topic, partition = record.partition, offset = record.offset,
-                    reason = %undecodable, dead_letter_topic = %topic, "undecodable event dead-lettered");
+                let causation = record
+                    .header_str(envelope::header::CAUSATION_ID)
+                    .unwrap_or_default();
+                let fields = EventFields {
+                    cx: &cx,
+                    handler: &handler,
+                    event_id: &position,
+                    correlation_id: &correlation,
+                    causation_id: &causation,
+                    record,
+                };
+                event_log!(warn, fields, reason = %undecodable, dead_letter_topic = %topic,
+                    "undecodable event dead-lettered");
                 // Counted against the handler whose dead-letter topic takes it.
                 let metrics = self
                     .handlers
@@ -192,10 +200,11 @@ impl PartitionWorker {
             let id = replay::dedup_id(&event.id, record, &handler.name);
             let key = dedup::key(&handler.name, &id);
             if dedup_on && self.already_done(&key)? {
-                debug!(trace_id = %telemetry::trace_id(&cx), handler = %handler.name, event_id = %event.id,
-                    correlation_id = %event.correlation_id, causation_id = event.causation_id.as_deref().unwrap_or(""),
-                    topic = %record.topic, partition = record.partition, offset = record.offset,
-                    "duplicate skipped");
+                event_log!(
+                    debug,
+                    EventFields::of(&cx, &handler.name, &event, record),
+                    "duplicate skipped"
+                );
                 telemetry::event(&cx, || ("duplicate skipped", Vec::new()));
                 self.shared.stats.duplicates.fetch_add(1, Ordering::Relaxed);
                 metrics.duplicate();
@@ -208,10 +217,12 @@ impl PartitionWorker {
                 .then(|| dedup::key(&handler.name, &retry_topic::hop_id(&id, consumed_attempt)));
             if let Some(hop) = &hop {
                 if self.already_done(hop)? {
-                    debug!(trace_id = %telemetry::trace_id(&cx), handler = %handler.name, event_id = %event.id,
-                        correlation_id = %event.correlation_id, causation_id = event.causation_id.as_deref().unwrap_or(""),
-                        topic = %record.topic, partition = record.partition, offset = record.offset,
-                        attempt = consumed_attempt, "retry already scheduled; skipped");
+                    event_log!(
+                        debug,
+                        EventFields::of(&cx, &handler.name, &event, record),
+                        attempt = consumed_attempt,
+                        "retry already scheduled; skipped"
+                    );
                     telemetry::event(&cx, || ("retry already scheduled", Vec::new()));
                     continue;
                 }
@@ -249,10 +260,12 @@ impl PartitionWorker {
             }
             match verdict {
                 Verdict::Outputs(outputs) => {
-                    debug!(trace_id = %telemetry::trace_id(&cx), handler = %handler.name, event_id = %event.id,
-                        correlation_id = %event.correlation_id, causation_id = event.causation_id.as_deref().unwrap_or(""),
-                        topic = %record.topic, partition = record.partition, offset = record.offset,
-                        outputs = outputs.len(), "handled");
+                    event_log!(
+                        debug,
+                        EventFields::of(&cx, &handler.name, &event, record),
+                        outputs = outputs.len(),
+                        "handled"
+                    );
                     let on_refused = (!outputs.is_empty())
                         .then(|| fallback(None, consumed_attempt, OffsetDateTime::now_utc()));
                     for mut o in outputs {
@@ -288,9 +301,7 @@ impl PartitionWorker {
                         .config_entry
                         .retry_topic_of(&record.topic)
                         .expect("topic retry mode has a retry topic");
-                    debug!(trace_id = %telemetry::trace_id(&cx), handler = %handler.name, event_id = %event.id,
-                        correlation_id = %event.correlation_id, causation_id = event.causation_id.as_deref().unwrap_or(""),
-                        topic = %record.topic, partition = record.partition, offset = record.offset,
+                    event_log!(debug, EventFields::of(&cx, &handler.name, &event, record),
                         attempt, ?delay, reason = %message, retry_topic = %topic, "sent to the retry topic");
                     telemetry::event(&cx, || {
                         (
@@ -336,11 +347,9 @@ impl PartitionWorker {
                 } => {
                     let topic = handler.config_entry.dead_letter_topic_of(&record.topic);
                     telemetry::fail(&cx, kind.name(), &message);
-                    warn!(trace_id = %telemetry::trace_id(&cx), handler = %handler.name, event_id = %event.id,
-                        correlation_id = %event.correlation_id, causation_id = event.causation_id.as_deref().unwrap_or(""),
-                        topic = %record.topic,
-                        partition = record.partition, offset = record.offset, kind = %kind,
-                        reason = %message, attempts, dead_letter_topic = %topic, "event dead-lettered");
+                    event_log!(warn, EventFields::of(&cx, &handler.name, &event, record),
+                        kind = %kind, reason = %message, attempts, dead_letter_topic = %topic,
+                        "event dead-lettered");
                     metrics.failed(kind, Some(took));
                     let dl = DeadLetter {
                         record,
@@ -398,11 +407,25 @@ impl PartitionWorker {
             telemetry::consumer_span(record, None, "", "", &group)
         });
         telemetry::fail(&cx, FailureKind::Undecodable.name(), message);
-        error!(trace_id = %telemetry::trace_id(&cx), handler = "", event_id = %record.position_id(),
-            correlation_id = %record.header_str(envelope::header::CORRELATION_ID).unwrap_or_default(),
-            causation_id = %record.header_str(envelope::header::CAUSATION_ID).unwrap_or_default(),
-            topic = %record.topic, partition = record.partition, offset = record.offset,
-            reason = message, dead_letter_topic = %topic, "unroutable record dead-lettered");
+        let (position, correlation, causation) = (
+            record.position_id(),
+            record
+                .header_str(envelope::header::CORRELATION_ID)
+                .unwrap_or_default(),
+            record
+                .header_str(envelope::header::CAUSATION_ID)
+                .unwrap_or_default(),
+        );
+        let fields = EventFields {
+            cx: &cx,
+            handler: "",
+            event_id: &position,
+            correlation_id: &correlation,
+            causation_id: &causation,
+            record,
+        };
+        event_log!(error, fields, reason = message, dead_letter_topic = %topic,
+            "unroutable record dead-lettered");
         let now = OffsetDateTime::now_utc();
         let dl = DeadLetter {
             record,

@@ -15,8 +15,9 @@ use prometheus::IntCounter;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
-use tracing::{debug, error, warn};
+use tracing::{debug, error};
 
+use super::observe::{event_log, EventFields};
 use super::source::{partition_key, WeirContext};
 use super::{Shared, TopicPartition};
 use crate::deadletter::DeadLetter;
@@ -263,10 +264,16 @@ impl Finalizer {
             Ok(e) => (e.id, e.causation_id.unwrap_or_default()),
             Err(_) => (f.record.position_id(), String::new()),
         };
-        warn!(trace_id = %telemetry::trace_id(&f.cx), handler = %h.name, event_id = %event_id,
-            correlation_id = %f.correlation_id, causation_id = %causation_id, topic = %f.record.topic,
-            partition = f.record.partition, offset = f.record.offset,
-            reason = %message, dead_letter_topic = %topic, "event dead-lettered: produce failed");
+        let fields = EventFields {
+            cx: &f.cx,
+            handler: &h.name,
+            event_id: &event_id,
+            correlation_id: &f.correlation_id,
+            causation_id: &causation_id,
+            record: &f.record,
+        };
+        event_log!(warn, fields, reason = %message, dead_letter_topic = %topic,
+            "event dead-lettered: produce failed");
         f.metrics.failed(FailureKind::ProduceFailed, None);
         let dl = DeadLetter {
             record: &f.record,

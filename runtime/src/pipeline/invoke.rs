@@ -8,8 +8,8 @@ use opentelemetry::trace::SpanKind;
 use opentelemetry::{Context as TraceContext, KeyValue};
 
 use time::OffsetDateTime;
-use tracing::debug;
 
+use super::observe::{event_log, EventFields};
 use super::worker::{sleep_cancellable, PartitionWorker};
 use crate::config::RetryMode;
 use crate::envelope::{self, Produce, Record};
@@ -167,9 +167,7 @@ impl PartitionWorker {
                             first_failure: failed_at,
                         });
                     }
-                    debug!(trace_id = %trace_id, handler = %handler.name, event_id = %event.id,
-                        correlation_id = %event.correlation_id, causation_id = event.causation_id.as_deref().unwrap_or(""),
-                        topic = %record.topic, partition = record.partition, offset = record.offset,
+                    event_log!(debug, EventFields::of(cx, &handler.name, event, record),
                         attempt, ?delay, reason = %message, "retrying");
                     telemetry::event(cx, || {
                         (

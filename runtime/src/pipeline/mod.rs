@@ -20,6 +20,7 @@ mod commit;
 mod dispatch;
 mod finalizer;
 mod invoke;
+mod observe;
 mod source;
 mod worker;
 
