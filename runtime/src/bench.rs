@@ -1,5 +1,7 @@
 //! `weir bench`: throughput and handling latency against a real broker,
-//! beside a raw librdkafka consume-only baseline over the same topic.
+//! beside two raw librdkafka baselines over the same topic (consume-only,
+//! and a consume→produce passthrough), run first and last; the table gives
+//! each Weir run as a share of its baseline.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -12,8 +14,9 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Message;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 
 use crate::config::{Config, HandlerConfig, KafkaConfig, PipelineConfig};
 use crate::handler::PluginEngine;
@@ -67,6 +70,11 @@ pub async fn run(args: BenchArgs) -> Result<()> {
                     args.partitions,
                     TopicReplication::Fixed(1),
                 ),
+                NewTopic::new(
+                    &format!("{topic}.raw"),
+                    args.partitions,
+                    TopicReplication::Fixed(1),
+                ),
             ],
             &opts,
         )
@@ -85,7 +93,10 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         args.partitions
     );
 
-    let mut runs = vec![baseline(&args.brokers, &topic, args.events).await?];
+    let mut runs = vec![
+        baseline(&args.brokers, &topic, args.events).await?,
+        passthrough(&args.brokers, &topic, args.events).await?,
+    ];
     for discard in [true, false] {
         for dedup in [false, true] {
             runs.push(weir(&args, &topic, &echo, discard, dedup, Observe::Off).await?);
@@ -103,6 +114,11 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     for observe in variants.iter().chain(variants.iter().rev()) {
         runs.push(weir(&args, &topic, &echo, false, true, *observe).await?);
     }
+    // The baselines again, in reverse order: a drift over the run (the
+    // first reader of a fresh topic, the output topics growing) shows in
+    // the two runs of each, and the ratios use their mean.
+    runs.push(passthrough(&args.brokers, &topic, args.events).await?);
+    runs.push(baseline(&args.brokers, &topic, args.events).await?);
 
     println!("\nhandler call cost by metering (no Kafka; µs per call, reused instance):");
     println!("| handler | fuel+epochs | fuel only | epochs only | neither |");
@@ -162,16 +178,41 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         sink.requests.load(Ordering::Relaxed),
         sink.bytes.load(Ordering::Relaxed) / 1024
     );
-    println!("\n| run | events | seconds | events/s | handle p50 µs | handle p99 µs |");
-    println!("|---|---:|---:|---:|---:|---:|");
+    // Ratios to the baselines of this run: a weir run that publishes
+    // against the raw passthrough (the mean of its runs), one that does not
+    // against consume-only.
+    let rate = |r: &Run| r.events as f64 / r.seconds;
+    let mean_of = |prefix: &str| {
+        let rates: Vec<f64> = runs
+            .iter()
+            .filter(|r| r.name.starts_with(prefix))
+            .map(rate)
+            .collect();
+        rates.iter().sum::<f64>() / rates.len().max(1) as f64
+    };
+    let (consume_only, raw) = (mean_of(CONSUME_ONLY), mean_of(PASSTHROUGH));
+    println!(
+        "\n| run | events | seconds | events/s | of baseline | handle p50 µs | handle p99 µs |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|");
     for r in &runs {
         let opt = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
+        let share = if r.name.starts_with("weir") {
+            let (base, what) = if r.name.contains("no outputs") {
+                (consume_only, "consume-only")
+            } else {
+                (raw, "passthrough")
+            };
+            format!("{:.0} % of {what}", 100.0 * rate(r) / base)
+        } else {
+            "-".into()
+        };
         println!(
-            "| {} | {} | {:.2} | {:.0} | {} | {} |",
+            "| {} | {} | {:.2} | {:.0} | {share} | {} | {} |",
             r.name,
             r.events,
             r.seconds,
-            r.events as f64 / r.seconds,
+            rate(r),
             opt(r.p50_us),
             opt(r.p99_us)
         );
@@ -362,6 +403,92 @@ async fn produce(brokers: &str, topic: &str, n: usize) -> Result<()> {
     Ok(())
 }
 
+const CONSUME_ONLY: &str = "librdkafka consume only";
+const PASSTHROUGH: &str = "librdkafka passthrough";
+
+/// A raw consume→produce passthrough with librdkafka: bytes forwarded
+/// unchanged to `<topic>.raw` (idempotent producer, acks=all), each offset
+/// stored once its record is acknowledged, committed every second: the
+/// ceiling for a consumer that publishes what it reads at least once.
+async fn passthrough(brokers: &str, topic: &str, n: usize) -> Result<Run> {
+    let consumer: Arc<StreamConsumer> = Arc::new(
+        ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set(
+                "group.id",
+                format!("bench-passthrough-{}", uuid::Uuid::new_v4().simple()),
+            )
+            .set("auto.offset.reset", "earliest")
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .create()?,
+    );
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .create()?;
+    consumer.subscribe(&[topic])?;
+    let out = format!("{topic}.raw");
+    // Acknowledgements are awaited in order beside the consume loop.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(i32, i64, DeliveryFuture)>(10_000);
+    let acker = {
+        let consumer = consumer.clone();
+        let topic = topic.to_owned();
+        tokio::spawn(async move {
+            let mut last_commit = Instant::now();
+            let mut acked = 0usize;
+            while let Some((partition, offset, ack)) = rx.recv().await {
+                ack.await
+                    .context("producer gone")?
+                    .map_err(|(e, _)| e)
+                    .context("passthrough record not acknowledged")?;
+                consumer.store_offset(&topic, partition, offset)?;
+                acked += 1;
+                if last_commit.elapsed() >= Duration::from_secs(1) {
+                    let _ = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Async);
+                    last_commit = Instant::now();
+                }
+            }
+            anyhow::Ok(acked)
+        })
+    };
+    let started = Instant::now();
+    for _ in 0..n {
+        let m = tokio::time::timeout(Duration::from_secs(60), consumer.recv())
+            .await
+            .context("passthrough consumer stalled")??;
+        let mut record = FutureRecord::to(&out).payload(m.payload().unwrap_or_default());
+        if let Some(k) = m.key() {
+            record = record.key(k);
+        }
+        if let Some(h) = m.headers() {
+            record = record.headers(h.detach());
+        }
+        let ack = loop {
+            match producer.send_result(record) {
+                Ok(ack) => break ack,
+                Err((_, back)) => {
+                    record = back;
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+        };
+        tx.send((m.partition(), m.offset(), ack)).await?;
+    }
+    drop(tx);
+    acker.await??;
+    consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync)?;
+    Ok(Run {
+        name: format!("{PASSTHROUGH} (baseline: bytes unchanged, acks=all, idempotent, commits)"),
+        seconds: started.elapsed().as_secs_f64(),
+        events: n,
+        p50_us: None,
+        p99_us: None,
+    })
+}
+
 /// Consume-only with librdkafka: the ceiling for any consumer on this machine.
 async fn baseline(brokers: &str, topic: &str, n: usize) -> Result<Run> {
     let consumer: StreamConsumer = ClientConfig::new()
@@ -383,7 +510,7 @@ async fn baseline(brokers: &str, topic: &str, n: usize) -> Result<Run> {
         seen += 1;
     }
     Ok(Run {
-        name: "librdkafka consume only (baseline)".into(),
+        name: format!("{CONSUME_ONLY} (baseline)"),
         seconds: started.elapsed().as_secs_f64(),
         events: n,
         p50_us: None,
