@@ -30,6 +30,21 @@ pub fn producer_config(config: &Config) -> ClientConfig {
     c
 }
 
+/// librdkafka's default `message.max.bytes`.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1_000_000;
+
+/// The producer's record size limit: `message.max.bytes` of
+/// `[kafka.producer_options]`, else `[kafka.options]`, else librdkafka's default.
+pub fn max_message_bytes(config: &Config) -> usize {
+    config
+        .kafka
+        .producer_options
+        .get("message.max.bytes")
+        .or(config.kafka.options.get("message.max.bytes"))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(DEFAULT_MAX_MESSAGE_BYTES)
+}
+
 /// Whether the user set `key` in `[kafka.options]` or the client's table.
 fn user_set(config: &Config, specific: &BTreeMap<String, String>, key: &str) -> bool {
     config.kafka.options.contains_key(key) || specific.contains_key(key)

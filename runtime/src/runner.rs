@@ -56,7 +56,7 @@ pub fn settings(
         let text = format!("name = {name:?}\nwasm = \"\"\ntopics = [\"events\"]\n");
         let mut h: HandlerConfig = toml::from_str(&text).expect("a valid handler table");
         h.wasm = wasm.to_path_buf();
-        return Ok((h, DEFAULT_MAX_BYTES));
+        return Ok((h, crate::kafka::DEFAULT_MAX_MESSAGE_BYTES));
     };
     // Validated once this component stands in for the handler: the config
     // may name files that are not built yet.
@@ -87,18 +87,9 @@ pub fn settings(
     config
         .validate()
         .with_context(|| format!("invalid config file {}", path.display()))?;
-    let max_bytes = config
-        .kafka
-        .producer_options
-        .get("message.max.bytes")
-        .or(config.kafka.options.get("message.max.bytes"))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(DEFAULT_MAX_BYTES);
+    let max_bytes = crate::kafka::max_message_bytes(&config);
     Ok((config.handlers.remove(0), max_bytes))
 }
-
-/// librdkafka's default `message.max.bytes`.
-const DEFAULT_MAX_BYTES: usize = 1_000_000;
 
 /// Runs `weir try`; Ok(false) when any event failed.
 pub fn run(args: &TryArgs) -> Result<bool> {

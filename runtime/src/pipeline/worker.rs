@@ -97,14 +97,7 @@ impl PartitionWorker {
                 .collect(),
             // What the finalizer may hold unmarked: its queue and one batch.
             recent: RecentKeys::new(shared.config.pipeline.max_in_flight_per_partition + 1024),
-            max_record_bytes: shared
-                .config
-                .kafka
-                .producer_options
-                .get("message.max.bytes")
-                .or(shared.config.kafka.options.get("message.max.bytes"))
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(1_000_000),
+            max_record_bytes: crate::kafka::max_message_bytes(&shared.config),
             shared,
             cancel,
             throttled: Duration::ZERO,
