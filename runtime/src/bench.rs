@@ -9,14 +9,12 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::Message;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
 use crate::config::{Config, HandlerConfig, KafkaConfig, PipelineConfig};
 use crate::handler::PluginEngine;
@@ -38,6 +36,9 @@ pub struct BenchArgs {
     #[arg(long, default_value = "target/wasm32-wasip2/release")]
     plugins: PathBuf,
 }
+
+mod baselines;
+use baselines::{baseline, passthrough, CONSUME_ONLY, PASSTHROUGH};
 
 struct Run {
     name: String,
@@ -401,121 +402,6 @@ async fn produce(brokers: &str, topic: &str, n: usize) -> Result<()> {
     }
     producer.flush(Duration::from_secs(30))?;
     Ok(())
-}
-
-const CONSUME_ONLY: &str = "librdkafka consume only";
-const PASSTHROUGH: &str = "librdkafka passthrough";
-
-/// A raw consume→produce passthrough with librdkafka: bytes forwarded
-/// unchanged to `<topic>.raw` (idempotent producer, acks=all), each offset
-/// stored once its record is acknowledged, committed every second: the
-/// ceiling for a consumer that publishes what it reads at least once.
-async fn passthrough(brokers: &str, topic: &str, n: usize) -> Result<Run> {
-    let consumer: Arc<StreamConsumer> = Arc::new(
-        ClientConfig::new()
-            .set("bootstrap.servers", brokers)
-            .set(
-                "group.id",
-                format!("bench-passthrough-{}", uuid::Uuid::new_v4().simple()),
-            )
-            .set("auto.offset.reset", "earliest")
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .create()?,
-    );
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("linger.ms", "5")
-        .create()?;
-    consumer.subscribe(&[topic])?;
-    let out = format!("{topic}.raw");
-    // Acknowledgements are awaited in order beside the consume loop.
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<(i32, i64, DeliveryFuture)>(10_000);
-    let acker = {
-        let consumer = consumer.clone();
-        let topic = topic.to_owned();
-        tokio::spawn(async move {
-            let mut last_commit = Instant::now();
-            let mut acked = 0usize;
-            while let Some((partition, offset, ack)) = rx.recv().await {
-                ack.await
-                    .context("producer gone")?
-                    .map_err(|(e, _)| e)
-                    .context("passthrough record not acknowledged")?;
-                consumer.store_offset(&topic, partition, offset)?;
-                acked += 1;
-                if last_commit.elapsed() >= Duration::from_secs(1) {
-                    let _ = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Async);
-                    last_commit = Instant::now();
-                }
-            }
-            anyhow::Ok(acked)
-        })
-    };
-    let started = Instant::now();
-    for _ in 0..n {
-        let m = tokio::time::timeout(Duration::from_secs(60), consumer.recv())
-            .await
-            .context("passthrough consumer stalled")??;
-        let mut record = FutureRecord::to(&out).payload(m.payload().unwrap_or_default());
-        if let Some(k) = m.key() {
-            record = record.key(k);
-        }
-        if let Some(h) = m.headers() {
-            record = record.headers(h.detach());
-        }
-        let ack = loop {
-            match producer.send_result(record) {
-                Ok(ack) => break ack,
-                Err((_, back)) => {
-                    record = back;
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                }
-            }
-        };
-        tx.send((m.partition(), m.offset(), ack)).await?;
-    }
-    drop(tx);
-    acker.await??;
-    consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync)?;
-    Ok(Run {
-        name: format!("{PASSTHROUGH} (baseline: bytes unchanged, acks=all, idempotent, commits)"),
-        seconds: started.elapsed().as_secs_f64(),
-        events: n,
-        p50_us: None,
-        p99_us: None,
-    })
-}
-
-/// Consume-only with librdkafka: the ceiling for any consumer on this machine.
-async fn baseline(brokers: &str, topic: &str, n: usize) -> Result<Run> {
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set(
-            "group.id",
-            format!("bench-baseline-{}", uuid::Uuid::new_v4().simple()),
-        )
-        .set("auto.offset.reset", "earliest")
-        .set("enable.auto.commit", "false")
-        .create()?;
-    consumer.subscribe(&[topic])?;
-    let started = Instant::now();
-    let mut seen = 0;
-    while seen < n {
-        tokio::time::timeout(Duration::from_secs(60), consumer.recv())
-            .await
-            .context("baseline consumer stalled")??;
-        seen += 1;
-    }
-    Ok(Run {
-        name: format!("{CONSUME_ONLY} (baseline)"),
-        seconds: started.elapsed().as_secs_f64(),
-        events: n,
-        p50_us: None,
-        p99_us: None,
-    })
 }
 
 /// What the pipeline reports while it is measured.
