@@ -16,9 +16,9 @@ use rdkafka::config::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
-use crate::config::{Config, HandlerConfig, KafkaConfig, PipelineConfig};
+use crate::config::{Config, HandlerConfig};
 use crate::handler::PluginEngine;
-use crate::pipeline::{self, Stats};
+use crate::pipeline::Stats;
 
 /// Options of `weir bench`.
 #[derive(Debug, clap::Args)]
@@ -35,17 +35,144 @@ pub struct BenchArgs {
     /// Folder with `echo.wasm`.
     #[arg(long, default_value = "target/wasm32-wasip2/release")]
     plugins: PathBuf,
+    /// Rounds: each runs every variant, in the opposite order of the one
+    /// before, so a drift over the run favours none.
+    #[arg(long, default_value_t = 2)]
+    rounds: usize,
+    /// Only the Weir variants whose name contains this text (the baselines
+    /// always run).
+    #[arg(long)]
+    only: Option<String>,
+    /// Seconds of paced load for the end-to-end latency run (0: none).
+    #[arg(long, default_value_t = 5)]
+    latency_secs: u64,
+    /// Events/s of the latency run (default: half of echo's median rate).
+    #[arg(long)]
+    latency_rate: Option<f64>,
 }
 
 mod baselines;
-use baselines::{baseline, passthrough, CONSUME_ONLY, PASSTHROUGH};
+mod latency;
+use baselines::{baseline, passthrough};
 
+/// One measured run.
 struct Run {
-    name: String,
     seconds: f64,
+    /// CPU time of this process (all threads) during the run, set by the caller.
+    cpu_seconds: f64,
     events: usize,
     p50_us: Option<u64>,
     p99_us: Option<u64>,
+}
+
+impl Run {
+    fn rate(&self) -> f64 {
+        self.events as f64 / self.seconds
+    }
+
+    fn cpu_us_per_event(&self) -> f64 {
+        self.cpu_seconds * 1e6 / self.events as f64
+    }
+}
+
+/// User and system CPU time of this process so far, from `/proc/self/stat`
+/// (0 where there is none).
+fn process_cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    // Fields after the command name (which may hold spaces): utime is the
+    // 12th, stime the 13th, in clock ticks (100 per second on Linux).
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// What one run of the benchmark consumes the topic with.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Variant {
+    ConsumeOnly,
+    Passthrough,
+    /// `weir run` with the echo handler, from a config file.
+    Weir {
+        outputs: bool,
+        dedup: bool,
+        metrics: bool,
+        spans: Option<f64>,
+    },
+}
+
+/// `weir run`'s defaults: idempotency and metrics on, no span exporter.
+const ECHO: Variant = Variant::Weir {
+    outputs: true,
+    dedup: true,
+    metrics: true,
+    spans: None,
+};
+
+impl Variant {
+    fn all() -> Vec<Variant> {
+        let weir = |outputs, dedup, metrics, spans| Variant::Weir {
+            outputs,
+            dedup,
+            metrics,
+            spans,
+        };
+        vec![
+            Variant::ConsumeOnly,
+            Variant::Passthrough,
+            weir(false, true, true, None),
+            weir(false, false, true, None),
+            ECHO,
+            weir(true, false, true, None),
+            weir(true, true, false, None),
+            weir(true, true, true, Some(0.1)),
+            weir(true, true, true, Some(1.0)),
+        ]
+    }
+
+    fn name(&self) -> String {
+        match *self {
+            Variant::ConsumeOnly => "librdkafka consume only".into(),
+            Variant::Passthrough => {
+                "librdkafka passthrough (bytes unchanged, acks=all, idempotent, commits)".into()
+            }
+            Variant::Weir {
+                outputs,
+                dedup,
+                metrics,
+                spans,
+            } => {
+                let mut name = if outputs {
+                    "weir, echo (one output per event)".to_string()
+                } else {
+                    "weir, trivial handler (no outputs)".to_string()
+                };
+                if !dedup {
+                    name += ", idempotency off";
+                }
+                if !metrics {
+                    name += ", metrics off";
+                }
+                if let Some(ratio) = spans {
+                    name += &format!(", spans sampled at {ratio}");
+                }
+                name
+            }
+        }
+    }
+
+    /// The baseline a Weir run is a share of.
+    fn baseline(&self) -> Option<Variant> {
+        match self {
+            Variant::Weir { outputs: true, .. } => Some(Variant::Passthrough),
+            Variant::Weir { outputs: false, .. } => Some(Variant::ConsumeOnly),
+            _ => None,
+        }
+    }
 }
 
 /// Runs the benchmark and prints a table.
@@ -58,31 +185,16 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         );
     }
     let topic = format!("bench-{}", uuid::Uuid::new_v4().simple());
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", &args.brokers)
-        .create()?;
-    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-    for r in admin
-        .create_topics(
-            &[
-                NewTopic::new(&topic, args.partitions, TopicReplication::Fixed(1)),
-                NewTopic::new(
-                    &format!("{topic}.out"),
-                    args.partitions,
-                    TopicReplication::Fixed(1),
-                ),
-                NewTopic::new(
-                    &format!("{topic}.raw"),
-                    args.partitions,
-                    TopicReplication::Fixed(1),
-                ),
-            ],
-            &opts,
-        )
-        .await?
-    {
-        r.map_err(|(t, e)| anyhow::anyhow!("cannot create {t}: {e}"))?;
-    }
+    create_topics(
+        &args.brokers,
+        &[
+            (topic.clone(), args.partitions),
+            (format!("{topic}.out"), args.partitions),
+            (format!("{topic}.raw"), args.partitions),
+        ],
+        &[],
+    )
+    .await?;
 
     let started = Instant::now();
     produce(&args.brokers, &topic, args.events).await?;
@@ -94,32 +206,84 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         args.partitions
     );
 
-    let mut runs = vec![
-        baseline(&args.brokers, &topic, args.events).await?,
-        passthrough(&args.brokers, &topic, args.events).await?,
-    ];
-    for discard in [true, false] {
-        for dedup in [false, true] {
-            runs.push(weir(&args, &topic, &echo, discard, dedup, Observe::Off).await?);
+    let sink = OtlpSink::start().await?;
+    let variants: Vec<Variant> = Variant::all()
+        .into_iter()
+        .filter(|v| {
+            v.baseline().is_none()
+                || args
+                    .only
+                    .as_ref()
+                    .is_none_or(|o| v.name().contains(o.as_str()))
+        })
+        .collect();
+    // Every round runs every variant; odd rounds in reverse order.
+    let mut runs: Vec<(usize, Variant, Run)> = Vec::new();
+    for round in 0..args.rounds.max(1) {
+        let order: Vec<Variant> = if round % 2 == 0 {
+            variants.clone()
+        } else {
+            variants.iter().rev().copied().collect()
+        };
+        for v in order {
+            let cpu = process_cpu_seconds();
+            let mut run = match v {
+                Variant::ConsumeOnly => baseline(&args.brokers, &topic, args.events).await?,
+                Variant::Passthrough => passthrough(&args.brokers, &topic, args.events).await?,
+                Variant::Weir { .. } => weir(&args, &topic, &echo, v, &sink).await?,
+            };
+            run.cpu_seconds = process_cpu_seconds() - cpu;
+            eprintln!(
+                "round {}: {} {:.0} events/s, {:.1} µs of CPU per event",
+                round + 1,
+                v.name(),
+                run.rate(),
+                run.cpu_us_per_event()
+            );
+            runs.push((round, v, run));
         }
     }
-    let sink = OtlpSink::start().await?;
-    // Observability on and off, in an order and its reverse, so that a
-    // drift over the runs (the output topic grows) does not favour one.
-    let variants = [
-        Observe::Off,
-        Observe::Metrics,
-        Observe::Traces(&sink, 0.1),
-        Observe::Traces(&sink, 1.0),
-    ];
-    for observe in variants.iter().chain(variants.iter().rev()) {
-        runs.push(weir(&args, &topic, &echo, false, true, *observe).await?);
+    print_runs(&variants, &runs);
+
+    let rate_of = |round: usize, v: Variant| {
+        runs.iter()
+            .find(|(r, w, _)| *r == round && *w == v)
+            .map(|(_, _, run)| run.rate())
+    };
+    let rounds = args.rounds.max(1);
+    for (what, on) in [("echo", true), ("trivial handler", false)] {
+        let off = Variant::Weir {
+            outputs: on,
+            dedup: false,
+            metrics: true,
+            spans: None,
+        };
+        let with = Variant::Weir {
+            outputs: on,
+            dedup: true,
+            metrics: true,
+            spans: None,
+        };
+        let costs: Vec<f64> = (0..rounds)
+            .filter_map(|r| Some(100.0 * (1.0 - rate_of(r, with)? / rate_of(r, off)?)))
+            .collect();
+        if let Some((lo, hi)) = range(&costs) {
+            println!(
+                "idempotency cost, {what} (1 - on/off, each round): {lo:.1} % to {hi:.1} % over {} rounds",
+                costs.len()
+            );
+        }
     }
-    // The baselines again, in reverse order: a drift over the run (the
-    // first reader of a fresh topic, the output topics growing) shows in
-    // the two runs of each, and the ratios use their mean.
-    runs.push(passthrough(&args.brokers, &topic, args.events).await?);
-    runs.push(baseline(&args.brokers, &topic, args.events).await?);
+
+    if args.latency_secs > 0 && variants.contains(&ECHO) {
+        let rates: Vec<f64> = runs
+            .iter()
+            .filter(|(_, v, _)| *v == ECHO)
+            .map(|(_, _, r)| r.rate())
+            .collect();
+        let rate = args.latency_rate.unwrap_or(median(&rates) / 2.0);
+        latency::run(&args, &echo, rate).await?;
+    }
 
     println!("\nhandler call cost by metering (no Kafka; µs per call, reused instance):");
     println!("| handler | fuel+epochs | fuel only | epochs only | neither |");
@@ -179,44 +343,101 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         sink.requests.load(Ordering::Relaxed),
         sink.bytes.load(Ordering::Relaxed) / 1024
     );
-    // Ratios to the baselines of this run: a weir run that publishes
-    // against the raw passthrough (the mean of its runs), one that does not
-    // against consume-only.
-    let rate = |r: &Run| r.events as f64 / r.seconds;
-    let mean_of = |prefix: &str| {
-        let rates: Vec<f64> = runs
-            .iter()
-            .filter(|r| r.name.starts_with(prefix))
-            .map(rate)
-            .collect();
-        rates.iter().sum::<f64>() / rates.len().max(1) as f64
-    };
-    let (consume_only, raw) = (mean_of(CONSUME_ONLY), mean_of(PASSTHROUGH));
+    Ok(())
+}
+
+/// The table of runs: per variant the range of events/s over the rounds
+/// and, for Weir, the range of its share of the same round's baseline.
+fn print_runs(variants: &[Variant], runs: &[(usize, Variant, Run)]) {
     println!(
-        "\n| run | events | seconds | events/s | of baseline | handle p50 µs | handle p99 µs |"
+        "\n| run | rounds | events/s (min-max) | median | share of its baseline (each round) | CPU µs/event (this process) | handle p50 µs | handle p99 µs |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|");
-    for r in &runs {
-        let opt = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
-        let share = if r.name.starts_with("weir") {
-            let (base, what) = if r.name.contains("no outputs") {
-                (consume_only, "consume-only")
-            } else {
-                (raw, "passthrough")
-            };
-            format!("{:.0} % of {what}", 100.0 * rate(r) / base)
-        } else {
-            "-".into()
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    for v in variants {
+        let mine: Vec<&(usize, Variant, Run)> = runs.iter().filter(|(_, w, _)| w == v).collect();
+        let rates: Vec<f64> = mine.iter().map(|(_, _, r)| r.rate()).collect();
+        let Some((lo, hi)) = range(&rates) else {
+            continue;
         };
+        let shares: Vec<f64> = mine
+            .iter()
+            .filter_map(|(round, _, r)| {
+                let base = v.baseline()?;
+                let b = runs.iter().find(|(r2, w, _)| r2 == round && *w == base)?;
+                Some(100.0 * r.rate() / b.2.rate())
+            })
+            .collect();
+        let share = range(&shares).map_or("-".into(), |(a, b)| {
+            format!(
+                "{a:.0}-{b:.0} % of {}",
+                if matches!(v.baseline(), Some(Variant::Passthrough)) {
+                    "passthrough"
+                } else {
+                    "consume-only"
+                }
+            )
+        });
+        let pct = |f: fn(&Run) -> Option<u64>| {
+            let v: Vec<f64> = mine
+                .iter()
+                .filter_map(|(_, _, r)| f(r).map(|x| x as f64))
+                .collect();
+            if v.is_empty() {
+                "-".to_string()
+            } else {
+                format!("{:.0}", median(&v))
+            }
+        };
+        let cpu: Vec<f64> = mine.iter().map(|(_, _, r)| r.cpu_us_per_event()).collect();
         println!(
-            "| {} | {} | {:.2} | {:.0} | {share} | {} | {} |",
-            r.name,
-            r.events,
-            r.seconds,
-            rate(r),
-            opt(r.p50_us),
-            opt(r.p99_us)
+            "| {} | {} | {lo:.0}-{hi:.0} | {:.0} | {share} | {:.1} | {} | {} |",
+            v.name(),
+            mine.len(),
+            median(&rates),
+            median(&cpu),
+            pct(|r| r.p50_us),
+            pct(|r| r.p99_us),
         );
+    }
+}
+
+fn range(v: &[f64]) -> Option<(f64, f64)> {
+    let lo = v.iter().copied().reduce(f64::min)?;
+    let hi = v.iter().copied().reduce(f64::max)?;
+    Some((lo, hi))
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// Creates topics (name, partitions) with the given topic configs.
+async fn create_topics(
+    brokers: &str,
+    topics: &[(String, i32)],
+    configs: &[(&str, &str)],
+) -> Result<()> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()?;
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let new: Vec<NewTopic> = topics
+        .iter()
+        .map(|(t, p)| {
+            configs.iter().fold(
+                NewTopic::new(t, *p, TopicReplication::Fixed(1)),
+                |n, (k, v)| n.set(k, v),
+            )
+        })
+        .collect();
+    for r in admin.create_topics(&new, &opts).await? {
+        r.map_err(|(t, e)| anyhow::anyhow!("cannot create {t}: {e}"))?;
     }
     Ok(())
 }
@@ -404,17 +625,6 @@ async fn produce(brokers: &str, topic: &str, n: usize) -> Result<()> {
     Ok(())
 }
 
-/// What the pipeline reports while it is measured.
-#[derive(Clone, Copy)]
-enum Observe<'a> {
-    /// No metrics, no spans (context is still propagated).
-    Off,
-    /// Prometheus metrics recorded (the default of `weir run`).
-    Metrics,
-    /// Metrics, and spans sampled at a ratio exported to an OTLP receiver.
-    Traces(&'a OtlpSink, f64),
-}
-
 /// An OTLP/HTTP receiver that counts and discards what it gets.
 struct OtlpSink {
     url: String,
@@ -449,86 +659,74 @@ impl OtlpSink {
     }
 }
 
-/// The full pipeline with the echo handler: `discard` makes it trivial
-/// (no outputs); otherwise every event publishes one output.
+/// A `weir run` config for the echo handler on `topic`, written to a file
+/// in `dir` and read back the way `weir run` reads it.
+fn echo_config(
+    brokers: &str,
+    topic: &str,
+    echo: &std::path::Path,
+    v: Variant,
+    otlp: &str,
+    dir: &std::path::Path,
+) -> Result<Config> {
+    let Variant::Weir {
+        outputs,
+        dedup,
+        metrics,
+        spans,
+    } = v
+    else {
+        bail!("not a Weir variant");
+    };
+    let mut text = format!(
+        "[kafka]\nbrokers = {brokers:?}\ngroup_id = \"bench-weir-{}\"\nauto_offset_reset = \"earliest\"\n\n\
+         [idempotency]\nenabled = {dedup}\npath = \"idempotency\"\n\n\
+         [metrics]\nenabled = {metrics}\nlisten = \"127.0.0.1:0\"\n\n",
+        uuid::Uuid::new_v4().simple()
+    );
+    if let Some(ratio) = spans {
+        text += &format!("[tracing]\notlp_endpoint = {otlp:?}\nsample_ratio = {ratio}\n\n");
+    }
+    text += &format!(
+        "[[handler]]\nname = \"echo\"\nwasm = {:?}\ntopics = [{topic:?}]\n\n\
+         [handler.config]\ndiscard = \"{}\"\noutput_topic = \"{topic}.out\"\n",
+        echo.display().to_string(),
+        !outputs
+    );
+    if let Ok(extra) = std::env::var("WEIR_BENCH_EXTRA") {
+        text = extra.replace("\\n", "\n") + "\n" + &text;
+    }
+    let path = dir.join("weir.toml");
+    std::fs::write(&path, text)?;
+    Config::load(&path)
+}
+
+/// `weir run` from a config file (what `weir run --config` runs, metrics
+/// endpoint and on-disk store included) until every event is final.
 async fn weir(
     args: &BenchArgs,
     topic: &str,
     echo: &std::path::Path,
-    discard: bool,
-    dedup: bool,
-    observe: Observe<'_>,
+    v: Variant,
+    sink: &OtlpSink,
 ) -> Result<Run> {
-    let mut handler: HandlerConfig = toml::from_str(&format!(
-        "name = \"echo\"\nwasm = {:?}\ntopics = [{topic:?}]\n",
-        echo.display().to_string()
-    ))?;
-    handler.config = BTreeMap::from([
-        ("discard".to_string(), discard.to_string()),
-        ("output_topic".to_string(), format!("{topic}.out")),
-    ]);
-    let config = Config {
-        kafka: KafkaConfig {
-            brokers: args.brokers.clone(),
-            group_id: format!("bench-weir-{}", uuid::Uuid::new_v4().simple()),
-            options: BTreeMap::new(),
-            consumer_options: BTreeMap::new(),
-            producer_options: BTreeMap::new(),
-            auto_offset_reset: "earliest".into(),
-        },
-        pipeline: PipelineConfig::default(),
-        idempotency: Default::default(),
-        tracing: crate::config::TracingConfig {
-            otlp_endpoint: match observe {
-                Observe::Traces(sink, _) => Some(sink.url.clone()),
-                _ => None,
-            },
-            sample_ratio: match observe {
-                Observe::Traces(_, ratio) => ratio,
-                _ => 1.0,
-            },
-            ..Default::default()
-        },
-        metrics: crate::config::MetricsConfig {
-            enabled: !matches!(observe, Observe::Off),
-            ..Default::default()
-        },
-        handlers: vec![handler],
-    };
-    let tracing = Arc::new(crate::telemetry::Tracing::from_config(&config.tracing)?);
-    let obs = pipeline::Observability {
-        tracing: tracing.clone(),
-        metrics: config
-            .metrics
-            .enabled
-            .then(|| Arc::new(crate::metrics::Metrics::new())),
-        health: Default::default(),
-    };
-    let engine = PluginEngine::new()?;
-    let handlers = crate::load_handlers(&engine, &config)?;
+    let dir = tempfile::tempdir()?;
+    let config = echo_config(&args.brokers, topic, echo, v, &sink.url, dir.path())?;
     let stats = Arc::new(Stats {
         handle_micros: Some(Mutex::new(hdrhistogram::Histogram::new(3)?)),
         ..Stats::default()
     });
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let started = Instant::now();
-    let store = if dedup {
-        let dir = tempfile::tempdir()?;
-        let store = crate::dedup::Dedup::open(dir.path(), Duration::from_secs(3600))?;
-        Some((Arc::new(store), dir))
-    } else {
-        None
+    let task = {
+        let stats = stats.clone();
+        let runtime = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || {
+            crate::service::run(&runtime, config, stats, async {
+                let _ = stop_rx.await;
+            })
+        })
     };
-    let task = tokio::spawn(pipeline::run(
-        config,
-        handlers,
-        store.as_ref().map(|d| d.0.clone()),
-        stats.clone(),
-        obs,
-        async {
-            let _ = stop_rx.await;
-        },
-    ));
     let n = args.events as u64;
     while stats.events_final.load(Ordering::Relaxed) < n {
         if task.is_finished() || started.elapsed() > Duration::from_secs(600) {
@@ -539,7 +737,6 @@ async fn weir(
     let seconds = started.elapsed().as_secs_f64();
     let _ = stop_tx.send(());
     task.await??;
-    tokio::task::spawn_blocking(move || tracing.shutdown()).await?;
     let hist = stats
         .handle_micros
         .as_ref()
@@ -548,22 +745,8 @@ async fn weir(
         .unwrap()
         .clone();
     Ok(Run {
-        name: format!(
-            "{}{}",
-            match (discard, dedup) {
-                (true, false) => "weir, trivial handler (no outputs), dedup off",
-                (true, true) => "weir, trivial handler (no outputs), dedup on",
-                (false, false) => "weir, echo handler (one output per event), dedup off",
-                (false, true) => "weir, echo handler (one output per event), dedup on",
-            },
-            match observe {
-                Observe::Off if !discard && dedup => ", metrics off, spans off".into(),
-                Observe::Off => String::new(),
-                Observe::Metrics => ", metrics on".into(),
-                Observe::Traces(_, ratio) => format!(", metrics on, spans sampled at {ratio}"),
-            }
-        ),
         seconds,
+        cpu_seconds: 0.0,
         events: args.events,
         p50_us: Some(hist.value_at_quantile(0.5)),
         p99_us: Some(hist.value_at_quantile(0.99)),

@@ -223,9 +223,12 @@ pub fn decode(record: &Record) -> Result<Event, Undecodable> {
     };
     let (envelope, payload) = match encoding {
         Encoding::Json => {
-            let env: InEnvelope<serde_json::Value> = serde_json::from_slice(&record.value)
-                .map_err(|e| Undecodable(format!("malformed JSON envelope: {e}")))?;
-            let payload = serde_json::to_vec(&env.payload).expect("a JSON value serialises");
+            // The payload is passed on as it came, not parsed into a tree
+            // and written out again.
+            let env: InEnvelope<&serde_json::value::RawValue> =
+                serde_json::from_slice(&record.value)
+                    .map_err(|e| Undecodable(format!("malformed JSON envelope: {e}")))?;
+            let payload = env.payload.get().as_bytes().to_vec();
             (strip(env), payload)
         }
         Encoding::MsgPack => {
@@ -279,9 +282,12 @@ fn strip<P>(env: InEnvelope<P>) -> InEnvelope<()> {
     }
 }
 
-/// A fresh event or correlation id.
+/// A fresh event or correlation id: a random (version 4) UUID from the
+/// thread's generator, seeded once from the OS (no system call per id).
 pub fn new_id() -> String {
-    uuid::Uuid::new_v4().to_string()
+    uuid::Builder::from_random_bytes(rand::random())
+        .into_uuid()
+        .to_string()
 }
 
 /// What a handler asked to publish (the runtime's side of the WIT `output`).
@@ -339,8 +345,10 @@ pub fn encode_output(output: Output, parent: &Event, max_bytes: usize) -> Result
             };
             match encoding {
                 Encoding::Json => {
-                    let payload: serde_json::Value = serde_json::from_slice(&output.payload)
-                        .map_err(|e| format!("output payload is not JSON: {e}"))?;
+                    // Checked, and written into the envelope as it is.
+                    let payload: &serde_json::value::RawValue =
+                        serde_json::from_slice(&output.payload)
+                            .map_err(|e| format!("output payload is not JSON: {e}"))?;
                     serde_json::to_vec(&head.with(payload)).expect("a JSON value serialises")
                 }
                 Encoding::MsgPack => {

@@ -24,6 +24,7 @@ pub mod retry_topic;
 pub mod runner;
 pub mod samples;
 pub mod scaffold;
+pub mod service;
 pub mod telemetry;
 
 use std::sync::Arc;

@@ -7,9 +7,10 @@ use tracing::info;
 
 use weir::config::Config;
 use weir::handler::PluginEngine;
-use weir::metrics::{Health, Metrics};
-use weir::pipeline::{self, Observability, Stats};
-use weir::telemetry::Tracing;
+use weir::pipeline::Stats;
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Runs sandboxed WebAssembly event handlers on Kafka.
 #[derive(Parser)]
@@ -124,45 +125,12 @@ fn real_main(cli: Cli) -> Result<()> {
         }
         Command::Run { config } => {
             let config = Config::load(&config)?;
-            // The exporter's HTTP client is made outside the async runtime.
-            let tracing = Arc::new(Tracing::from_config(&config.tracing)?);
-            let obs = Observability {
-                tracing: tracing.clone(),
-                metrics: config.metrics.enabled.then(|| Arc::new(Metrics::new())),
-                health: Arc::new(Health::default()),
-            };
-            // Health is served while the handlers compile (not ready yet).
-            if let Some(metrics) = &obs.metrics {
-                runtime.block_on(weir::metrics::serve(
-                    &config.metrics.listen,
-                    metrics.clone(),
-                    obs.health.clone(),
-                ))?;
-            }
-            let engine = PluginEngine::new()?;
-            let handlers = weir::load_handlers(&engine, &config)?;
-            obs.health
-                .handlers_loaded
-                .store(true, std::sync::atomic::Ordering::Relaxed);
-            for h in &handlers {
-                info!(handler = %h.name, version = %h.version, topics = ?h.topics(), "handler loaded");
-            }
-            let dedup = weir::open_dedup(&config)?;
-            let stats = Arc::new(Stats::default());
-            let result = runtime.block_on(async move {
-                tokio::spawn(pipeline::run(
-                    config,
-                    handlers,
-                    dedup,
-                    stats,
-                    obs,
-                    shutdown_signal(),
-                ))
-                .await
-                .context("the pipeline task failed")?
-            });
-            tracing.shutdown();
-            result
+            weir::service::run(
+                runtime.handle(),
+                config,
+                Arc::new(Stats::default()),
+                shutdown_signal(),
+            )
         }
         Command::Idempotency {
             command: IdempotencyCommand::List { config },

@@ -11,6 +11,7 @@
 //! small records that shared a batch with a large one are refused with it.
 //! A fatal producer error halts the runtime.
 
+use futures::FutureExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -270,12 +271,19 @@ impl Publisher {
         let mut backoff = Duration::from_millis(100);
         let mut sent_alone = false;
         loop {
-            let outcome = loop {
-                tokio::select! {
-                    r = &mut delivery => break r,
-                    _ = tokio::time::sleep(Duration::from_millis(100)) => {
-                        if cancel.load(Ordering::SeqCst) || self.halt.reason().is_some() {
-                            return gave_up(span);
+            // Most acknowledgements have come by the time they are awaited:
+            // no timer for those.
+            let ready = (&mut delivery).now_or_never();
+            let outcome = if let Some(r) = ready {
+                r
+            } else {
+                loop {
+                    tokio::select! {
+                        r = &mut delivery => break r,
+                        _ = tokio::time::sleep(Duration::from_millis(100)) => {
+                            if cancel.load(Ordering::SeqCst) || self.halt.reason().is_some() {
+                                return gave_up(span);
+                            }
                         }
                     }
                 }

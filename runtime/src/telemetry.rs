@@ -145,6 +145,13 @@ impl Tracing {
                 .iter()
                 .any(|n| k.eq_ignore_ascii_case(n))
         });
+        // Nothing to write without a span or baggage (the common case
+        // when the event came without a trace and spans are off).
+        if !opentelemetry::trace::TraceContextExt::has_active_span(cx)
+            && opentelemetry::baggage::BaggageExt::baggage(cx).is_empty()
+        {
+            return;
+        }
         self.propagator
             .inject_context(cx, &mut HeaderInjector(headers));
     }

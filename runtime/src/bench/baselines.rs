@@ -27,9 +27,6 @@ fn reader(brokers: &str, what: &str) -> ClientConfig {
     c
 }
 
-pub(super) const CONSUME_ONLY: &str = "librdkafka consume only";
-pub(super) const PASSTHROUGH: &str = "librdkafka passthrough";
-
 /// A raw consume→produce passthrough with librdkafka: bytes forwarded
 /// unchanged to `<topic>.raw` (idempotent producer, acks=all), each offset
 /// stored once its record is acknowledged, committed every second: the
@@ -98,8 +95,8 @@ pub(super) async fn passthrough(brokers: &str, topic: &str, n: usize) -> Result<
     acker.await??;
     consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync)?;
     Ok(Run {
-        name: format!("{PASSTHROUGH} (baseline: bytes unchanged, acks=all, idempotent, commits)"),
         seconds: started.elapsed().as_secs_f64(),
+        cpu_seconds: 0.0,
         events: n,
         p50_us: None,
         p99_us: None,
@@ -119,8 +116,8 @@ pub(super) async fn baseline(brokers: &str, topic: &str, n: usize) -> Result<Run
         seen += 1;
     }
     Ok(Run {
-        name: format!("{CONSUME_ONLY} (baseline)"),
         seconds: started.elapsed().as_secs_f64(),
+        cpu_seconds: 0.0,
         events: n,
         p50_us: None,
         p99_us: None,

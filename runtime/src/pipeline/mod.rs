@@ -31,6 +31,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
+use futures::FutureExt;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info};
@@ -158,6 +159,15 @@ impl Shared {
     }
 }
 
+/// Events of a partition handled and waiting for their records'
+/// acknowledgements, at most. Their records are in the producer's queue,
+/// which bounds their memory (`queue.buffering.max.kbytes`); this bound
+/// only has to cover the time an acknowledgement takes at full speed.
+const AWAITING_ACKS: usize = 8192;
+
+/// Records handed to the workers at most in one pass of the poll loop.
+const BURST: usize = 256;
+
 /// Runs the pipeline until `shutdown` resolves, then drains and commits.
 pub async fn run(
     config: Config,
@@ -240,13 +250,26 @@ pub async fn run(
         tokio::select! {
             _ = &mut shutdown => break,
             _ = halted.changed() => break,
-            msg = consumer.recv() => match msg {
-                Ok(msg) => hand_over(&shared, &consumer, &workers, Record::from_message(&msg)),
-                Err(e) => {
-                    error!(error = %e, "consumer error");
-                    shared.kafka_error("consume");
+            msg = consumer.recv() => {
+                // The records already fetched are taken in one go: one
+                // lock of the workers' map and one pass of this loop for
+                // a burst, not one per record.
+                let mut burst = Vec::with_capacity(BURST);
+                let mut next = Some(msg);
+                while let Some(msg) = next.take() {
+                    match msg {
+                        Ok(msg) => burst.push(Record::from_message(&msg)),
+                        Err(e) => {
+                            error!(error = %e, "consumer error");
+                            shared.kafka_error("consume");
+                        }
+                    }
+                    if burst.len() < BURST {
+                        next = consumer.recv().now_or_never();
+                    }
                 }
-            },
+                hand_over(&shared, &consumer, &workers, burst);
+            }
             _ = resume_tick.tick() => unpark(&consumer, &workers, &shared),
             _ = stats_tick.tick() => shared.stats.log_progress(),
         }
@@ -295,7 +318,7 @@ fn spawn_worker(
 ) -> Worker {
     let capacity = shared.config.pipeline.max_in_flight_per_partition;
     let (tx, rx) = mpsc::channel::<Record>(capacity);
-    let (pending_tx, pending_rx) = mpsc::channel::<Step>(capacity);
+    let (pending_tx, pending_rx) = mpsc::channel::<Step>(AWAITING_ACKS);
     let (done_tx, done_rx) = watch::channel(false);
     let cancel = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));

@@ -225,16 +225,28 @@ pub(super) fn tpl_of(tp: &TopicPartition) -> TopicPartitionList {
     tpl
 }
 
-/// Hands a record to its partition's worker; parks it and pauses the
-/// partition when the worker is full.
+/// Hands records to their partitions' workers; parks those a full worker
+/// cannot take and pauses their partition.
 pub(super) fn hand_over(
     shared: &Arc<Shared>,
     consumer: &Arc<StreamConsumer<WeirContext>>,
     workers: &Workers,
+    records: Vec<Record>,
+) {
+    let mut map = workers.map.lock().unwrap();
+    for record in records {
+        hand_over_one(shared, consumer, workers, &mut map, record);
+    }
+}
+
+fn hand_over_one(
+    shared: &Arc<Shared>,
+    consumer: &Arc<StreamConsumer<WeirContext>>,
+    workers: &Workers,
+    map: &mut HashMap<TopicPartition, Worker>,
     record: Record,
 ) {
     let tp = (record.topic.clone(), record.partition);
-    let mut map = workers.map.lock().unwrap();
     let w = map
         .entry(tp.clone())
         .or_insert_with(|| spawn_worker(shared.clone(), consumer, &tp, record.offset));
@@ -301,15 +313,19 @@ pub(super) fn over_total(was_over: bool, queued: usize, max_total: usize) -> boo
     }
 }
 
-/// Whether a paused partition may resume: nothing held back and at least
-/// half its worker's queue free.
-pub(super) fn may_resume(parked: usize, free: usize, capacity: usize) -> bool {
-    parked == 0 && free * 2 >= capacity
+/// Whether a partition paused for the held records' budget may resume:
+/// once the records held over all partitions are under half the budget.
+/// Its own held records still go first, so the order is kept; resuming
+/// before they are all handed over keeps its worker fed while librdkafka
+/// fetches again (a pause drops librdkafka's prefetch of the partition).
+pub(super) fn may_resume(parked_bytes: usize, budget: usize) -> bool {
+    parked_bytes * 2 < budget
 }
 
 /// Moves parked records into workers with room, resuming drained partitions.
 pub(super) fn unpark(consumer: &StreamConsumer<WeirContext>, workers: &Workers, shared: &Shared) {
     let stats = &shared.stats;
+    let budget = shared.config.pipeline.prefetch_kbytes as usize * 1024;
     let max_total = shared.config.pipeline.max_in_flight_total;
     let mut map = workers.map.lock().unwrap();
     if let Some(m) = &shared.obs.metrics {
@@ -358,8 +374,8 @@ pub(super) fn unpark(consumer: &StreamConsumer<WeirContext>, workers: &Workers, 
                 }
             }
         }
-        // Resume once half the queue is free, so a partition does not flap.
-        if w.paused && may_resume(w.parked.len(), tx.capacity(), tx.max_capacity()) {
+        // Resume at half the budget, so a partition does not flap.
+        if w.paused && may_resume(workers.parked_bytes.load(Ordering::Relaxed), budget) {
             match consumer.resume(&tpl_of(tp)) {
                 Ok(()) => {
                     w.paused = false;
@@ -388,10 +404,11 @@ mod tests {
     }
 
     #[test]
-    pub(super) fn a_partition_resumes_only_with_nothing_held_and_half_its_queue_free() {
-        assert!(!may_resume(1, 1000, 1000), "records still held");
-        assert!(!may_resume(0, 499, 1000));
-        assert!(may_resume(0, 500, 1000));
+    pub(super) fn a_partition_resumes_once_the_records_held_are_under_half_the_budget() {
+        assert!(!may_resume(1000, 1000), "still at the budget");
+        assert!(!may_resume(500, 1000));
+        assert!(may_resume(499, 1000));
+        assert!(may_resume(0, 1000));
     }
 
     /// A worker as `drain` sees it, whose finalizer is done or never ends.

@@ -3,6 +3,7 @@
 //! handlers and hands what they produced to the finalizer.
 
 use std::collections::VecDeque;
+use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -36,12 +37,14 @@ pub(super) struct PartitionWorker {
 }
 
 /// A bounded set of recently handled idempotency keys, oldest evicted
-/// first. Keys are kept as 128-bit digests, so memory does not depend on
-/// the length of event ids.
+/// first. Keys are kept as 128-bit digests (two SipHash-1-3 with random
+/// keys of this process: cheap, and no one can craft keys that collide),
+/// so memory does not depend on the length of event ids.
 pub(super) struct RecentKeys {
     pub(super) capacity: usize,
-    pub(super) set: std::collections::HashSet<[u8; 16]>,
-    pub(super) order: VecDeque<[u8; 16]>,
+    pub(super) set: std::collections::HashSet<u128>,
+    pub(super) order: VecDeque<u128>,
+    hashers: (RandomState, RandomState),
 }
 
 impl RecentKeys {
@@ -50,21 +53,21 @@ impl RecentKeys {
             capacity,
             set: Default::default(),
             order: VecDeque::new(),
+            hashers: (RandomState::new(), RandomState::new()),
         }
     }
 
-    pub(super) fn digest(key: &[u8]) -> [u8; 16] {
-        use sha2::Digest;
-        let d = sha2::Sha256::digest(key);
-        d[..16].try_into().expect("16 bytes")
+    fn digest(&self, key: &[u8]) -> u128 {
+        let (a, b) = &self.hashers;
+        (u128::from(a.hash_one(key)) << 64) | u128::from(b.hash_one(key))
     }
 
     pub(super) fn contains(&self, key: &[u8]) -> bool {
-        self.set.contains(&Self::digest(key))
+        self.set.contains(&self.digest(key))
     }
 
     pub(super) fn insert(&mut self, key: &[u8]) {
-        let d = Self::digest(key);
+        let d = self.digest(key);
         if self.set.insert(d) {
             self.order.push_back(d);
             if self.order.len() > self.capacity {

@@ -1,0 +1,167 @@
+//! End-to-end latency under a steady load: events produced at a fixed rate
+//! (half of what echo moved at most in the same run) through `weir run`
+//! with the echo handler; each output's latency is the broker's append
+//! time of the output (the output topic stamps `LogAppendTime`, so it is
+//! when the broker took it, just before acknowledging it) minus the time
+//! its input was handed to the producer.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+use super::{create_topics, echo_config, sample, BenchArgs, ECHO};
+use crate::pipeline::Stats;
+
+/// Warm-up events (sent until Weir answers) are numbered from here.
+const WARM_UP: u64 = 1 << 40;
+
+fn now_ms() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs_f64()
+        * 1000.0
+}
+
+/// Runs the paced load and prints p50/p99/max of the latency.
+pub(super) async fn run(args: &BenchArgs, echo: &Path, rate: f64) -> Result<()> {
+    let rate = rate.max(100.0);
+    let topic = format!("bench-latency-{}", uuid::Uuid::new_v4().simple());
+    let out = format!("{topic}.out");
+    create_topics(&args.brokers, &[(topic.clone(), args.partitions)], &[]).await?;
+    create_topics(
+        &args.brokers,
+        &[(out.clone(), args.partitions)],
+        &[("message.timestamp.type", "LogAppendTime")],
+    )
+    .await?;
+    let dir = tempfile::tempdir()?;
+    let mut config = echo_config(&args.brokers, &topic, echo, ECHO, "", dir.path())?;
+    config.handlers[0]
+        .config
+        .insert("output_topic".into(), out.clone());
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let runtime = tokio::runtime::Handle::current();
+    let weir = tokio::task::spawn_blocking(move || {
+        crate::service::run(&runtime, config, Arc::new(Stats::default()), async {
+            let _ = stop_rx.await;
+        })
+    });
+
+    let reader: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &args.brokers)
+        .set(
+            "group.id",
+            format!("bench-latency-{}", uuid::Uuid::new_v4().simple()),
+        )
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "10")
+        .create()?;
+    reader.subscribe(&[&out])?;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &args.brokers)
+        .set("linger.ms", "0")
+        .create()?;
+    let send = |n: u64| {
+        let value = sample(n as usize);
+        let key = format!("customer-{}", n % 1000);
+        let headers = OwnedHeaders::new().insert(Header {
+            key: "content-type",
+            value: Some("application/json"),
+        });
+        let rec = FutureRecord::to(&topic)
+            .key(&key)
+            .payload(&value)
+            .headers(headers);
+        let _ = producer.send_result(rec);
+    };
+    // The payload's `n` names the input of an output.
+    let number = |m: &rdkafka::message::BorrowedMessage<'_>| -> Option<u64> {
+        let v: serde_json::Value = serde_json::from_slice(m.payload()?).ok()?;
+        v.pointer("/payload/n")?.as_u64()
+    };
+
+    // Warm up until Weir has joined and answers.
+    let started = Instant::now();
+    let mut warm = WARM_UP;
+    loop {
+        send(warm);
+        warm += 1;
+        match tokio::time::timeout(Duration::from_millis(200), reader.recv()).await {
+            Ok(Ok(_)) => break,
+            Ok(Err(e)) => bail!("latency reader: {e}"),
+            Err(_) if started.elapsed() > Duration::from_secs(60) || weir.is_finished() => {
+                bail!("weir did not answer within a minute")
+            }
+            Err(_) => {}
+        }
+    }
+
+    let total = (rate * args.latency_secs as f64) as u64;
+    let sent: Arc<std::sync::Mutex<HashMap<u64, f64>>> = Default::default();
+    let seen = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let pace = {
+        let sent = sent.clone();
+        async move {
+            let begin = tokio::time::Instant::now();
+            for i in 0..total {
+                let due = begin + Duration::from_secs_f64(i as f64 / rate);
+                if due > tokio::time::Instant::now() {
+                    tokio::time::sleep_until(due).await;
+                }
+                sent.lock().unwrap().insert(i, now_ms());
+                send(i);
+            }
+        }
+    };
+    let read = {
+        let sent = sent.clone();
+        let seen = seen.clone();
+        let reader = &reader;
+        async move {
+            let mut hist = hdrhistogram::Histogram::<u64>::new(3)?;
+            while seen.load(Ordering::Relaxed) < total {
+                let m = tokio::time::timeout(Duration::from_secs(30), reader.recv())
+                    .await
+                    .context("outputs stopped arriving")??;
+                let Some(n) = number(&m) else { continue };
+                if n >= WARM_UP {
+                    continue;
+                }
+                let Some(at) = sent.lock().unwrap().remove(&n) else {
+                    continue;
+                };
+                let appended = m.timestamp().to_millis().unwrap_or_default() as f64;
+                // The append time has millisecond resolution.
+                hist.record(((appended - at).max(0.0) * 1000.0) as u64)?;
+                seen.fetch_add(1, Ordering::Relaxed);
+            }
+            anyhow::Ok(hist)
+        }
+    };
+    let ((), hist) = tokio::join!(pace, read);
+    let hist = hist?;
+    let _ = stop_tx.send(());
+    weir.await??;
+    let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
+    println!(
+        "\nend-to-end latency (input handed to the producer → output appended by the broker), \
+         echo with the defaults at {rate:.0} events/s (half of echo's median rate) for {} s, {} events: \
+         p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        args.latency_secs,
+        hist.len(),
+        ms(0.5),
+        ms(0.99),
+        hist.max() as f64 / 1000.0
+    );
+    Ok(())
+}
