@@ -49,6 +49,10 @@ pub struct BenchArgs {
     /// Events/s of the latency run (default: half of echo's median rate).
     #[arg(long)]
     latency_rate: Option<f64>,
+    /// TOML put before every Weir run's config (e.g. to measure other
+    /// `[pipeline]` or `[kafka.producer_options]` settings); printed.
+    #[arg(long)]
+    extra_config: Option<String>,
 }
 
 mod baselines;
@@ -206,6 +210,9 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         args.partitions
     );
 
+    if let Some(extra) = &args.extra_config {
+        println!("every Weir run's config starts with:\n{extra}");
+    }
     let sink = OtlpSink::start().await?;
     let variants: Vec<Variant> = Variant::all()
         .into_iter()
@@ -227,12 +234,18 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         };
         for v in order {
             let cpu = process_cpu_seconds();
-            let mut run = match v {
+            let run = match v {
                 Variant::ConsumeOnly => baseline(&args.brokers, &topic, args.events).await?,
                 Variant::Passthrough => passthrough(&args.brokers, &topic, args.events).await?,
                 Variant::Weir { .. } => weir(&args, &topic, &echo, v, &sink).await?,
             };
-            run.cpu_seconds = process_cpu_seconds() - cpu;
+            let run = match v {
+                Variant::Weir { .. } => run,
+                _ => Run {
+                    cpu_seconds: process_cpu_seconds() - cpu,
+                    ..run
+                },
+            };
             eprintln!(
                 "round {}: {} {:.0} events/s, {:.1} µs of CPU per event",
                 round + 1,
@@ -667,6 +680,7 @@ fn echo_config(
     echo: &std::path::Path,
     v: Variant,
     otlp: &str,
+    extra: Option<&str>,
     dir: &std::path::Path,
 ) -> Result<Config> {
     let Variant::Weir {
@@ -693,8 +707,8 @@ fn echo_config(
         echo.display().to_string(),
         !outputs
     );
-    if let Ok(extra) = std::env::var("WEIR_BENCH_EXTRA") {
-        text = extra.replace("\\n", "\n") + "\n" + &text;
+    if let Some(extra) = extra {
+        text = format!("{extra}\n{text}");
     }
     let path = dir.join("weir.toml");
     std::fs::write(&path, text)?;
@@ -711,7 +725,15 @@ async fn weir(
     sink: &OtlpSink,
 ) -> Result<Run> {
     let dir = tempfile::tempdir()?;
-    let config = echo_config(&args.brokers, topic, echo, v, &sink.url, dir.path())?;
+    let config = echo_config(
+        &args.brokers,
+        topic,
+        echo,
+        v,
+        &sink.url,
+        args.extra_config.as_deref(),
+        dir.path(),
+    )?;
     let stats = Arc::new(Stats {
         handle_micros: Some(Mutex::new(hdrhistogram::Histogram::new(3)?)),
         ..Stats::default()
@@ -727,14 +749,25 @@ async fn weir(
             })
         })
     };
+    // Timed from the subscription, like the baselines (start-up, handler
+    // compilation and shutdown are outside), CPU over the same span.
     let n = args.events as u64;
+    let mut cpu_from = None;
     while stats.events_final.load(Ordering::Relaxed) < n {
         if task.is_finished() || started.elapsed() > Duration::from_secs(600) {
             bail!("the pipeline stopped before handling {n} events");
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        if cpu_from.is_none() && stats.subscribed.get().is_some() {
+            cpu_from = Some(process_cpu_seconds());
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    let seconds = started.elapsed().as_secs_f64();
+    let cpu_seconds = process_cpu_seconds() - cpu_from.unwrap_or_default();
+    let seconds = stats
+        .subscribed
+        .get()
+        .map_or(started.elapsed(), |t| t.elapsed())
+        .as_secs_f64();
     let _ = stop_tx.send(());
     task.await??;
     let hist = stats
@@ -746,7 +779,7 @@ async fn weir(
         .clone();
     Ok(Run {
         seconds,
-        cpu_seconds: 0.0,
+        cpu_seconds,
         events: args.events,
         p50_us: Some(hist.value_at_quantile(0.5)),
         p99_us: Some(hist.value_at_quantile(0.99)),

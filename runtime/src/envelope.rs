@@ -456,6 +456,37 @@ mod tests {
     }
 
     #[test]
+    fn a_json_payload_passes_byte_for_byte_both_ways() {
+        // Key order, spacing and escapes as the producer wrote them.
+        let payload = r#"{ "z": 1,  "a": "caf\u00e9", "n": 1.50 }"#;
+        let v = format!(r#"{{"eventType":"t","id":"e-1","payload":{payload}}}"#);
+        let e = decode(&record(v.as_bytes(), Some("application/json"))).unwrap();
+        assert_eq!(e.payload, payload.as_bytes());
+        let out = Output {
+            topic: "out".into(),
+            event_type: "t.out".into(),
+            content_type: JSON.into(),
+            payload: e.payload.clone(),
+            ..Default::default()
+        };
+        let p = encode_output(out, &e, 1_000_000).unwrap();
+        let text = String::from_utf8(p.value).unwrap();
+        assert!(
+            text.ends_with(&format!(r#""payload":{payload}}}"#)),
+            "{text}"
+        );
+        let bad = Output {
+            topic: "out".into(),
+            event_type: "t.out".into(),
+            content_type: JSON.into(),
+            payload: br#"{"a":1} trailing"#.to_vec(),
+            ..Default::default()
+        };
+        let err = encode_output(bad, &e, 1_000_000).unwrap_err();
+        assert!(err.contains("output payload is not JSON"), "{err}");
+    }
+
+    #[test]
     fn envelope_without_id_gets_position_and_fresh_correlation() {
         let v = br#"{"eventType":"x","payload":null}"#;
         let e = decode(&record(v, Some("application/json; charset=utf-8"))).unwrap();

@@ -44,7 +44,15 @@ pub(super) async fn run(args: &BenchArgs, echo: &Path, rate: f64) -> Result<()> 
     )
     .await?;
     let dir = tempfile::tempdir()?;
-    let mut config = echo_config(&args.brokers, &topic, echo, ECHO, "", dir.path())?;
+    let mut config = echo_config(
+        &args.brokers,
+        &topic,
+        echo,
+        ECHO,
+        "",
+        args.extra_config.as_deref(),
+        dir.path(),
+    )?;
     config.handlers[0]
         .config
         .insert("output_topic".into(), out.clone());
@@ -56,16 +64,18 @@ pub(super) async fn run(args: &BenchArgs, echo: &Path, rate: f64) -> Result<()> 
         })
     });
 
-    let reader: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &args.brokers)
-        .set(
-            "group.id",
-            format!("bench-latency-{}", uuid::Uuid::new_v4().simple()),
-        )
-        .set("auto.offset.reset", "earliest")
-        .set("enable.auto.commit", "false")
-        .set("fetch.wait.max.ms", "10")
-        .create()?;
+    let reader: Arc<StreamConsumer> = Arc::new(
+        ClientConfig::new()
+            .set("bootstrap.servers", &args.brokers)
+            .set(
+                "group.id",
+                format!("bench-latency-{}", uuid::Uuid::new_v4().simple()),
+            )
+            .set("auto.offset.reset", "earliest")
+            .set("enable.auto.commit", "false")
+            .set("fetch.wait.max.ms", "10")
+            .create()?,
+    );
     reader.subscribe(&[&out])?;
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &args.brokers)
@@ -113,12 +123,16 @@ pub(super) async fn run(args: &BenchArgs, echo: &Path, rate: f64) -> Result<()> 
         let sent = sent.clone();
         async move {
             let begin = tokio::time::Instant::now();
+            let begin_ms = now_ms();
             for i in 0..total {
-                let due = begin + Duration::from_secs_f64(i as f64 / rate);
+                let offset = i as f64 / rate;
+                let due = begin + Duration::from_secs_f64(offset);
                 if due > tokio::time::Instant::now() {
                     tokio::time::sleep_until(due).await;
                 }
-                sent.lock().unwrap().insert(i, now_ms());
+                // Latency counts from when the event was due, so a pacer
+                // that falls behind does not hide a delay.
+                sent.lock().unwrap().insert(i, begin_ms + offset * 1000.0);
                 send(i);
             }
         }
@@ -126,7 +140,7 @@ pub(super) async fn run(args: &BenchArgs, echo: &Path, rate: f64) -> Result<()> 
     let read = {
         let sent = sent.clone();
         let seen = seen.clone();
-        let reader = &reader;
+        let reader = reader.clone();
         async move {
             let mut hist = hdrhistogram::Histogram::<u64>::new(3)?;
             while seen.load(Ordering::Relaxed) < total {
@@ -148,15 +162,23 @@ pub(super) async fn run(args: &BenchArgs, echo: &Path, rate: f64) -> Result<()> 
             anyhow::Ok(hist)
         }
     };
-    let ((), hist) = tokio::join!(pace, read);
+    // The reader on its own task, so the pacer does not delay it.
+    let read = tokio::spawn(read);
+    pace.await;
+    let hist = read.await?;
     let hist = hist?;
     let _ = stop_tx.send(());
     weir.await??;
     let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
     println!(
         "\nend-to-end latency (input handed to the producer → output appended by the broker), \
-         echo with the defaults at {rate:.0} events/s (half of echo's median rate) for {} s, {} events: \
-         p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+         echo with the defaults at {rate:.0} events/s ({}) for {} s, {} events: \
+         p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms (append times have 1 ms resolution)",
+        if args.latency_rate.is_some() {
+            "--latency-rate"
+        } else {
+            "half of echo's median rate"
+        },
         args.latency_secs,
         hist.len(),
         ms(0.5),

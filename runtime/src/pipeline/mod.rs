@@ -55,6 +55,9 @@ type TopicPartition = (String, i32);
 /// Counters of what the pipeline did, shared with whoever runs it.
 #[derive(Debug, Default)]
 pub struct Stats {
+    /// When the pipeline subscribed (handlers compiled, clients made), for
+    /// benchmarks that time the pipeline, not the start-up.
+    pub subscribed: std::sync::OnceLock<Instant>,
     /// Events whose outcome is final (handled, skipped or dead-lettered).
     pub events_final: AtomicU64,
     /// Handler calls that succeeded.
@@ -159,12 +162,6 @@ impl Shared {
     }
 }
 
-/// Events of a partition handled and waiting for their records'
-/// acknowledgements, at most. Their records are in the producer's queue,
-/// which bounds their memory (`queue.buffering.max.kbytes`); this bound
-/// only has to cover the time an acknowledgement takes at full speed.
-const AWAITING_ACKS: usize = 8192;
-
 /// Records handed to the workers at most in one pass of the poll loop.
 const BURST: usize = 256;
 
@@ -208,6 +205,7 @@ pub async fn run(
     ensure_topics(&config, consumer.as_ref()).await;
     let topics = config.topics();
     let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
+    let _ = stats.subscribed.set(Instant::now());
     consumer
         .subscribe(&topic_refs)
         .with_context(|| format!("cannot subscribe to {topics:?}"))?;
@@ -251,24 +249,24 @@ pub async fn run(
             _ = &mut shutdown => break,
             _ = halted.changed() => break,
             msg = consumer.recv() => {
-                // The records already fetched are taken in one go: one
-                // lock of the workers' map and one pass of this loop for
-                // a burst, not one per record.
-                let mut burst = Vec::with_capacity(BURST);
+                // The records already fetched are taken in one pass of this
+                // loop, not one pass each. Each is handed over before the
+                // next poll, which may run a rebalance callback.
                 let mut next = Some(msg);
+                let mut taken = 0;
                 while let Some(msg) = next.take() {
                     match msg {
-                        Ok(msg) => burst.push(Record::from_message(&msg)),
+                        Ok(msg) => hand_over(&shared, &consumer, &workers, Record::from_message(&msg)),
                         Err(e) => {
                             error!(error = %e, "consumer error");
                             shared.kafka_error("consume");
                         }
                     }
-                    if burst.len() < BURST {
+                    taken += 1;
+                    if taken < BURST {
                         next = consumer.recv().now_or_never();
                     }
                 }
-                hand_over(&shared, &consumer, &workers, burst);
             }
             _ = resume_tick.tick() => unpark(&consumer, &workers, &shared),
             _ = stats_tick.tick() => shared.stats.log_progress(),
@@ -318,7 +316,7 @@ fn spawn_worker(
 ) -> Worker {
     let capacity = shared.config.pipeline.max_in_flight_per_partition;
     let (tx, rx) = mpsc::channel::<Record>(capacity);
-    let (pending_tx, pending_rx) = mpsc::channel::<Step>(AWAITING_ACKS);
+    let (pending_tx, pending_rx) = mpsc::channel::<Step>(capacity);
     let (done_tx, done_rx) = watch::channel(false);
     let cancel = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));

@@ -225,28 +225,16 @@ pub(super) fn tpl_of(tp: &TopicPartition) -> TopicPartitionList {
     tpl
 }
 
-/// Hands records to their partitions' workers; parks those a full worker
-/// cannot take and pauses their partition.
+/// Hands a record to its partition's worker; parks it and pauses the
+/// partition when the worker is full.
 pub(super) fn hand_over(
     shared: &Arc<Shared>,
     consumer: &Arc<StreamConsumer<WeirContext>>,
     workers: &Workers,
-    records: Vec<Record>,
-) {
-    let mut map = workers.map.lock().unwrap();
-    for record in records {
-        hand_over_one(shared, consumer, workers, &mut map, record);
-    }
-}
-
-fn hand_over_one(
-    shared: &Arc<Shared>,
-    consumer: &Arc<StreamConsumer<WeirContext>>,
-    workers: &Workers,
-    map: &mut HashMap<TopicPartition, Worker>,
     record: Record,
 ) {
     let tp = (record.topic.clone(), record.partition);
+    let mut map = workers.map.lock().unwrap();
     let w = map
         .entry(tp.clone())
         .or_insert_with(|| spawn_worker(shared.clone(), consumer, &tp, record.offset));
@@ -313,13 +301,21 @@ pub(super) fn over_total(was_over: bool, queued: usize, max_total: usize) -> boo
     }
 }
 
-/// Whether a partition paused for the held records' budget may resume:
-/// once the records held over all partitions are under half the budget.
-/// Its own held records still go first, so the order is kept; resuming
-/// before they are all handed over keeps its worker fed while librdkafka
-/// fetches again (a pause drops librdkafka's prefetch of the partition).
-pub(super) fn may_resume(parked_bytes: usize, budget: usize) -> bool {
-    parked_bytes * 2 < budget
+/// Whether a paused partition may resume: once the records held over all
+/// partitions are under half the budget (its own held records still go
+/// first, so the order is kept, and its worker stays fed while librdkafka
+/// fetches again: a pause drops librdkafka's prefetch of the partition),
+/// or, whatever others hold, once it holds nothing and half its worker's
+/// queue is free (so a partition stuck on a slow handler does not keep
+/// the others paused).
+pub(super) fn may_resume(
+    parked_bytes: usize,
+    budget: usize,
+    parked_here: usize,
+    free: usize,
+    capacity: usize,
+) -> bool {
+    parked_bytes * 2 < budget || (parked_here == 0 && free * 2 >= capacity)
 }
 
 /// Moves parked records into workers with room, resuming drained partitions.
@@ -375,7 +371,16 @@ pub(super) fn unpark(consumer: &StreamConsumer<WeirContext>, workers: &Workers, 
             }
         }
         // Resume at half the budget, so a partition does not flap.
-        if w.paused && may_resume(workers.parked_bytes.load(Ordering::Relaxed), budget) {
+        let held = workers.parked_bytes.load(Ordering::Relaxed);
+        if w.paused
+            && may_resume(
+                held,
+                budget,
+                w.parked.len(),
+                tx.capacity(),
+                tx.max_capacity(),
+            )
+        {
             match consumer.resume(&tpl_of(tp)) {
                 Ok(()) => {
                     w.paused = false;
@@ -404,11 +409,15 @@ mod tests {
     }
 
     #[test]
-    pub(super) fn a_partition_resumes_once_the_records_held_are_under_half_the_budget() {
-        assert!(!may_resume(1000, 1000), "still at the budget");
-        assert!(!may_resume(500, 1000));
-        assert!(may_resume(499, 1000));
-        assert!(may_resume(0, 1000));
+    pub(super) fn a_partition_resumes_under_half_the_budget_or_when_its_own_queue_drained() {
+        assert!(!may_resume(1000, 1000, 10, 0, 100), "still at the budget");
+        assert!(!may_resume(500, 1000, 10, 100, 100), "holds records");
+        assert!(may_resume(499, 1000, 10, 0, 100), "under half the budget");
+        assert!(
+            may_resume(900, 1000, 0, 50, 100),
+            "others hold records, but its own queue is half free"
+        );
+        assert!(!may_resume(900, 1000, 0, 49, 100));
     }
 
     /// A worker as `drain` sees it, whose finalizer is done or never ends.

@@ -86,6 +86,7 @@ impl PartitionWorker {
         cancel: Arc<AtomicBool>,
         is_retry: bool,
     ) -> Self {
+        let keys_per_event = handlers.len().max(1);
         Self {
             handlers: handlers
                 .into_iter()
@@ -98,8 +99,11 @@ impl PartitionWorker {
                     (h, None, m)
                 })
                 .collect(),
-            // What the finalizer may hold unmarked: its queue and one batch.
-            recent: RecentKeys::new(shared.config.pipeline.max_in_flight_per_partition + 1024),
+            // What the finalizer may hold unmarked: its queue and one batch
+            // of events (512), each with a key per handler, and a margin.
+            recent: RecentKeys::new(
+                (shared.config.pipeline.max_in_flight_per_partition + 1024) * keys_per_event,
+            ),
             max_record_bytes: crate::kafka::max_message_bytes(&shared.config),
             shared,
             cancel,
