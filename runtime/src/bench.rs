@@ -36,11 +36,12 @@ pub struct BenchArgs {
     #[arg(long, default_value = "target/wasm32-wasip2/release")]
     plugins: PathBuf,
     /// Rounds: each runs every variant, in the opposite order of the one
-    /// before, so a drift over the run favours none.
+    /// before, so a drift over the run favours none (0: only the latency
+    /// run, at `--latency-rate`).
     #[arg(long, default_value_t = 2)]
     rounds: usize,
-    /// Only the Weir variants whose name contains this text (the baselines
-    /// always run).
+    /// Only the Weir variants whose name contains this text, or the one
+    /// so named (the baselines always run).
     #[arg(long)]
     only: Option<String>,
     /// Seconds of paced load for the end-to-end latency run (0: none).
@@ -217,16 +218,26 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     let variants: Vec<Variant> = Variant::all()
         .into_iter()
         .filter(|v| {
+            // A name given whole selects that variant alone.
+            let exact = |o: &str| Variant::all().iter().any(|w| w.name() == o);
             v.baseline().is_none()
-                || args
-                    .only
-                    .as_ref()
-                    .is_none_or(|o| v.name().contains(o.as_str()))
+                || args.only.as_ref().is_none_or(|o| {
+                    if exact(o) {
+                        v.name() == *o
+                    } else {
+                        v.name().contains(o.as_str())
+                    }
+                })
         })
         .collect();
     // Every round runs every variant; odd rounds in reverse order.
     let mut runs: Vec<(usize, Variant, Run)> = Vec::new();
-    for round in 0..args.rounds.max(1) {
+    if args.rounds > 0 {
+        // The first reader of a fresh topic is slower (the broker's reads
+        // warm up): one read before the measured ones, not counted.
+        baseline(&args.brokers, &topic, args.events).await?;
+    }
+    for round in 0..args.rounds {
         let order: Vec<Variant> = if round % 2 == 0 {
             variants.clone()
         } else {
@@ -263,7 +274,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             .find(|(r, w, _)| *r == round && *w == v)
             .map(|(_, _, run)| run.rate())
     };
-    let rounds = args.rounds.max(1);
+    let rounds = args.rounds;
     for (what, on) in [("echo", true), ("trivial handler", false)] {
         let off = Variant::Weir {
             outputs: on,
@@ -288,13 +299,15 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         }
     }
 
-    if args.latency_secs > 0 && variants.contains(&ECHO) {
-        let rates: Vec<f64> = runs
-            .iter()
-            .filter(|(_, v, _)| *v == ECHO)
-            .map(|(_, _, r)| r.rate())
-            .collect();
-        let rate = args.latency_rate.unwrap_or(median(&rates) / 2.0);
+    let echo_rates: Vec<f64> = runs
+        .iter()
+        .filter(|(_, v, _)| *v == ECHO)
+        .map(|(_, _, r)| r.rate())
+        .collect();
+    let latency_rate = args
+        .latency_rate
+        .or((!echo_rates.is_empty()).then(|| median(&echo_rates) / 2.0));
+    if let (true, Some(rate)) = (args.latency_secs > 0, latency_rate) {
         latency::run(&args, &echo, rate).await?;
     }
 
