@@ -41,9 +41,9 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 2)]
     rounds: usize,
     /// Only the Weir variants whose name contains this text, or the one
-    /// so named (the baselines always run).
+    /// so named; may be given more than once (the baselines always run).
     #[arg(long)]
-    only: Option<String>,
+    only: Vec<String>,
     /// Seconds of paced load for the end-to-end latency run (0: none).
     #[arg(long, default_value_t = 5)]
     latency_secs: u64,
@@ -221,7 +221,8 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             // A name given whole selects that variant alone.
             let exact = |o: &str| Variant::all().iter().any(|w| w.name() == o);
             v.baseline().is_none()
-                || args.only.as_ref().is_none_or(|o| {
+                || args.only.is_empty()
+                || args.only.iter().any(|o| {
                     if exact(o) {
                         v.name() == *o
                     } else {

@@ -65,6 +65,14 @@ impl Dedup {
                 }
             },
         );
+        // Most lookups are of new events, so they miss: Bloom filters on
+        // the files and on the memtable answer a miss without reading
+        // blocks or walking the skip list.
+        let mut table = rocksdb::BlockBasedOptions::default();
+        table.set_bloom_filter(10.0, false);
+        opts.set_block_based_table_factory(&table);
+        opts.set_memtable_whole_key_filtering(true);
+        opts.set_memtable_prefix_bloom_ratio(0.1);
         // Files untouched for a retention period get compacted, so expired
         // marks leave the disk even when little is written.
         opts.set_periodic_compaction_seconds(retention.as_secs().max(60));
