@@ -12,13 +12,17 @@ use tracing::{debug, info, warn};
 use crate::config::Config;
 
 /// The producer every output and dead letter goes through: idempotent,
-/// acks from all replicas, Java-compatible key partitioning.
+/// acks from all replicas, Java-compatible key partitioning (these win over
+/// the user's options); 5 ms linger unless the user sets `linger.ms`.
 pub fn producer_config(config: &Config) -> ClientConfig {
     let mut c = client_config(config, &config.kafka.producer_options);
     c.set("enable.idempotence", "true")
         .set("acks", "all")
-        .set("partitioner", "murmur2_random")
-        .set("linger.ms", "5");
+        .set("partitioner", "murmur2_random");
+    // A setting of speed, not of delivery: the user's wins.
+    if !user_set(config, &config.kafka.producer_options, "linger.ms") {
+        c.set("linger.ms", "5");
+    }
     // librdkafka's default queue is 1 GiB: bound the memory it may take.
     if !user_set(
         config,
