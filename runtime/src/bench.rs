@@ -3,7 +3,6 @@
 //! and a consume→produce passthrough), run first and last; the table gives
 //! each Weir run as a share of its baseline.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -16,8 +15,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
-use crate::config::{Config, HandlerConfig};
-use crate::handler::PluginEngine;
+use crate::config::Config;
 use crate::pipeline::Stats;
 
 /// Options of `weir bench`.
@@ -58,7 +56,9 @@ pub struct BenchArgs {
 
 mod baselines;
 mod latency;
+mod micro;
 use baselines::{baseline, passthrough};
+use micro::OtlpSink;
 
 /// One measured run.
 struct Run {
@@ -312,65 +312,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         latency::run(&args, &echo, rate).await?;
     }
 
-    println!("\nhandler call cost by metering (no Kafka; µs per call, reused instance):");
-    println!("| handler | fuel+epochs | fuel only | epochs only | neither |");
-    println!("|---|---:|---:|---:|---:|");
-    let misbehave = args.plugins.join("misbehave.wasm");
-    for (name, wasm, payload, calls) in [
-        ("trivial (echo, discard)", &echo, "\"x\"", 20_000),
-        (
-            "CPU-heavy (misbehave burn:2000000)",
-            &misbehave,
-            "\"burn:2000000\"",
-            200,
-        ),
-    ] {
-        let mut cells = Vec::new();
-        for (fuel, epochs) in [(true, true), (true, false), (false, true), (false, false)] {
-            let us = call_cost(
-                wasm,
-                payload,
-                calls,
-                crate::handler::Metering { fuel, epochs },
-            )?;
-            cells.push(format!("{us:.2}"));
-        }
-        println!("| {name} | {} |", cells.join(" | "));
-    }
-    let (check_us, mark_us) = dedup_cost(args.events)?;
-    println!(
-        "\nidempotency store alone ({} ids): check {check_us:.2} µs/event, mark {mark_us:.2} µs/event (batches of 512)",
-        args.events
-    );
-    println!("\nobservability cost per event and handler (no Kafka; µs):");
-    println!("| what | µs/event |");
-    println!("|---|---:|");
-    println!(
-        "| metrics (counters, fuel, duration histogram) | {:.3} |",
-        metrics_cost(args.events)
-    );
-    for (what, endpoint, ratio) in [
-        ("spans off, traceparent passed on", None, 1.0),
-        (
-            "spans on, trace not sampled (ratio 0)",
-            Some(&sink.url),
-            0.0,
-        ),
-        (
-            "spans on, sampled (3 spans: process, call, send)",
-            Some(&sink.url),
-            1.0,
-        ),
-    ] {
-        let us = spans_cost(args.events, endpoint, ratio).await?;
-        println!("| {what} | {us:.3} |");
-    }
-    println!(
-        "\nOTLP receiver: {} requests, {} KiB of spans",
-        sink.requests.load(Ordering::Relaxed),
-        sink.bytes.load(Ordering::Relaxed) / 1024
-    );
-    Ok(())
+    micro::print(&args, &echo, &sink).await
 }
 
 /// The table of runs: per variant the range of events/s over the rounds
@@ -469,141 +411,6 @@ async fn create_topics(
     Ok(())
 }
 
-/// Mean time of one `handle` call on a reused instance.
-fn call_cost(
-    wasm: &std::path::Path,
-    payload: &str,
-    calls: usize,
-    metering: crate::handler::Metering,
-) -> Result<f64> {
-    let engine = PluginEngine::with_metering(metering)?;
-    let mut cfg: HandlerConfig = toml::from_str(&format!(
-        "name = \"bench\"\nwasm = {:?}\ntopics = [\"t\"]\nfuel_per_event = 100000000000\ndeadline_ms = 60000\n",
-        wasm.display().to_string()
-    ))?;
-    cfg.config = BTreeMap::from([("discard".to_string(), "true".to_string())]);
-    let handler = crate::handler::LoadedHandler::load(&engine, &cfg)?;
-    let mut instance = handler.instantiate()?;
-    let record = crate::envelope::Record {
-        topic: "t".into(),
-        partition: 0,
-        offset: 0,
-        timestamp_ms: 0,
-        key: None,
-        value: payload.as_bytes().to_vec(),
-        headers: vec![("content-type".into(), b"application/json".to_vec())],
-    };
-    let event = crate::envelope::Event {
-        id: "e".into(),
-        event_type: "bench".into(),
-        schema_version: "1".into(),
-        payload: payload.as_bytes().to_vec(),
-        content_type: "application/json".into(),
-        timestamp_ms: 0,
-        correlation_id: "c".into(),
-        causation_id: None,
-    };
-    let started = Instant::now();
-    for _ in 0..calls {
-        if let crate::handler::CallOutcome::Failed(kind, m) = instance.call(&event, &record, 1, "")
-        {
-            bail!("benchmark call failed: {kind}: {m}");
-        }
-    }
-    Ok(started.elapsed().as_secs_f64() * 1e6 / calls as f64)
-}
-
-/// The store's own cost per event: one lookup, and one mark written in
-/// batches as the finalizer does.
-fn dedup_cost(n: usize) -> Result<(f64, f64)> {
-    let dir = tempfile::tempdir()?;
-    let store = crate::dedup::Dedup::open(dir.path(), Duration::from_secs(3600))?;
-    let keys: Vec<Vec<u8>> = (0..n)
-        .map(|i| crate::dedup::key("echo", &format!("bench-{i}")))
-        .collect();
-    let started = Instant::now();
-    for k in &keys {
-        std::hint::black_box(store.contains(k)?);
-    }
-    let check = started.elapsed().as_secs_f64() * 1e6 / n as f64;
-    let started = Instant::now();
-    for chunk in keys.chunks(512) {
-        store.mark(chunk.iter().map(Vec::as_slice))?;
-    }
-    let mark = started.elapsed().as_secs_f64() * 1e6 / n as f64;
-    Ok((check, mark))
-}
-
-/// Mean cost of recording one handled event's metrics.
-fn metrics_cost(n: usize) -> f64 {
-    let metrics = Arc::new(crate::metrics::Metrics::new());
-    let h = metrics.handler("echo", "bench");
-    let started = Instant::now();
-    for i in 0..n {
-        h.fuel(1000 + i as u64);
-        h.handled(Duration::from_nanos(5000 + i as u64));
-        if let Some(c) = h.output_counter() {
-            c.inc();
-        }
-    }
-    started.elapsed().as_secs_f64() * 1e6 / n as f64
-}
-
-/// Mean cost of one event's trace work: read the context from headers,
-/// a consumer span, a call span, a send span and its context written into
-/// the output's headers.
-async fn spans_cost(n: usize, endpoint: Option<&String>, ratio: f64) -> Result<f64> {
-    use crate::telemetry::{self, Tracing};
-    use opentelemetry::trace::SpanKind;
-    use opentelemetry::KeyValue;
-    let cfg = crate::config::TracingConfig {
-        otlp_endpoint: endpoint.cloned(),
-        sample_ratio: ratio,
-        ..Default::default()
-    };
-    let tracing = Arc::new(Tracing::from_config(&cfg)?);
-    let t = tracing.clone();
-    let new_traces = endpoint.is_some();
-    let us = tokio::task::spawn_blocking(move || {
-        let incoming = vec![(
-            "traceparent".to_string(),
-            b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00".to_vec(),
-        )];
-        let started = Instant::now();
-        for i in 0..n {
-            // New traces (no parent) so that the ratio decides.
-            let parent = if new_traces {
-                opentelemetry::Context::new()
-            } else {
-                t.extract(&incoming)
-            };
-            let cx = t.start(&parent, || {
-                let a = vec![
-                    KeyValue::new(telemetry::attr::SYSTEM, "kafka"),
-                    KeyValue::new(telemetry::attr::DESTINATION, "bench"),
-                    KeyValue::new(telemetry::attr::OFFSET, i as i64),
-                    KeyValue::new(telemetry::attr::MESSAGE_ID, format!("evt-{i}")),
-                ];
-                ("process bench".into(), SpanKind::Consumer, a)
-            });
-            let call = t.start(&cx, || ("call echo".into(), SpanKind::Internal, Vec::new()));
-            telemetry::end(&call);
-            let send = t.start(&cx, || {
-                ("send bench.out".into(), SpanKind::Producer, Vec::new())
-            });
-            let mut headers = Vec::new();
-            t.inject(&send, &mut headers);
-            std::hint::black_box(&headers);
-            telemetry::end(&send);
-            telemetry::end(&cx);
-        }
-        started.elapsed().as_secs_f64() * 1e6 / n as f64
-    })
-    .await?;
-    tokio::task::spawn_blocking(move || tracing.shutdown()).await?;
-    Ok(us)
-}
-
 fn sample(i: usize) -> Vec<u8> {
     serde_json::to_vec(&serde_json::json!({
         "schemaVersion": "1", "eventType": "bench.tick", "id": format!("bench-{i}"),
@@ -650,40 +457,6 @@ async fn produce(brokers: &str, topic: &str, n: usize) -> Result<()> {
     }
     producer.flush(Duration::from_secs(30))?;
     Ok(())
-}
-
-/// An OTLP/HTTP receiver that counts and discards what it gets.
-struct OtlpSink {
-    url: String,
-    requests: Arc<std::sync::atomic::AtomicU64>,
-    bytes: Arc<std::sync::atomic::AtomicU64>,
-}
-
-impl OtlpSink {
-    async fn start() -> Result<Self> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let url = format!("http://{}/v1/traces", listener.local_addr()?);
-        let requests = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let (r, b) = (requests.clone(), bytes.clone());
-        let app = axum::Router::new().route(
-            "/v1/traces",
-            axum::routing::post(move |body: axum::body::Bytes| async move {
-                r.fetch_add(1, Ordering::Relaxed);
-                b.fetch_add(body.len() as u64, Ordering::Relaxed);
-                (
-                    [("content-type", "application/x-protobuf")],
-                    Vec::<u8>::new(),
-                )
-            }),
-        );
-        tokio::spawn(async move { axum::serve(listener, app).await });
-        Ok(Self {
-            url,
-            requests,
-            bytes,
-        })
-    }
 }
 
 /// A `weir run` config for the echo handler on `topic`, written to a file
