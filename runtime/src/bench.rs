@@ -71,6 +71,18 @@ struct Run {
 }
 
 impl Run {
+    /// A run of `events` started at `started`, without latencies (the
+    /// caller measures its CPU).
+    fn since(started: Instant, events: usize) -> Run {
+        Run {
+            seconds: started.elapsed().as_secs_f64(),
+            cpu_seconds: 0.0,
+            events,
+            p50_us: None,
+            p99_us: None,
+        }
+    }
+
     fn rate(&self) -> f64 {
         self.events as f64 / self.seconds
     }

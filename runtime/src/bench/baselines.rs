@@ -94,13 +94,7 @@ pub(super) async fn passthrough(brokers: &str, topic: &str, n: usize) -> Result<
     drop(tx);
     acker.await??;
     consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync)?;
-    Ok(Run {
-        seconds: started.elapsed().as_secs_f64(),
-        cpu_seconds: 0.0,
-        events: n,
-        p50_us: None,
-        p99_us: None,
-    })
+    Ok(Run::since(started, n))
 }
 
 /// Consume-only with librdkafka: the ceiling for any consumer on this machine.
@@ -115,11 +109,5 @@ pub(super) async fn baseline(brokers: &str, topic: &str, n: usize) -> Result<Run
             .context("baseline consumer stalled")??;
         seen += 1;
     }
-    Ok(Run {
-        seconds: started.elapsed().as_secs_f64(),
-        cpu_seconds: 0.0,
-        events: n,
-        p50_us: None,
-        p99_us: None,
-    })
+    Ok(Run::since(started, n))
 }

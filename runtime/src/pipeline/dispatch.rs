@@ -19,9 +19,10 @@ use super::worker::PartitionWorker;
 use crate::config::RetryMode;
 use crate::deadletter::{self, DeadLetter};
 use crate::dedup::{self};
+use crate::envelope::Produce;
 use crate::envelope::{self, Record};
 use crate::failure::FailureKind;
-use crate::publish::publish_span;
+use crate::publish::{publish_span, Ack};
 use crate::replay;
 use crate::retry_topic::{self};
 use crate::telemetry::{self, attr};
@@ -233,7 +234,7 @@ impl PartitionWorker {
             // Waiting for the fuel budget is throttling, not handling.
             let took = started.elapsed().saturating_sub(self.throttled);
             let fallback = |mark: Option<Vec<u8>>, attempts: u32, first_failure| {
-                OnRefused::DeadLetter(Arc::new(Fallback {
+                Arc::new(Fallback {
                     record: record_arc.clone(),
                     handler: handler.clone(),
                     metrics: metrics.clone(),
@@ -243,7 +244,7 @@ impl PartitionWorker {
                     cx: cx.clone(),
                     mark,
                     used: AtomicBool::new(false),
-                }))
+                })
             };
             let final_key = dedup_on.then(|| key.clone());
             match (&verdict, hop) {
@@ -266,27 +267,21 @@ impl PartitionWorker {
                         outputs = outputs.len(),
                         "handled"
                     );
-                    let on_refused = (!outputs.is_empty())
-                        .then(|| fallback(None, consumed_attempt, OffsetDateTime::now_utc()));
-                    for mut o in outputs {
-                        let span = publish_span(
-                            self.shared.tracing(),
-                            &cx,
-                            &mut o,
-                            &event.correlation_id,
-                            None,
-                        );
-                        let on_refused = match &on_refused {
-                            Some(OnRefused::DeadLetter(f)) => OnRefused::DeadLetter(f.clone()),
-                            _ => unreachable!("outputs have a fallback"),
-                        };
-                        deliveries.push(Delivery {
-                            ack: self.shared.publisher.send(&o, &self.cancel)?,
-                            span,
-                            counter: metrics.output_counter(),
-                            on_refused,
-                            output: true,
-                        });
+                    // One fallback for all the call's outputs: the event is
+                    // dead-lettered once, whichever of them is refused.
+                    if !outputs.is_empty() {
+                        let f = fallback(None, consumed_attempt, OffsetDateTime::now_utc());
+                        for mut o in outputs {
+                            let (ack, span) =
+                                self.send_for_event(&mut o, &cx, &event.correlation_id, None)?;
+                            deliveries.push(Delivery {
+                                ack,
+                                span,
+                                counter: metrics.output_counter(),
+                                on_refused: OnRefused::DeadLetter(f.clone()),
+                                output: true,
+                            });
+                        }
                     }
                     self.shared.stats.handled.fetch_add(1, Ordering::Relaxed);
                     metrics.handled(took);
@@ -322,18 +317,17 @@ impl PartitionWorker {
                         first_failure,
                         topic,
                     );
-                    let span = publish_span(
-                        self.shared.tracing(),
-                        &cx,
-                        &mut p,
-                        &event.correlation_id,
-                        None,
-                    );
+                    let (ack, span) =
+                        self.send_for_event(&mut p, &cx, &event.correlation_id, None)?;
                     deliveries.push(Delivery {
-                        ack: self.shared.publisher.send(&p, &self.cancel)?,
+                        ack,
                         span,
                         counter: None,
-                        on_refused: fallback(final_key, attempt - 1, first_failure),
+                        on_refused: OnRefused::DeadLetter(fallback(
+                            final_key,
+                            attempt - 1,
+                            first_failure,
+                        )),
                         output: false,
                     });
                     self.shared.stats.retries.fetch_add(1, Ordering::Relaxed);
@@ -444,6 +438,26 @@ impl PartitionWorker {
         d
     }
 
+    /// Gives a record sent for an event its producer span (and trace
+    /// headers), then enqueues it: the acknowledgement and the span the
+    /// finalizer awaits. None when cancelled.
+    pub(super) fn send_for_event(
+        &self,
+        p: &mut Produce,
+        cx: &TraceContext,
+        correlation_id: &str,
+        dead_letter_reason: Option<&str>,
+    ) -> Option<(Ack, Option<TraceContext>)> {
+        let span = publish_span(
+            self.shared.tracing(),
+            cx,
+            p,
+            correlation_id,
+            dead_letter_reason,
+        );
+        Some((self.shared.publisher.send(p, &self.cancel)?, span))
+    }
+
     /// Publishes a dead letter (its acknowledgement makes the event final).
     pub(super) fn send_dead_letter(
         &self,
@@ -455,19 +469,14 @@ impl PartitionWorker {
     ) -> Option<Delivery> {
         let kind = dl.kind;
         let mut produce = dl.into_produce(topic.clone());
-        let span = publish_span(
-            self.shared.tracing(),
-            cx,
-            &mut produce,
-            correlation_id,
-            Some(kind.name()),
-        );
         self.shared
             .stats
             .dead_lettered
             .fetch_add(1, Ordering::Relaxed);
+        let (ack, span) =
+            self.send_for_event(&mut produce, cx, correlation_id, Some(kind.name()))?;
         Some(Delivery {
-            ack: self.shared.publisher.send(&produce, &self.cancel)?,
+            ack,
             span,
             counter,
             on_refused: OnRefused::Stop(topic),
