@@ -169,7 +169,10 @@ fn mock_config(brokers: &str, handlers: Vec<HandlerConfig>) -> Config {
         idempotency: Default::default(),
         tracing: Default::default(),
         metrics: Default::default(),
+        admin: Default::default(),
+        plugins: Default::default(),
         handlers,
+        source: None,
     }
 }
 
@@ -409,9 +412,10 @@ async fn run_pipeline(
         metrics: Some(metrics.clone()),
         ..pipeline::Observability::off()
     };
+    let slots = crate::deploy::Registry::new(handlers, Some(metrics.clone())).slots();
     let task = tokio::spawn(pipeline::run(
         config.clone(),
-        handlers,
+        slots,
         Some(Arc::new(dedup)),
         stats.clone(),
         obs,

@@ -8,7 +8,6 @@
 //! refused at load.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,6 +19,7 @@ use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
 use wasmtime::{Engine, ResourceLimiter, Store, StoreLimits, StoreLimitsBuilder, Trap};
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
+use crate::compile_cache::Compiled;
 use crate::guest_output::{self, GuestOutput, LineLimiter};
 
 use crate::config::HandlerConfig;
@@ -44,6 +44,8 @@ const EPOCH_TICK: Duration = Duration::from_millis(10);
 pub struct PluginEngine {
     engine: Engine,
     metering: Metering,
+    /// Precompiled components on disk, when the config keeps them.
+    cache: Option<crate::compile_cache::CompileCache>,
     linker: Arc<Linker<HostState>>,
     _ticker: Arc<Ticker>,
 }
@@ -92,9 +94,29 @@ impl PluginEngine {
         Ok(Self {
             engine,
             metering,
+            cache: None,
             linker: Arc::new(linker),
             _ticker: Arc::new(Ticker { stop }),
         })
+    }
+}
+
+impl PluginEngine {
+    /// The same engine, keeping compiled components in `cache`.
+    pub fn with_cache(mut self, cache: crate::compile_cache::CompileCache) -> Self {
+        self.cache = Some(cache);
+        self
+    }
+
+    /// Compiles a component, or reads it from the compile cache.
+    fn compile(&self, bytes: &[u8], sha256_hex: &str) -> Result<(Component, Compiled)> {
+        match &self.cache {
+            Some(cache) => cache.component(&self.engine, bytes, sha256_hex),
+            None => Ok((
+                Component::from_binary(&self.engine, bytes).map_err(anyhow::Error::from)?,
+                Compiled::Fresh,
+            )),
+        }
     }
 }
 
@@ -124,6 +146,12 @@ pub struct LoadedHandler {
     pub config_entry: HandlerConfig,
     /// Content hash of the component (first 12 hex digits of its SHA-256).
     pub version: String,
+    /// The whole SHA-256 of the component, in hex.
+    pub digest: String,
+    /// Whether the compiled code came from the compile cache.
+    pub compiled: Compiled,
+    /// How long compiling (or reading the cache) and checking took.
+    pub load_time: Duration,
     initial_backoff: Duration,
     max_backoff: Duration,
     fuel_per_event: u64,
@@ -189,18 +217,25 @@ fn too_many_memories(cfg: &HandlerConfig, detail: &str) -> String {
 }
 
 /// What the component file is, by its header.
-fn check_wasm_header(path: &Path, bytes: &[u8]) -> Result<()> {
+fn check_wasm_header(origin: &str, bytes: &[u8]) -> Result<()> {
     if bytes.len() < 8 || &bytes[0..4] != b"\0asm" {
-        bail!("{} is not a WebAssembly file", path.display());
+        bail!("{origin} is not a WebAssembly file");
     }
     if bytes[4..8] == [1, 0, 0, 0] {
         bail!(
-            "{} is a core WebAssembly module, not a component: build it for wasm32-wasip2 \
-             (or wrap it with `wasm-tools component new`)",
-            path.display()
+            "{origin} is a core WebAssembly module, not a component: build it for wasm32-wasip2 \
+             (or wrap it with `wasm-tools component new`)"
         );
     }
     Ok(())
+}
+
+/// The SHA-256 of a component, in hex.
+pub fn digest_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 impl LoadedHandler {
@@ -208,21 +243,30 @@ impl LoadedHandler {
     /// handler, the file and the cause.
     pub fn load(engine: &PluginEngine, cfg: &HandlerConfig) -> Result<LoadedHandler> {
         let path = &cfg.wasm;
-        let what = || format!("handler {:?}: cannot load {}", cfg.name, path.display());
-        let bytes = std::fs::read(path).with_context(what)?;
-        check_wasm_header(path, &bytes).with_context(what)?;
-        let component = Component::from_binary(&engine.engine, &bytes)
-            .map_err(anyhow::Error::from)
-            .with_context(what)?;
+        let bytes = std::fs::read(path)
+            .with_context(|| format!("handler {:?}: cannot load {}", cfg.name, path.display()))?;
+        Self::from_bytes(engine, cfg, &bytes, &path.display().to_string())
+    }
+
+    /// Compiles and checks a component given as bytes; `origin` names
+    /// where they came from (a file, an upload) in errors.
+    pub fn from_bytes(
+        engine: &PluginEngine,
+        cfg: &HandlerConfig,
+        bytes: &[u8],
+        origin: &str,
+    ) -> Result<LoadedHandler> {
+        let started = std::time::Instant::now();
+        let what = || format!("handler {:?}: cannot load {origin}", cfg.name);
+        check_wasm_header(origin, bytes).with_context(what)?;
+        let digest = digest_hex(bytes);
+        let (component, compiled) = engine.compile(bytes, &digest).with_context(what)?;
         let max_memories = cfg.max_memories as usize;
         if let Some(needs) = component.resources_required() {
             if needs.num_memories as usize > max_memories {
                 bail!(
                     "{}",
-                    too_many_memories(
-                        cfg,
-                        &format!(" ({} in {})", needs.num_memories, path.display())
-                    )
+                    too_many_memories(cfg, &format!(" ({} in {origin})", needs.num_memories))
                 );
             }
         }
@@ -232,26 +276,25 @@ impl LoadedHandler {
             .map_err(anyhow::Error::from)
             .with_context(|| {
                 format!(
-                    "handler {:?}: {} imports something Weir does not provide",
-                    cfg.name,
-                    path.display()
+                    "handler {:?}: {origin} imports something Weir does not provide",
+                    cfg.name
                 )
             })?;
         let pre = HandlerPre::new(pre)
             .map_err(anyhow::Error::from)
             .with_context(|| {
                 format!(
-                    "handler {:?}: {} does not implement the weir:plugin/handler world",
-                    cfg.name,
-                    path.display()
+                    "handler {:?}: {origin} does not implement the weir:plugin/handler world",
+                    cfg.name
                 )
             })?;
-        let digest = Sha256::digest(&bytes);
-        let version = digest[..6].iter().map(|b| format!("{b:02x}")).collect();
-        let handler = LoadedHandler {
+        let mut handler = LoadedHandler {
             name: cfg.name.clone(),
             config_entry: cfg.clone(),
-            version,
+            version: digest[..12].to_owned(),
+            digest,
+            compiled,
+            load_time: Duration::ZERO,
             initial_backoff: Duration::from_millis(cfg.initial_backoff_ms),
             max_backoff: Duration::from_millis(cfg.max_backoff_ms),
             fuel_per_event: cfg.fuel_per_event,
@@ -268,17 +311,11 @@ impl LoadedHandler {
             // What `resources_required` could not count (a component that
             // instantiates a module it imports) the store's count refuses.
             if format!("{e:#}").contains("memory count too high") {
-                bail!(
-                    "{}",
-                    too_many_memories(cfg, &format!(" (in {})", path.display()))
-                );
+                bail!("{}", too_many_memories(cfg, &format!(" (in {origin})")));
             }
-            return Err(e.context(format!(
-                "handler {:?}: {} fails to start",
-                cfg.name,
-                path.display()
-            )));
+            return Err(e.context(format!("handler {:?}: {origin} fails to start", cfg.name)));
         }
+        handler.load_time = started.elapsed();
         Ok(handler)
     }
 

@@ -6,9 +6,11 @@
 //! committed offsets; [`telemetry`] and [`metrics`] let operators see it.
 
 pub mod bench;
+pub mod compile_cache;
 pub mod config;
 pub mod deadletter;
 pub mod dedup;
+pub mod deploy;
 pub mod dev;
 pub mod envelope;
 pub mod failure;

@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 use tracing::info;
 
 use weir::config::Config;
+use weir::deploy::admin::AdminTarget;
 use weir::handler::PluginEngine;
 use weir::pipeline::Stats;
 
@@ -58,6 +59,33 @@ enum Command {
     Dev(weir::dev::DevArgs),
     /// Measure throughput and handling latency against a real broker.
     Bench(weir::bench::BenchArgs),
+    /// Deploy a new version of a handler to a running instance (admin API).
+    Deploy {
+        #[command(flatten)]
+        target: AdminTarget,
+        /// The handler's name.
+        name: String,
+        /// The component.
+        file: PathBuf,
+    },
+    /// Put a handler back on its previous version (admin API).
+    Rollback {
+        #[command(flatten)]
+        target: AdminTarget,
+        /// The handler's name.
+        name: String,
+    },
+    /// List a running instance's handlers and versions (admin API).
+    Handlers {
+        #[command(flatten)]
+        target: AdminTarget,
+    },
+    /// Make a running instance re-read its config file (admin API; SIGHUP
+    /// does the same).
+    Reload {
+        #[command(flatten)]
+        target: AdminTarget,
+    },
 }
 
 #[derive(Subcommand)]
@@ -159,6 +187,59 @@ fn real_main(cli: Cli) -> Result<()> {
         }
         Command::Dev(args) => runtime.block_on(weir::dev::run(args)),
         Command::Bench(args) => runtime.block_on(weir::bench::run(args)),
+        Command::Deploy { target, name, file } => {
+            let d = target.deploy(&name, &file)?;
+            match d.result.as_str() {
+                "unchanged" => println!("{name}: version {} is already serving", d.version),
+                _ => println!(
+                    "{name}: version {} serving (previous {}), {} in {} ms",
+                    d.version,
+                    d.previous_version.as_deref().unwrap_or("none"),
+                    if d.cached {
+                        "from the compile cache"
+                    } else {
+                        "compiled"
+                    },
+                    d.load_ms
+                ),
+            }
+            Ok(())
+        }
+        Command::Rollback { target, name } => {
+            let (from, to) = target.rollback(&name)?;
+            println!("{name}: rolled back from {from} to {to}");
+            Ok(())
+        }
+        Command::Handlers { target } => {
+            for h in target.handlers()? {
+                println!(
+                    "{}\tversion {}\tprevious {}\t{}\thandled {}\tfailed {}\tsince {}{}",
+                    h.name,
+                    h.version,
+                    h.previous_version.as_deref().unwrap_or("-"),
+                    h.state,
+                    h.events_handled,
+                    h.events_failed,
+                    h.loaded_at,
+                    h.last_change.map(|c| format!("\t{c}")).unwrap_or_default()
+                );
+            }
+            Ok(())
+        }
+        Command::Reload { target } => {
+            let r = target.reload()?;
+            println!(
+                "reloaded: changed {:?}, added {:?}, removed {:?}",
+                r.changed, r.added, r.removed
+            );
+            if !r.needs_restart.is_empty() {
+                println!(
+                    "changed sections that apply at the next start: {:?}",
+                    r.needs_restart
+                );
+            }
+            Ok(())
+        }
     }
 }
 

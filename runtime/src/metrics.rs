@@ -43,6 +43,10 @@ pub struct Metrics {
     outputs: IntCounterVec,
     fuel: IntCounterVec,
     handler_info: IntGaugeVec,
+    /// Deploys of handler versions by result (`ok`, `unchanged`, `refused`).
+    deploys: IntCounterVec,
+    /// Rollbacks by kind (`manual`, `automatic`).
+    rollbacks: IntCounterVec,
     /// Failed attempts to publish a record (each record is retried;
     /// nothing is committed past it).
     pub produce_errors: IntCounter,
@@ -99,7 +103,10 @@ impl Metrics {
         .expect("a valid metric");
         r.register(Box::new(duration.clone())).expect("unique name");
         let handler_info = IntGaugeVec::new(
-            Opts::new("weir_handler_info", "1 for each handler version loaded"),
+            Opts::new(
+                "weir_handler_info",
+                "1 for the handler version serving, 0 for versions it replaced",
+            ),
             &["handler", "version"],
         )
         .expect("a valid metric");
@@ -159,6 +166,18 @@ impl Metrics {
                 &["handler"],
             ),
             handler_info,
+            deploys: counter(
+                &r,
+                "weir_handler_deploys_total",
+                "Deploys of a handler version, by result (ok, unchanged, refused)",
+                &["handler", "result"],
+            ),
+            rollbacks: counter(
+                &r,
+                "weir_handler_rollbacks_total",
+                "Rollbacks to a handler's previous version, by kind (manual, automatic)",
+                &["handler", "kind"],
+            ),
             produce_errors: gauge_counter(
                 &r,
                 "weir_produce_errors_total",
@@ -194,6 +213,24 @@ impl Metrics {
     pub fn handler(self: &Arc<Self>, name: &str, version: &str) -> HandlerMetrics {
         self.handler_info.with_label_values(&[name, version]).set(1);
         self.counters(name)
+    }
+
+    /// `weir_handler_info`: 1 for the version serving, 0 for the one it replaced.
+    pub fn handler_version(&self, name: &str, old: Option<&str>, new: &str) {
+        if let Some(old) = old.filter(|o| *o != new) {
+            self.handler_info.with_label_values(&[name, old]).set(0);
+        }
+        self.handler_info.with_label_values(&[name, new]).set(1);
+    }
+
+    /// Counts a deploy by its result.
+    pub fn deploy(&self, name: &str, result: &str) {
+        self.deploys.with_label_values(&[name, result]).inc();
+    }
+
+    /// Counts a rollback by its kind.
+    pub fn rollback(&self, name: &str, kind: &str) {
+        self.rollbacks.with_label_values(&[name, kind]).inc();
     }
 
     /// Counts the failure of a record no handler can take (a retry record

@@ -138,6 +138,10 @@ pub struct ReplayArgs {
     /// Only dead letters of this failure class (e.g. `fatal`, `retries-exhausted`).
     #[arg(long)]
     error_kind: Option<String>,
+    /// Only dead letters of this handler version (a version rolled back,
+    /// say; `weir handlers` and the admin API name versions).
+    #[arg(long)]
+    handler_version: Option<String>,
     /// Only dead letters at or after this offset of the dead-letter topic.
     #[arg(long)]
     from_offset: Option<i64>,
@@ -279,7 +283,10 @@ async fn replay(args: &ReplayArgs) -> Result<(u64, u64)> {
         }) && args
             .error_kind
             .as_ref()
-            .is_none_or(|k| header_str(&m, dlh::ERROR_KIND).as_deref() == Some(k));
+            .is_none_or(|k| header_str(&m, dlh::ERROR_KIND).as_deref() == Some(k))
+            && args.handler_version.as_ref().is_none_or(|v| {
+                header_str(&m, dlh::HANDLER_VERSION).is_some_and(|x| x.split(',').any(|x| x == v))
+            });
         let Some(original) = header_str(&m, dlh::ORIGINAL_TOPIC) else {
             skipped += 1;
             continue;

@@ -1,15 +1,20 @@
 //! What `weir run` runs, from a loaded config to a stopped pipeline: the
-//! exporter, the metrics and health endpoints, the handlers, the
-//! idempotency store and the pipeline. `weir bench` runs the same.
+//! exporter, the metrics and health endpoints, the handlers (with the
+//! compile cache), the idempotency store, the deploy paths (admin API,
+//! watched plugin folder, SIGHUP reload) and the pipeline, rebuilt in place
+//! when a reload changes what the handlers subscribe to. `weir bench` runs
+//! the same.
 
 use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use tracing::info;
+use tracing::{info, warn};
 
+use crate::compile_cache::CompileCache;
 use crate::config::Config;
+use crate::deploy::{self, Deployer, Registry};
 use crate::handler::PluginEngine;
 use crate::metrics::{Health, Metrics};
 use crate::pipeline::{self, Observability, Stats};
@@ -38,18 +43,109 @@ pub fn run(
             obs.health.clone(),
         ))?;
     }
-    let engine = PluginEngine::new()?;
+    let mut engine = PluginEngine::new()?;
+    if config.plugins.cache {
+        engine = engine.with_cache(CompileCache::open(&config.plugins.cache_dir)?);
+    }
+    let started = std::time::Instant::now();
     let handlers = crate::load_handlers(&engine, &config)?;
     obs.health.handlers_loaded.store(true, Ordering::Relaxed);
     for h in &handlers {
-        info!(handler = %h.name, version = %h.version, topics = ?h.topics(), "handler loaded");
+        info!(handler = %h.name, version = %h.version, topics = ?h.topics(),
+            compiled = ?h.compiled, load_ms = h.load_time.as_millis() as u64, "handler loaded");
+    }
+    info!(
+        handlers = handlers.len(),
+        load_ms = started.elapsed().as_millis() as u64,
+        "handlers ready"
+    );
+    let registry = Arc::new(Registry::new(handlers, obs.metrics.clone()));
+    let deployer = Arc::new(Deployer::new(
+        engine,
+        registry.clone(),
+        config.clone(),
+        obs.metrics.clone(),
+    ));
+    if config.admin.enabled {
+        runtime.block_on(deploy::admin::serve(
+            &config.admin.listen,
+            config.admin.token()?,
+            config.admin.max_body_bytes(),
+            deployer.clone(),
+        ))?;
+    }
+    let _watch = if config.plugins.watch {
+        let _guard = runtime.enter();
+        Some(deploy::watch::start(
+            deployer.clone(),
+            std::time::Duration::from_millis(config.plugins.watch_debounce_ms),
+        )?)
+    } else {
+        None
+    };
+    if config.source.is_some() {
+        runtime.spawn(reload_on_sighup(deployer.clone()));
     }
     let dedup = crate::open_dedup(&config)?;
+
+    // The caller's shutdown, as a flag every pipeline (first and rebuilt) sees.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    runtime.spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
     let result = runtime.block_on(async move {
-        tokio::spawn(pipeline::run(config, handlers, dedup, stats, obs, shutdown))
-            .await
-            .context("the pipeline task failed")?
+        let mut config = config;
+        let mut slots = registry.slots();
+        loop {
+            let mut stop = stop_rx.clone();
+            let rebuild = deployer.clone();
+            let until = async move {
+                tokio::select! {
+                    _ = stop.wait_for(|s| *s) => {}
+                    _ = rebuild.rebuild_requested.notified() => {}
+                }
+            };
+            let run = pipeline::run(
+                config.clone(),
+                slots,
+                dedup.clone(),
+                stats.clone(),
+                obs.clone(),
+                until,
+            );
+            tokio::spawn(run)
+                .await
+                .context("the pipeline task failed")??;
+            if *stop_rx.borrow() {
+                return Ok(());
+            }
+            let Some(next) = deployer.take_rebuild() else {
+                return Ok(());
+            };
+            info!("handlers or subscriptions changed: pipeline rebuilt on the reloaded config");
+            registry.replace(next.slots.clone());
+            config = next.config;
+            slots = next.slots;
+        }
     });
     tracing.shutdown();
     result
+}
+
+/// SIGHUP re-reads the config file.
+async fn reload_on_sighup(deployer: Arc<Deployer>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, "cannot install a SIGHUP handler; reload through the admin API");
+            return;
+        }
+    };
+    while hup.recv().await.is_some() {
+        info!("SIGHUP received: reloading the config file");
+        // The outcome is logged by the reload.
+        let _ = deployer.reload().await;
+    }
 }

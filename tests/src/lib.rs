@@ -428,12 +428,32 @@ impl Weir {
         }
     }
 
+    /// The config file it runs on (a reload test edits it).
+    pub fn config_path(&self) -> std::path::PathBuf {
+        self._dir.path().join("weir.toml")
+    }
+
+    /// Sends signal `sig` (e.g. 1 for SIGHUP).
+    pub fn signal(&self, sig: i32) -> Result<()> {
+        let pid = self.child.id().context("weir already exited")?;
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { libc_kill(pid as i32, sig) };
+        Ok(())
+    }
+
+    /// The address of the admin API (its port is picked at start and logged).
+    pub async fn admin_addr(&mut self) -> Result<String> {
+        self.logged_address("serving the admin API").await
+    }
+
     /// The address of the metrics and health server (its port is picked
     /// at start and logged).
     pub async fn http_addr(&mut self) -> Result<String> {
-        let line = self
-            .await_log("serving /metrics", Duration::from_secs(30))
-            .await?;
+        self.logged_address("serving /metrics").await
+    }
+
+    async fn logged_address(&mut self, needle: &str) -> Result<String> {
+        let line = self.await_log(needle, Duration::from_secs(60)).await?;
         let addr = match serde_json::from_str::<serde_json::Value>(&line) {
             Ok(json) => json["fields"]["address"].as_str().map(str::to_owned),
             Err(_) => line

@@ -181,6 +181,7 @@ impl PartitionWorker {
         let parent = receive.clone().unwrap_or(parent);
         let mut routed = false;
         for i in 0..self.handlers.len() {
+            self.refresh(i);
             let handler = self.handlers[i].0.clone();
             let metrics = self.handlers[i].2.clone();
             if !handler.config_entry.accepts(&event.event_type)
@@ -231,6 +232,14 @@ impl PartitionWorker {
             let started = Instant::now();
             self.throttled = Duration::ZERO;
             let verdict = self.call(i, &event, record, retry, &cx)?;
+            // The version of the last attempt (a deploy may have come
+            // between attempts) is the one the outcome names.
+            let handler = self.handlers[i].0.clone();
+            match &verdict {
+                Verdict::Outputs(_) => self.outcome(i, true),
+                Verdict::Failed { .. } => self.outcome(i, false),
+                Verdict::Retry { .. } => {}
+            }
             // Waiting for the fuel budget is throttling, not handling.
             let took = started.elapsed().saturating_sub(self.throttled);
             let fallback = |mark: Option<Vec<u8>>, attempts: u32, first_failure| {
@@ -272,6 +281,10 @@ impl PartitionWorker {
                     if !outputs.is_empty() {
                         let f = fallback(None, consumed_attempt, OffsetDateTime::now_utc());
                         for mut o in outputs {
+                            o.headers.push((
+                                deadletter::header::HANDLER_VERSION.to_owned(),
+                                handler.version.as_bytes().to_vec(),
+                            ));
                             let (ack, span) =
                                 self.send_for_event(&mut o, &cx, &event.correlation_id, None)?;
                             deliveries.push(Delivery {

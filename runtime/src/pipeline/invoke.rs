@@ -48,12 +48,14 @@ impl PartitionWorker {
         retry: Option<&RetryInfo>,
         cx: &TraceContext,
     ) -> Option<Verdict> {
-        let handler = self.handlers[i].0.clone();
         let metrics = self.handlers[i].2.clone();
         let mut first_failure = retry.map(|r| r.first_failure);
         let mut attempt = retry.map_or(1, |r| r.attempt);
         let trace_id = telemetry::trace_id(cx);
         loop {
+            // A version deployed meanwhile takes the next attempt.
+            self.refresh(i);
+            let handler = self.handlers[i].0.clone();
             let instance = match &mut self.handlers[i].1 {
                 Some(inst) => inst,
                 slot => match handler.instantiate() {
@@ -94,6 +96,7 @@ impl PartitionWorker {
                     SpanKind::Internal,
                     vec![
                         KeyValue::new(attr::HANDLER, handler.name.clone()),
+                        KeyValue::new(attr::HANDLER_VERSION, handler.version.clone()),
                         KeyValue::new(attr::ATTEMPT, attempt as i64),
                     ],
                 )

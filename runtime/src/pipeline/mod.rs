@@ -38,6 +38,7 @@ use tracing::{debug, error, info};
 
 use crate::config::Config;
 use crate::dedup::Dedup;
+use crate::deploy::Slot;
 use crate::envelope::Record;
 use crate::halt::{panic_text, Halt};
 use crate::handler::LoadedHandler;
@@ -139,7 +140,7 @@ struct Shared {
     /// Fault injection for the end-to-end tests: the worker of this
     /// `topic/partition` panics at this offset (`WEIR_FAULT_PANIC_AT`).
     panic_at: Option<(String, i32, i64)>,
-    by_topic: HashMap<String, Vec<Arc<LoadedHandler>>>,
+    by_topic: HashMap<String, Vec<Arc<Slot>>>,
     /// Each retry topic, with the dead-letter topic of its source topic
     /// (where a record it cannot route goes).
     retry_topics: HashMap<String, String>,
@@ -168,14 +169,17 @@ const BURST: usize = 256;
 /// Runs the pipeline until `shutdown` resolves, then drains and commits.
 pub async fn run(
     config: Config,
-    handlers: Vec<Arc<LoadedHandler>>,
+    slots: Vec<Arc<Slot>>,
     dedup: Option<Arc<Dedup>>,
     stats: Arc<Stats>,
     obs: Observability,
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
-    let mut by_topic: HashMap<String, Vec<Arc<LoadedHandler>>> = HashMap::new();
-    for h in &handlers {
+    // Subscriptions are the serving versions' (a reload that changes them
+    // rebuilds the pipeline).
+    let handlers: Vec<Arc<LoadedHandler>> = slots.iter().map(|s| s.current().1).collect();
+    let mut by_topic: HashMap<String, Vec<Arc<Slot>>> = HashMap::new();
+    for (h, slot) in handlers.iter().zip(&slots) {
         for t in h
             .topics()
             .iter()
@@ -183,11 +187,14 @@ pub async fn run(
             .chain(h.config_entry.retry_topics())
         {
             let subscribed = by_topic.entry(t).or_default();
-            if !subscribed.iter().any(|s| Arc::ptr_eq(s, h)) {
-                subscribed.push(h.clone());
+            if !subscribed.iter().any(|s| Arc::ptr_eq(s, slot)) {
+                subscribed.push(slot.clone());
             }
         }
     }
+    // A pipeline rebuilt after a reload starts as the first one did.
+    obs.health.stopping.store(false, Ordering::Relaxed);
+    obs.health.joined.store(false, Ordering::Relaxed);
     let (halt, mut halted) = Halt::new(obs.health.clone());
     let publisher = Publisher::new(&config, halt.clone(), obs.metrics.clone())?;
     let workers = Arc::new(Workers::default());

@@ -13,6 +13,7 @@ use tracing::error;
 
 use super::finalizer::Step;
 use super::Shared;
+use crate::deploy::Slot;
 use crate::envelope::Record;
 use crate::handler::{HandlerInstance, LoadedHandler};
 use crate::metrics::HandlerMetrics;
@@ -22,6 +23,9 @@ use crate::retry_topic::{self, DelayQueue};
 pub(super) struct PartitionWorker {
     pub(super) shared: Arc<Shared>,
     pub(super) handlers: Vec<(Arc<LoadedHandler>, Option<HandlerInstance>, HandlerMetrics)>,
+    /// Each handler's slot, and the generation of the version in
+    /// `handlers` (a deploy changes the slot's).
+    pub(super) slots: Vec<(Arc<Slot>, u64)>,
     pub(super) cancel: Arc<AtomicBool>,
     /// Keys handled by this worker whose marks may not be written yet: a
     /// duplicate close behind its original is caught here.
@@ -82,15 +86,23 @@ impl RecentKeys {
 impl PartitionWorker {
     pub(super) fn new(
         shared: Arc<Shared>,
-        handlers: Vec<Arc<LoadedHandler>>,
+        slots: Vec<Arc<Slot>>,
         cancel: Arc<AtomicBool>,
         is_retry: bool,
     ) -> Self {
-        let keys_per_event = handlers.len().max(1);
+        let keys_per_event = slots.len().max(1);
+        let slots: Vec<(Arc<Slot>, Arc<LoadedHandler>, u64)> = slots
+            .into_iter()
+            .map(|s| {
+                let (generation, h) = s.current();
+                (s, h, generation)
+            })
+            .collect();
         Self {
-            handlers: handlers
+            slots: slots.iter().map(|(s, _, g)| (s.clone(), *g)).collect(),
+            handlers: slots
                 .into_iter()
-                .map(|h| {
+                .map(|(_, h, _)| {
                     let m = shared
                         .handler_metrics
                         .get(&h.name)
@@ -181,6 +193,28 @@ impl PartitionWorker {
                 break;
             }
         }
+    }
+
+    /// Takes handler `i`'s serving version if a deploy or a rollback
+    /// changed it: called between event attempts, never during one.
+    pub(super) fn refresh(&mut self, i: usize) {
+        let (slot, seen) = &mut self.slots[i];
+        if slot.generation() == *seen {
+            return;
+        }
+        let (generation, current) = slot.current();
+        *seen = generation;
+        if !Arc::ptr_eq(&self.handlers[i].0, &current) {
+            self.handlers[i].0 = current;
+            self.handlers[i].1 = None;
+        }
+    }
+
+    /// Counts an event's outcome for the version that handled it (the
+    /// rollout watch of a new version).
+    pub(super) fn outcome(&self, i: usize, ok: bool) {
+        let (slot, generation) = &self.slots[i];
+        slot.record(*generation, ok);
     }
 
     /// When a retry record that is not due yet will be; None for one that

@@ -10,6 +10,9 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
+mod deploy;
+pub use deploy::{AdminConfig, PluginsConfig, RolloutConfig};
+
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -28,9 +31,18 @@ pub struct Config {
     /// The HTTP server of `/metrics`, `/healthz` and `/readyz`.
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// The admin API (deploys, rollbacks, reloads), off unless enabled.
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// The plugin folder watch and the compile cache.
+    #[serde(default)]
+    pub plugins: PluginsConfig,
     /// The handlers to load, each a WebAssembly component.
     #[serde(default, rename = "handler")]
     pub handlers: Vec<HandlerConfig>,
+    /// The file this config was read from (what a reload reads again).
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 /// Kafka connection and consumer group settings.
@@ -292,6 +304,13 @@ pub struct HandlerConfig {
     /// spent, the partitions feeding the handler pause until it refills.
     #[serde(default)]
     pub fuel_per_second: Option<u64>,
+    /// A sample events file (the `weir try` format) a new version must
+    /// handle without failing before it takes traffic.
+    #[serde(default)]
+    pub sample_events: Option<PathBuf>,
+    /// Automatic rollback of a new version that fails too often.
+    #[serde(default)]
+    pub rollout: Option<RolloutConfig>,
 }
 
 /// How `retriable` failures are retried.
@@ -398,6 +417,14 @@ impl Config {
         if config.idempotency.path.is_relative() {
             config.idempotency.path = base.join(&config.idempotency.path);
         }
+        if config.plugins.cache_dir.is_relative() {
+            config.plugins.cache_dir = base.join(&config.plugins.cache_dir);
+        }
+        if let Some(file) = &mut config.admin.token_file {
+            if file.is_relative() {
+                *file = base.join(&*file);
+            }
+        }
         for handler in &mut config.handlers {
             if handler.wasm.is_relative() {
                 handler.wasm = base.join(&handler.wasm);
@@ -407,7 +434,14 @@ impl Config {
                     *dir = base.join(&*dir);
                 }
             }
+            if let Some(file) = &mut handler.sample_events {
+                if file.is_relative() {
+                    *file = base.join(&*file);
+                }
+            }
         }
+        deploy::apply_env_overrides(&mut config, std::env::vars())?;
+        config.source = Some(path.to_owned());
         Ok(config)
     }
 
@@ -567,7 +601,16 @@ impl Config {
             if !h.wasm.is_file() {
                 bail!("{at}.wasm: no such file {}", h.wasm.display());
             }
+            if let Some(file) = &h.sample_events {
+                if !file.is_file() {
+                    bail!("{at}.sample_events: no such file {}", file.display());
+                }
+            }
+            if let Some(r) = &h.rollout {
+                r.validate(&format!("{at}.rollout"))?;
+            }
         }
+        self.admin.validate()?;
         Ok(())
     }
 
