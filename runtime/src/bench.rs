@@ -52,9 +52,21 @@ pub struct BenchArgs {
     /// `[pipeline]` or `[kafka.producer_options]` settings); printed.
     #[arg(long)]
     extra_config: Option<String>,
+    /// Hot swaps to measure (the stall around each, under a paced load,
+    /// and echo's throughput with a swap a second vs none); 0: none.
+    #[arg(long, default_value_t = 0)]
+    swaps: usize,
+    /// Events/s of the paced load of the swap run.
+    #[arg(long, default_value_t = 10_000.0)]
+    swap_rate: f64,
+    /// A large component whose start-up is timed compiled vs read from
+    /// the compile cache.
+    #[arg(long)]
+    startup: Option<PathBuf>,
 }
 
 mod baselines;
+mod deploys;
 mod latency;
 mod micro;
 use baselines::{baseline, passthrough};
@@ -323,6 +335,14 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     if let (true, Some(rate)) = (args.latency_secs > 0, latency_rate) {
         latency::run(&args, &echo, rate).await?;
     }
+    if args.swaps > 0 {
+        deploys::run(&args, &echo, args.swaps, args.swap_rate).await?;
+    }
+    if let Some(file) = &args.startup {
+        let file = file.clone();
+        let rounds = args.rounds;
+        tokio::task::spawn_blocking(move || deploys::startup(&file, rounds)).await??;
+    }
 
     micro::print(&args, &echo, &sink).await
 }
@@ -330,6 +350,9 @@ pub async fn run(args: BenchArgs) -> Result<()> {
 /// The table of runs: per variant the range of events/s over the rounds
 /// and, for Weir, the range of its share of the same round's baseline.
 fn print_runs(variants: &[Variant], runs: &[(usize, Variant, Run)]) {
+    if runs.is_empty() {
+        return;
+    }
     println!(
         "\n| run | rounds | events/s (min-max) | median | share of its baseline (each round) | CPU µs/event (this process) | handle p50 µs | handle p99 µs |"
     );

@@ -115,7 +115,7 @@ async fn deploy(
     }
     match admin
         .deployer
-        .deploy(&name, body.to_vec(), "the admin API".into())
+        .deploy(&name, body.to_vec(), "the uploaded component".into())
         .await
     {
         Ok(d) => Json(d).into_response(),

@@ -378,7 +378,11 @@ fn try_samples(h: &LoadedHandler, file: &std::path::Path) -> Result<()> {
                 }
             }
             CallOutcome::Retriable(_) | CallOutcome::Failed(FailureKind::Fatal, _) => {}
-            CallOutcome::Failed(kind, message) => bail!("sample {at}: {kind}: {message}"),
+            CallOutcome::Failed(kind, message) => {
+                // A trap's message ends with its cause, after the backtrace.
+                let cause = message.lines().last().unwrap_or_default().trim();
+                bail!("sample {at}: {kind}: {cause}")
+            }
         }
         if instance.is_poisoned() {
             instance = h.instantiate()?;

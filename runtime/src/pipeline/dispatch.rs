@@ -120,9 +120,11 @@ impl PartitionWorker {
                 let causation = record
                     .header_str(envelope::header::CAUSATION_ID)
                     .unwrap_or_default();
+                let version = versions.join(",");
                 let fields = EventFields {
                     cx: &cx,
                     handler: &handler,
+                    version: &version,
                     event_id: &position,
                     correlation_id: &correlation,
                     causation_id: &causation,
@@ -204,7 +206,7 @@ impl PartitionWorker {
             if dedup_on && self.already_done(&key)? {
                 event_log!(
                     debug,
-                    EventFields::of(&cx, &handler.name, &event, record),
+                    EventFields::of(&cx, &handler, &event, record),
                     "duplicate skipped"
                 );
                 telemetry::event(&cx, || ("duplicate skipped", Vec::new()));
@@ -221,7 +223,7 @@ impl PartitionWorker {
                 if self.already_done(hop)? {
                     event_log!(
                         debug,
-                        EventFields::of(&cx, &handler.name, &event, record),
+                        EventFields::of(&cx, &handler, &event, record),
                         attempt = consumed_attempt,
                         "retry already scheduled; skipped"
                     );
@@ -272,7 +274,7 @@ impl PartitionWorker {
                 Verdict::Outputs(outputs) => {
                     event_log!(
                         debug,
-                        EventFields::of(&cx, &handler.name, &event, record),
+                        EventFields::of(&cx, &handler, &event, record),
                         outputs = outputs.len(),
                         "handled"
                     );
@@ -309,7 +311,7 @@ impl PartitionWorker {
                         .config_entry
                         .retry_topic_of(&record.topic)
                         .expect("topic retry mode has a retry topic");
-                    event_log!(debug, EventFields::of(&cx, &handler.name, &event, record),
+                    event_log!(debug, EventFields::of(&cx, &handler, &event, record),
                         attempt, ?delay, reason = %message, retry_topic = %topic, "sent to the retry topic");
                     telemetry::event(&cx, || {
                         (
@@ -354,7 +356,7 @@ impl PartitionWorker {
                 } => {
                     let topic = handler.config_entry.dead_letter_topic_of(&record.topic);
                     telemetry::fail(&cx, kind.name(), &message);
-                    event_log!(warn, EventFields::of(&cx, &handler.name, &event, record),
+                    event_log!(warn, EventFields::of(&cx, &handler, &event, record),
                         kind = %kind, reason = %message, attempts, dead_letter_topic = %topic,
                         "event dead-lettered");
                     metrics.failed(kind, Some(took));
@@ -426,6 +428,7 @@ impl PartitionWorker {
         let fields = EventFields {
             cx: &cx,
             handler: "",
+            version: "",
             event_id: &position,
             correlation_id: &correlation,
             causation_id: &causation,

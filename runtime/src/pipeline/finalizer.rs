@@ -267,6 +267,7 @@ impl Finalizer {
         let fields = EventFields {
             cx: &f.cx,
             handler: &h.name,
+            version: &h.version,
             event_id: &event_id,
             correlation_id: &f.correlation_id,
             causation_id: &causation_id,

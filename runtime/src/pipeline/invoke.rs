@@ -170,7 +170,7 @@ impl PartitionWorker {
                             first_failure: failed_at,
                         });
                     }
-                    event_log!(debug, EventFields::of(cx, &handler.name, event, record),
+                    event_log!(debug, EventFields::of(cx, &handler, event, record),
                         attempt, ?delay, reason = %message, "retrying");
                     telemetry::event(cx, || {
                         (
