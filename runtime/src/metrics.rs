@@ -223,6 +223,11 @@ impl Metrics {
         self.handler_info.with_label_values(&[name, new]).set(1);
     }
 
+    /// `weir_handler_info` of a handler removed by a reload: 0.
+    pub fn handler_removed(&self, name: &str, version: &str) {
+        self.handler_info.with_label_values(&[name, version]).set(0);
+    }
+
     /// Counts a deploy by its result.
     pub fn deploy(&self, name: &str, result: &str) {
         self.deploys.with_label_values(&[name, result]).inc();

@@ -29,6 +29,12 @@ pub fn run(
     stats: Arc<Stats>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
+    // SIGHUP is caught from the start: while handlers compile it waits
+    // (its default action would end the process).
+    let hangups = {
+        let _guard = runtime.enter();
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+    };
     let tracing = Arc::new(Tracing::from_config(&config.tracing)?);
     let obs = Observability {
         tracing: tracing.clone(),
@@ -83,8 +89,14 @@ pub fn run(
     } else {
         None
     };
-    if config.source.is_some() {
-        runtime.spawn(reload_on_sighup(deployer.clone()));
+    match hangups {
+        Ok(hangups) if config.source.is_some() => {
+            runtime.spawn(reload_on_sighup(deployer.clone(), hangups));
+        }
+        Ok(_) => {}
+        Err(e) => {
+            warn!(error = %e, "cannot install a SIGHUP handler; reload through the admin API")
+        }
     }
     let dedup = crate::open_dedup(&config)?;
 
@@ -114,14 +126,26 @@ pub fn run(
                 obs.clone(),
                 until,
             );
-            tokio::spawn(run)
+            let ended = tokio::spawn(run)
                 .await
-                .context("the pipeline task failed")??;
+                .context("the pipeline task failed")?;
             if *stop_rx.borrow() {
-                return Ok(());
+                return ended;
             }
+            // Stopped for a rebuild: events a slow partition did not finish
+            // in time are redelivered to the new pipeline, not a reason to
+            // stop the process; any other failure is.
+            match ended {
+                Err(e) if e.downcast_ref::<pipeline::Unfinished>().is_some() => {
+                    warn!(reason = %e, "pipeline rebuilt with events unfinished")
+                }
+                other => other?,
+            }
+            // Several reloads may have asked for one rebuild: the last wins;
+            // none left (already taken) means the same pipeline again.
             let Some(next) = deployer.take_rebuild() else {
-                return Ok(());
+                slots = registry.slots();
+                continue;
             };
             info!("handlers or subscriptions changed: pipeline rebuilt on the reloaded config");
             registry.replace(next.slots.clone());
@@ -134,16 +158,8 @@ pub fn run(
 }
 
 /// SIGHUP re-reads the config file.
-async fn reload_on_sighup(deployer: Arc<Deployer>) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut hup = match signal(SignalKind::hangup()) {
-        Ok(s) => s,
-        Err(e) => {
-            warn!(error = %e, "cannot install a SIGHUP handler; reload through the admin API");
-            return;
-        }
-    };
-    while hup.recv().await.is_some() {
+async fn reload_on_sighup(deployer: Arc<Deployer>, mut hangups: tokio::signal::unix::Signal) {
+    while hangups.recv().await.is_some() {
         info!("SIGHUP received: reloading the config file");
         // The outcome is logged by the reload.
         let _ = deployer.reload().await;

@@ -76,7 +76,9 @@ async fn authorize(State(admin): State<Arc<Admin>>, request: Request, next: Next
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token);
     match given {
         Some(t) if same_token(t.trim().as_bytes(), admin.token.as_bytes()) => {
             next.run(request).await
@@ -115,7 +117,7 @@ async fn deploy(
     }
     match admin
         .deployer
-        .deploy(&name, body.to_vec(), "the uploaded component".into())
+        .deploy(&name, body.to_vec(), "the uploaded component".into(), false)
         .await
     {
         Ok(d) => Json(d).into_response(),

@@ -98,15 +98,22 @@ impl Deployer {
     }
 
     /// Deploys `bytes` as the new version of handler `name`; `origin`
-    /// names where they came from. Refused versions change nothing.
+    /// names where they came from, `from_file` says they are the handler's
+    /// `wasm` file (the watched folder). Refused versions change nothing.
     pub async fn deploy(
         self: &Arc<Self>,
         name: &str,
         bytes: Vec<u8>,
         origin: String,
+        from_file: bool,
     ) -> Result<Deployed> {
         let _one = self.lock.lock().await;
+        let digest = digest_hex(&bytes);
         let result = self.deploy_locked(name, bytes, &origin).await;
+        if let (true, Ok(_), Some(slot)) = (from_file, &result, self.registry.get(name)) {
+            // The file holds what serves: a reload leaves it.
+            slot.set_file_digest(digest);
+        }
         let outcome = match &result {
             Ok(d) => d.result.as_str(),
             Err(_) => "refused",
@@ -226,7 +233,7 @@ impl Deployer {
             ..Default::default()
         };
         // Build every changed handler first: one failure refuses the lot.
-        let mut built: Vec<(Arc<Slot>, Arc<LoadedHandler>)> = Vec::new();
+        let mut built: Vec<Swap> = Vec::new();
         let mut fresh: Vec<Arc<LoadedHandler>> = Vec::new();
         for cfg in &new.handlers {
             let bytes = std::fs::read(&cfg.wasm).with_context(|| {
@@ -235,12 +242,19 @@ impl Deployer {
             match self.registry.get(&cfg.name) {
                 Some(slot) => {
                     let (_, current) = slot.current();
-                    let same_settings = format!("{:?}", current.config_entry) == format!("{cfg:?}");
-                    if same_settings && digest_hex(&bytes) == current.digest {
+                    let digest = digest_hex(&bytes);
+                    if digest != slot.file_digest() {
+                        // A new file: deployed (and watched) like any other.
+                        let h = self.build(cfg, &bytes, &cfg.wasm.display().to_string())?;
+                        built.push((slot, Arc::new(h), Change::Deploy, Some(digest)));
+                    } else if format!("{:?}", current.config_entry) != format!("{cfg:?}") {
+                        // New settings for the version serving (which may
+                        // be an upload the file does not hold).
+                        let h = current.with_settings(cfg);
+                        built.push((slot, Arc::new(h), Change::Reload, None));
+                    } else {
                         continue;
                     }
-                    let h = self.build(cfg, &bytes, &cfg.wasm.display().to_string())?;
-                    built.push((slot, Arc::new(h)));
                     out.changed.push(cfg.name.clone());
                 }
                 None => {
@@ -258,18 +272,24 @@ impl Deployer {
             .collect();
         let routing_changed = !out.added.is_empty()
             || !out.removed.is_empty()
-            || built.iter().any(|(slot, h)| {
+            || built.iter().any(|(slot, h, _, _)| {
                 let (_, current) = slot.current();
                 routing(&current.config_entry) != routing(&h.config_entry)
             });
-        for (slot, h) in &built {
-            slot.swap(
-                h.clone(),
-                Change::Reload,
-                format!("reloaded from {}", path.display()),
-            );
+        for (slot, h, change, digest) in built {
+            slot.swap(h, change, format!("reloaded from {}", path.display()));
+            if let Some(d) = digest {
+                slot.set_file_digest(d);
+            }
         }
         if routing_changed {
+            if let Some(m) = &self.metrics {
+                for name in &out.removed {
+                    if let Some(slot) = self.registry.get(name) {
+                        m.handler_removed(name, &slot.current().1.version);
+                    }
+                }
+            }
             let mut slots = Vec::new();
             for cfg in &new.handlers {
                 match self.registry.get(&cfg.name) {
@@ -294,6 +314,10 @@ impl Deployer {
         Ok(out)
     }
 }
+
+/// A swap a reload makes: (slot, version, how, the file's digest when the
+/// file is new).
+type Swap = (Arc<Slot>, Arc<LoadedHandler>, Change, Option<String>);
 
 /// What decides which records reach a handler and where its failures go.
 fn routing(h: &HandlerConfig) -> String {

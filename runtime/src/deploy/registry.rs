@@ -82,6 +82,10 @@ pub struct Slot {
 
 struct SlotState {
     current: Arc<LoadedHandler>,
+    /// The digest of the handler's `wasm` file when it was last read (at
+    /// start, a reload or a watched-folder deploy): a reload swaps the
+    /// file in only when it changed, so it does not undo an upload.
+    file_digest: String,
     previous: Option<Arc<LoadedHandler>>,
     /// The failure ratio of the previous version while it served.
     previous_ratio: Option<f64>,
@@ -154,6 +158,7 @@ impl Slot {
             failed: AtomicU64::new(0),
             watching: AtomicBool::new(false),
             state: Mutex::new(SlotState {
+                file_digest: handler.digest.clone(),
                 current: handler,
                 previous,
                 previous_ratio: None,
@@ -175,29 +180,43 @@ impl Slot {
         (self.generation(), s.current.clone())
     }
 
+    /// The digest of the handler's file when last read.
+    pub fn file_digest(&self) -> String {
+        self.state.lock().unwrap().file_digest.clone()
+    }
+
+    /// Notes that the handler's file now has digest `digest`.
+    pub fn set_file_digest(&self, digest: String) {
+        self.state.lock().unwrap().file_digest = digest;
+    }
+
     /// The previous version, kept for rollback.
     pub fn previous(&self) -> Option<Arc<LoadedHandler>> {
         self.state.lock().unwrap().previous.clone()
     }
 
     /// Makes `new` the serving version; the one it replaces becomes the
-    /// previous version (unless both are the same component).
+    /// previous version (unless both are the same component: a change of
+    /// settings keeps the previous version, the counts and any watch).
     pub fn swap(&self, new: Arc<LoadedHandler>, change: Change, why: String) {
         let mut s = self.state.lock().unwrap();
-        let handled = self.handled.swap(0, Ordering::Relaxed);
-        let failed = self.failed.swap(0, Ordering::Relaxed);
-        let ratio = (handled + failed > 0).then(|| failed as f64 / (handled + failed) as f64);
+        self.swap_locked(&mut s, new, change, why);
+    }
+
+    fn swap_locked(&self, s: &mut SlotState, new: Arc<LoadedHandler>, change: Change, why: String) {
         let old = std::mem::replace(&mut s.current, new.clone());
         if old.digest != new.digest {
+            let handled = self.handled.swap(0, Ordering::Relaxed);
+            let failed = self.failed.swap(0, Ordering::Relaxed);
             s.previous = Some(old.clone());
-            s.previous_ratio = ratio;
+            s.previous_ratio =
+                (handled + failed > 0).then(|| failed as f64 / (handled + failed) as f64);
+            let watch = change == Change::Deploy && new.config_entry.rollout.is_some();
+            self.watching.store(watch, Ordering::Relaxed);
         }
         s.loaded_at = OffsetDateTime::now_utc();
         s.last_change = Some(why);
-        let watch = change == Change::Deploy && new.config_entry.rollout.is_some();
-        self.watching.store(watch, Ordering::Relaxed);
         self.generation.fetch_add(1, Ordering::AcqRel);
-        drop(s);
         if let Some(m) = &self.metrics {
             m.handler_version(&self.name, Some(&old.version), &new.version);
         }
@@ -205,23 +224,30 @@ impl Slot {
 
     /// Back to the previous version; the one serving becomes the previous.
     pub fn rollback(&self, why: &str) -> Result<(String, String)> {
-        let (from, to) = {
-            let s = self.state.lock().unwrap();
-            let Some(previous) = s.previous.clone() else {
-                bail!(
-                    "handler {:?} has no previous version to roll back to",
-                    self.name
-                );
-            };
-            (s.current.clone(), previous)
+        let mut s = self.state.lock().unwrap();
+        self.rollback_locked(&mut s, why)
+    }
+
+    fn rollback_locked(&self, s: &mut SlotState, why: &str) -> Result<(String, String)> {
+        let Some(previous) = s.previous.clone() else {
+            bail!(
+                "handler {:?} has no previous version to roll back to",
+                self.name
+            );
         };
-        let text = format!("rolled back from {} to {}: {why}", from.version, to.version);
-        self.swap(to.clone(), Change::Rollback, text);
-        Ok((from.version.clone(), to.version.clone()))
+        // The component goes back; the settings in force stay.
+        let to = Arc::new(previous.with_settings(&s.current.config_entry));
+        let from = s.current.version.clone();
+        let text = format!("rolled back from {from} to {}: {why}", to.version);
+        let version = to.version.clone();
+        self.swap_locked(s, to, Change::Rollback, text);
+        Ok((from, version))
     }
 
     /// Counts the outcome of one event handled by generation `generation`;
-    /// a watched version that fails too often is rolled back here.
+    /// a watched version that fails too often is rolled back here (judged
+    /// and swapped under the slot's lock, so a deploy meanwhile is never
+    /// the one rolled back).
     pub fn record(&self, generation: u64, ok: bool) {
         if generation != self.generation() {
             return;
@@ -234,31 +260,25 @@ impl Slot {
         if !self.watching.load(Ordering::Relaxed) {
             return;
         }
-        let (rollout, previous, version) = {
-            let s = self.state.lock().unwrap();
-            if generation != self.generation() {
-                return;
-            }
-            let Some(rollout) = s.current.config_entry.rollout else {
-                return;
-            };
-            (rollout, s.previous_ratio, s.current.version.clone())
+        let mut s = self.state.lock().unwrap();
+        if generation != self.generation() || !self.watching.load(Ordering::Relaxed) {
+            return;
+        }
+        let Some(rollout) = s.current.config_entry.rollout else {
+            return;
         };
         let handled = self.handled.load(Ordering::Relaxed);
         let failed = self.failed.load(Ordering::Relaxed);
-        match judge(&rollout, handled, failed, previous) {
+        match judge(&rollout, handled, failed, s.previous_ratio) {
             Watch::Watching => {}
             Watch::Passed => {
-                if self.watching.swap(false, Ordering::Relaxed) {
-                    info!(handler = %self.name, version = %version, handled, failed,
-                        "new version passed its rollout watch");
-                }
+                self.watching.store(false, Ordering::Relaxed);
+                info!(handler = %self.name, version = %s.current.version, handled, failed,
+                    "new version passed its rollout watch");
             }
             Watch::RollBack(why) => {
-                if !self.watching.swap(false, Ordering::Relaxed) {
-                    return;
-                }
-                match self.rollback(&why) {
+                self.watching.store(false, Ordering::Relaxed);
+                match self.rollback_locked(&mut s, &why) {
                     Ok((from, to)) => {
                         warn!(handler = %self.name, from = %from, to = %to, reason = %why,
                             "automatic rollback");

@@ -103,7 +103,7 @@ async fn deploy_file(deployer: &Arc<Deployer>, path: &std::path::Path) {
     for name in names {
         // Refusals are logged and counted by the deploy itself.
         let _ = deployer
-            .deploy(&name, bytes.clone(), path.display().to_string())
+            .deploy(&name, bytes.clone(), path.display().to_string(), true)
             .await;
     }
 }

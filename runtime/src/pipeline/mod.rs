@@ -163,6 +163,24 @@ impl Shared {
     }
 }
 
+/// The pipeline stopped with the events in hand of this many partitions
+/// unfinished after the drain timeout (they will be redelivered).
+#[derive(Debug)]
+pub struct Unfinished(pub usize);
+
+impl std::fmt::Display for Unfinished {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "stopped with the events in hand of {} partition(s) unfinished after \
+             pipeline.drain_timeout_ms; they will be redelivered",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for Unfinished {}
+
 /// Records handed to the workers at most in one pass of the poll loop.
 const BURST: usize = 256;
 
@@ -307,9 +325,7 @@ pub async fn run(
         anyhow::bail!("stopped: {reason}");
     }
     if abandoned > 0 {
-        anyhow::bail!(
-            "stopped with the events in hand of {abandoned} partition(s) unfinished after pipeline.drain_timeout_ms; they will be redelivered"
-        );
+        return Err(Unfinished(abandoned).into());
     }
     info!("offsets committed; stopped");
     Ok(())
