@@ -114,13 +114,13 @@ impl Deployer {
             // The file holds what serves: a reload leaves it.
             slot.set_file_digest(digest);
         }
-        let outcome = match &result {
-            Ok(d) => d.result.as_str(),
-            Err(_) => "refused",
-        };
-        if let Some(m) = &self.metrics {
-            m.deploy(name, outcome);
-        }
+        self.count(
+            name,
+            match &result {
+                Ok(d) => d.result.as_str(),
+                Err(_) => "refused",
+            },
+        );
         match &result {
             Ok(d) if d.result == "ok" => info!(handler = %name, version = %d.version,
                 previous = ?d.previous_version, cached = d.cached, load_ms = d.load_ms, from = %origin,
@@ -188,6 +188,13 @@ impl Deployer {
         Ok(h)
     }
 
+    /// Counts a deploy in `weir_handler_deploys_total`.
+    fn count(&self, name: &str, result: &str) {
+        if let Some(m) = &self.metrics {
+            m.deploy(name, result);
+        }
+    }
+
     /// Back to handler `name`'s previous version.
     pub async fn rollback(&self, name: &str) -> Result<(String, String)> {
         let _one = self.lock.lock().await;
@@ -245,7 +252,9 @@ impl Deployer {
                     let digest = digest_hex(&bytes);
                     if digest != slot.file_digest() {
                         // A new file: deployed (and watched) like any other.
-                        let h = self.build(cfg, &bytes, &cfg.wasm.display().to_string())?;
+                        let h = self
+                            .build(cfg, &bytes, &cfg.wasm.display().to_string())
+                            .inspect_err(|_| self.count(&cfg.name, "refused"))?;
                         built.push((slot, Arc::new(h), Change::Deploy, Some(digest)));
                     } else if format!("{:?}", current.config_entry) != format!("{cfg:?}") {
                         // New settings for the version serving (which may
