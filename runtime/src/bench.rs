@@ -9,11 +9,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::config::ClientConfig;
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
 use crate::config::Config;
 use crate::pipeline::Stats;
@@ -68,8 +63,10 @@ pub struct BenchArgs {
 mod baselines;
 mod deploys;
 mod latency;
+mod load;
 mod micro;
 use baselines::{baseline, passthrough};
+use load::{create_topics, produce, sample};
 use micro::OtlpSink;
 
 /// One measured run.
@@ -419,79 +416,6 @@ fn median(v: &[f64]) -> f64 {
         n if n % 2 == 1 => v[n / 2],
         n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
     }
-}
-
-/// Creates topics (name, partitions) with the given topic configs.
-async fn create_topics(
-    brokers: &str,
-    topics: &[(String, i32)],
-    configs: &[(&str, &str)],
-) -> Result<()> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()?;
-    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-    let new: Vec<NewTopic> = topics
-        .iter()
-        .map(|(t, p)| {
-            configs.iter().fold(
-                NewTopic::new(t, *p, TopicReplication::Fixed(1)),
-                |n, (k, v)| n.set(k, v),
-            )
-        })
-        .collect();
-    for r in admin.create_topics(&new, &opts).await? {
-        r.map_err(|(t, e)| anyhow::anyhow!("cannot create {t}: {e}"))?;
-    }
-    Ok(())
-}
-
-fn sample(i: usize) -> Vec<u8> {
-    serde_json::to_vec(&serde_json::json!({
-        "schemaVersion": "1", "eventType": "bench.tick", "id": format!("bench-{i}"),
-        "timestamp": "2026-01-01T00:00:00Z", "correlationId": format!("c-{i}"),
-        "payload": {"n": i, "customer": format!("customer-{}", i % 1000), "amount_cents": 1234,
-                    "note": "a fairly ordinary event payload of modest size"},
-    }))
-    .expect("JSON")
-}
-
-async fn produce(brokers: &str, topic: &str, n: usize) -> Result<()> {
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("linger.ms", "20")
-        .set("partitioner", "murmur2_random")
-        .create()?;
-    let mut acks = Vec::with_capacity(n);
-    for i in 0..n {
-        let value = sample(i);
-        let key = format!("customer-{}", i % 1000);
-        let headers = OwnedHeaders::new().insert(Header {
-            key: "content-type",
-            value: Some("application/json"),
-        });
-        let mut rec = FutureRecord::to(topic)
-            .key(&key)
-            .payload(&value)
-            .headers(headers);
-        loop {
-            match producer.send_result(rec) {
-                Ok(f) => {
-                    acks.push(f);
-                    break;
-                }
-                Err((_, back)) => {
-                    rec = back;
-                    producer.poll(Duration::from_millis(5));
-                }
-            }
-        }
-    }
-    for a in acks {
-        a.await?.map_err(|(e, _)| e)?;
-    }
-    producer.flush(Duration::from_secs(30))?;
-    Ok(())
 }
 
 /// A `weir run` config for the echo handler on `topic`, written to a file

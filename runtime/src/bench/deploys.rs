@@ -15,11 +15,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context, Result};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Header, Message, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::message::Message;
+use rdkafka::producer::FutureProducer;
 use rdkafka::TopicPartitionList;
 
-use super::{create_topics, echo_config, median, range, sample, BenchArgs, ECHO};
+use super::load::{create_topics, produce, send_sample, timed_topics};
+use super::{echo_config, median, range, BenchArgs, ECHO};
 use crate::pipeline::Stats;
 
 fn now_ms() -> i64 {
@@ -132,15 +133,7 @@ async fn stall(
     swaps: usize,
     rate: f64,
 ) -> Result<()> {
-    let topic = format!("bench-swap-{}", uuid::Uuid::new_v4().simple());
-    let out = format!("{topic}.out");
-    create_topics(&args.brokers, &[(topic.clone(), args.partitions)], &[]).await?;
-    create_topics(
-        &args.brokers,
-        &[(out.clone(), args.partitions)],
-        &[("message.timestamp.type", "LogAppendTime")],
-    )
-    .await?;
+    let (topic, out) = timed_topics(args, "bench-swap").await?;
     let service = Service::start(args, &topic, &out, echo)?;
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &args.brokers)
@@ -158,20 +151,7 @@ async fn stall(
         if let Some(wait) = due.checked_duration_since(Instant::now()) {
             tokio::time::sleep(wait).await;
         }
-        let value = sample(i);
-        let key = format!("customer-{}", i % 1000);
-        let headers = OwnedHeaders::new().insert(Header {
-            key: "content-type",
-            value: Some("application/json"),
-        });
-        let rec = FutureRecord::to(&topic)
-            .key(&key)
-            .payload(&value)
-            .headers(headers);
-        match producer.send_result(rec) {
-            Ok(f) => acks.push(f),
-            Err((e, _)) => bail!("cannot produce: {e}"),
-        }
+        acks.push(send_sample(&producer, &topic, i)?);
         if swap_times.len() < swaps && Instant::now() >= next_swap && deploy.is_none() {
             let bytes = versions[swap_times.len() % 2].clone();
             let s = service.clone();
@@ -292,7 +272,7 @@ async fn throughput(args: &BenchArgs, echo: &Path, versions: &[Vec<u8>; 2]) -> R
         &[],
     )
     .await?;
-    super::produce(&args.brokers, &topic, args.events).await?;
+    produce(&args.brokers, &topic, args.events).await?;
     let mut plain = Vec::new();
     let mut swapping = Vec::new();
     for round in 0..args.rounds.max(2) * 2 {

@@ -14,10 +14,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context, Result};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::{Header, Message, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::message::Message;
+use rdkafka::producer::FutureProducer;
 
-use super::{create_topics, echo_config, sample, BenchArgs, ECHO};
+use super::load::{send_sample, timed_topics};
+use super::{echo_config, BenchArgs, ECHO};
 use crate::pipeline::Stats;
 
 /// Warm-up events (sent until Weir answers) are numbered from here.
@@ -34,15 +35,7 @@ fn now_ms() -> f64 {
 /// Runs the paced load and prints p50/p99/max of the latency.
 pub(super) async fn run(args: &BenchArgs, echo: &Path, rate: f64) -> Result<()> {
     let rate = rate.max(100.0);
-    let topic = format!("bench-latency-{}", uuid::Uuid::new_v4().simple());
-    let out = format!("{topic}.out");
-    create_topics(&args.brokers, &[(topic.clone(), args.partitions)], &[]).await?;
-    create_topics(
-        &args.brokers,
-        &[(out.clone(), args.partitions)],
-        &[("message.timestamp.type", "LogAppendTime")],
-    )
-    .await?;
+    let (topic, out) = timed_topics(args, "bench-latency").await?;
     let dir = tempfile::tempdir()?;
     let mut config = echo_config(
         &args.brokers,
@@ -84,17 +77,7 @@ pub(super) async fn run(args: &BenchArgs, echo: &Path, rate: f64) -> Result<()> 
         .set("bootstrap.servers", &args.brokers)
         .create()?;
     let send = |n: u64| {
-        let value = sample(n as usize);
-        let key = format!("customer-{}", n % 1000);
-        let headers = OwnedHeaders::new().insert(Header {
-            key: "content-type",
-            value: Some("application/json"),
-        });
-        let rec = FutureRecord::to(&topic)
-            .key(&key)
-            .payload(&value)
-            .headers(headers);
-        let _ = producer.send_result(rec);
+        let _ = send_sample(&producer, &topic, n as usize);
     };
     // The payload's `n` names the input of an output.
     let number = |m: &rdkafka::message::BorrowedMessage<'_>| -> Option<u64> {

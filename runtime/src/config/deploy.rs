@@ -10,7 +10,7 @@ use serde::Deserialize;
 use super::Config;
 
 /// The admin API: its own listener, every request with a bearer token.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     /// Serve the admin API (a token is then required).
@@ -58,13 +58,9 @@ impl AdminConfig {
     /// error names the key to fix.
     pub fn token(&self) -> Result<String> {
         let token = match &self.token_file {
-            Some(file) => std::fs::read_to_string(file)
-                .with_context(|| format!("admin.token_file: cannot read {}", file.display()))?
-                .lines()
-                .next()
-                .unwrap_or_default()
-                .trim()
-                .to_owned(),
+            Some(file) => {
+                read_token_file(file).map_err(|e| anyhow::anyhow!("admin.token_file: {e:#}"))?
+            }
             None => std::env::var(&self.token_env).unwrap_or_default(),
         };
         if token.is_empty() {
@@ -96,8 +92,15 @@ impl AdminConfig {
     }
 }
 
+/// The first line of a token file, trimmed.
+pub fn read_token_file(file: &std::path::Path) -> Result<String> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    Ok(text.lines().next().unwrap_or_default().trim().to_owned())
+}
+
 /// The plugin folder watch and the compile cache.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PluginsConfig {
     /// Watch the handlers' `.wasm` files: replacing one (write, then

@@ -11,10 +11,12 @@ use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
 mod deploy;
-pub use deploy::{AdminConfig, PluginsConfig, RolloutConfig};
+mod handler;
+pub use deploy::{read_token_file, AdminConfig, PluginsConfig, RolloutConfig};
+pub use handler::{HandlerConfig, RetryMode};
 
 /// The whole configuration file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Kafka connection and consumer group settings.
@@ -46,7 +48,7 @@ pub struct Config {
 }
 
 /// Kafka connection and consumer group settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaConfig {
     /// Bootstrap servers, `host:port[,host:port]`.
@@ -69,7 +71,7 @@ pub struct KafkaConfig {
 }
 
 /// Bounds on work in flight and how often offsets are committed.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PipelineConfig {
     /// Events queued or being handled per partition before its fetching pauses.
@@ -94,7 +96,7 @@ pub struct PipelineConfig {
 
 /// The idempotency store (RocksDB) of (handler, event id) pairs whose
 /// outcome is final.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IdempotencyConfig {
     /// Skip events a handler already handled (or dead-lettered).
@@ -110,7 +112,7 @@ pub struct IdempotencyConfig {
 
 /// OpenTelemetry traces. Trace context is always read from and written to
 /// Kafka headers; spans are recorded and exported only with an endpoint.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TracingConfig {
     /// OTLP/HTTP (protobuf) endpoint, e.g. `http://collector:4318`
@@ -187,7 +189,7 @@ impl TracingConfig {
 }
 
 /// The HTTP server of metrics and health.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
     /// Serve `/metrics`, `/healthz` and `/readyz` (and record the metrics).
@@ -245,85 +247,6 @@ impl IdempotencyConfig {
     }
 }
 
-/// One handler component and what it subscribes to.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HandlerConfig {
-    /// Unique name; appears in logs, metrics and dead-letter headers.
-    pub name: String,
-    /// Path of the `.wasm` component (relative to the config file).
-    pub wasm: PathBuf,
-    /// Topics whose events this handler receives.
-    pub topics: Vec<String>,
-    /// Only events of these envelope `eventType`s; empty means all.
-    #[serde(default)]
-    pub event_types: Vec<String>,
-    /// Dead-letter topic; default `<source topic>.dlq`.
-    #[serde(default)]
-    pub dead_letter_topic: Option<String>,
-    /// Values the handler reads with the host `config` import.
-    #[serde(default)]
-    pub config: BTreeMap<String, String>,
-    /// Attempts for a `retriable` error before the event is dead-lettered.
-    #[serde(default = "default_max_attempts")]
-    pub max_attempts: u32,
-    /// First retry delay in milliseconds; doubles per attempt, with jitter.
-    #[serde(default = "default_initial_backoff_ms")]
-    pub initial_backoff_ms: u64,
-    /// Upper bound on a retry delay in milliseconds.
-    #[serde(default = "default_max_backoff_ms")]
-    pub max_backoff_ms: u64,
-    /// `blocking`: retry in place, keeping partition order (the partition
-    /// waits). `topic`: send the event to a retry topic and go on; it comes
-    /// back after its delay, so one bad event does not hold up the partition.
-    #[serde(default)]
-    pub retry_mode: RetryMode,
-    /// The retry topic in `topic` mode; default `<source topic>.retry`.
-    #[serde(default)]
-    pub retry_topic: Option<String>,
-    /// CPU budget of one call, in wasmtime fuel units.
-    #[serde(default = "default_fuel_per_event")]
-    pub fuel_per_event: u64,
-    /// Memory cap of one instance, in MiB: all its linear memories together.
-    #[serde(default = "default_memory_limit_mib")]
-    pub memory_limit_mib: u64,
-    /// Linear memories one instance may have (1 to 16); a component that
-    /// declares more is refused at load.
-    #[serde(default = "default_max_memories")]
-    pub max_memories: u32,
-    /// Wall-clock deadline of one call, in milliseconds.
-    #[serde(default = "default_deadline_ms")]
-    pub deadline_ms: u64,
-    /// Environment variables of the runtime the handler may read (by name).
-    #[serde(default)]
-    pub allow_env: Vec<String>,
-    /// A host folder the handler may read (not write), mounted at `/data`.
-    #[serde(default)]
-    pub read_only_dir: Option<PathBuf>,
-    /// A fuel-per-second budget shared by the handler's calls; when it is
-    /// spent, the partitions feeding the handler pause until it refills.
-    #[serde(default)]
-    pub fuel_per_second: Option<u64>,
-    /// A sample events file (the `weir try` format) a new version must
-    /// handle without failing before it takes traffic.
-    #[serde(default)]
-    pub sample_events: Option<PathBuf>,
-    /// Automatic rollback of a new version that fails too often.
-    #[serde(default)]
-    pub rollout: Option<RolloutConfig>,
-}
-
-/// How `retriable` failures are retried.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum RetryMode {
-    /// In place, in partition order.
-    #[default]
-    Blocking,
-    /// Through a retry topic, out of order.
-    Topic,
-}
-
 // Kafka's own default for a new group would skip events produced before the
 // first start; a handler runtime should see them.
 fn default_offset_reset() -> String {
@@ -352,31 +275,6 @@ const fn default_commit_interval_ms() -> u64 {
 const fn default_drain_timeout_ms() -> u64 {
     10_000
 }
-// The article's example: three tries, then the dead-letter topic.
-const fn default_max_attempts() -> u32 {
-    3
-}
-const fn default_initial_backoff_ms() -> u64 {
-    100
-}
-const fn default_max_backoff_ms() -> u64 {
-    10_000
-}
-// About a second of CPU for typical code; a runaway loop ends quickly.
-const fn default_fuel_per_event() -> u64 {
-    1_000_000_000
-}
-const fn default_memory_limit_mib() -> u64 {
-    64
-}
-const fn default_deadline_ms() -> u64 {
-    5_000
-}
-// A component built by the usual toolchains has one linear memory.
-const fn default_max_memories() -> u32 {
-    1
-}
-
 impl Default for PipelineConfig {
     fn default() -> Self {
         Self {
@@ -414,31 +312,18 @@ impl Config {
         let mut config = Self::parse(&text)
             .with_context(|| format!("invalid config file {}", path.display()))?;
         let base = path.parent().unwrap_or(Path::new("."));
-        if config.idempotency.path.is_relative() {
-            config.idempotency.path = base.join(&config.idempotency.path);
-        }
-        if config.plugins.cache_dir.is_relative() {
-            config.plugins.cache_dir = base.join(&config.plugins.cache_dir);
-        }
-        if let Some(file) = &mut config.admin.token_file {
-            if file.is_relative() {
-                *file = base.join(&*file);
+        let resolve = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
             }
-        }
+        };
+        resolve(&mut config.idempotency.path);
+        resolve(&mut config.plugins.cache_dir);
+        config.admin.token_file.as_mut().map(resolve);
         for handler in &mut config.handlers {
-            if handler.wasm.is_relative() {
-                handler.wasm = base.join(&handler.wasm);
-            }
-            if let Some(dir) = &mut handler.read_only_dir {
-                if dir.is_relative() {
-                    *dir = base.join(&*dir);
-                }
-            }
-            if let Some(file) = &mut handler.sample_events {
-                if file.is_relative() {
-                    *file = base.join(&*file);
-                }
-            }
+            resolve(&mut handler.wasm);
+            handler.read_only_dir.as_mut().map(resolve);
+            handler.sample_events.as_mut().map(resolve);
         }
         deploy::apply_env_overrides(&mut config, std::env::vars())?;
         config.source = Some(path.to_owned());
@@ -634,37 +519,6 @@ fn default_of(key: &Option<String>, source: &str) -> String {
     match key {
         Some(_) => String::new(),
         None => format!(" (the default for source topic {source:?})"),
-    }
-}
-
-impl HandlerConfig {
-    /// The dead-letter topic of a source topic.
-    pub fn dead_letter_topic_of(&self, source: &str) -> String {
-        self.dead_letter_topic
-            .clone()
-            .unwrap_or_else(|| crate::deadletter::default_topic(source))
-    }
-
-    /// Whether an event of this type is for this handler.
-    pub fn accepts(&self, event_type: &str) -> bool {
-        self.event_types.is_empty() || self.event_types.iter().any(|t| t == event_type)
-    }
-
-    /// The retry topic of a source topic, in `topic` retry mode.
-    pub fn retry_topic_of(&self, source: &str) -> Option<String> {
-        (self.retry_mode == RetryMode::Topic).then(|| {
-            self.retry_topic
-                .clone()
-                .unwrap_or_else(|| format!("{source}.retry"))
-        })
-    }
-
-    /// Every retry topic this handler consumes.
-    pub fn retry_topics(&self) -> Vec<String> {
-        self.topics
-            .iter()
-            .filter_map(|t| self.retry_topic_of(t))
-            .collect()
     }
 }
 

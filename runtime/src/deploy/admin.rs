@@ -156,13 +156,7 @@ pub struct AdminTarget {
 impl AdminTarget {
     fn token(&self) -> Result<String> {
         let token = match &self.token_file {
-            Some(f) => std::fs::read_to_string(f)
-                .with_context(|| format!("cannot read {}", f.display()))?
-                .lines()
-                .next()
-                .unwrap_or_default()
-                .trim()
-                .to_owned(),
+            Some(f) => crate::config::read_token_file(f)?,
             None => std::env::var("WEIR_ADMIN_TOKEN").unwrap_or_default(),
         };
         if token.is_empty() {

@@ -256,7 +256,7 @@ impl Deployer {
                             .build(cfg, &bytes, &cfg.wasm.display().to_string())
                             .inspect_err(|_| self.count(&cfg.name, "refused"))?;
                         built.push((slot, Arc::new(h), Change::Deploy, Some(digest)));
-                    } else if format!("{:?}", current.config_entry) != format!("{cfg:?}") {
+                    } else if current.config_entry != *cfg {
                         // New settings for the version serving (which may
                         // be an upload the file does not hold).
                         let h = current.with_settings(cfg);
@@ -283,7 +283,7 @@ impl Deployer {
             || !out.removed.is_empty()
             || built.iter().any(|(slot, h, _, _)| {
                 let (_, current) = slot.current();
-                routing(&current.config_entry) != routing(&h.config_entry)
+                !same_routing(&current.config_entry, &h.config_entry)
             });
         for (slot, h, change, digest) in built {
             slot.swap(h, change, format!("reloaded from {}", path.display()));
@@ -329,63 +329,29 @@ impl Deployer {
 type Swap = (Arc<Slot>, Arc<LoadedHandler>, Change, Option<String>);
 
 /// What decides which records reach a handler and where its failures go.
-fn routing(h: &HandlerConfig) -> String {
-    format!(
-        "{:?}",
-        (
-            &h.topics,
-            &h.event_types,
-            &h.dead_letter_topic,
-            h.retry_mode,
-            &h.retry_topic
-        )
-    )
+fn same_routing(a: &HandlerConfig, b: &HandlerConfig) -> bool {
+    a.topics == b.topics
+        && a.event_types == b.event_types
+        && a.dead_letter_topic == b.dead_letter_topic
+        && a.retry_mode == b.retry_mode
+        && a.retry_topic == b.retry_topic
 }
 
 /// The sections outside `[[handler]]` that differ (they apply at a restart).
 fn restart_sections(old: &Config, new: &Config) -> Vec<String> {
-    let mut changed = Vec::new();
-    let mut check = |name: &str, a: String, b: String| {
-        if a != b {
-            changed.push(name.to_owned());
-        }
-    };
-    check(
-        "kafka",
-        format!("{:?}", old.kafka),
-        format!("{:?}", new.kafka),
-    );
-    check(
-        "pipeline",
-        format!("{:?}", old.pipeline),
-        format!("{:?}", new.pipeline),
-    );
-    check(
-        "idempotency",
-        format!("{:?}", old.idempotency),
-        format!("{:?}", new.idempotency),
-    );
-    check(
-        "tracing",
-        format!("{:?}", old.tracing),
-        format!("{:?}", new.tracing),
-    );
-    check(
-        "metrics",
-        format!("{:?}", old.metrics),
-        format!("{:?}", new.metrics),
-    );
-    check(
-        "admin",
-        format!("{:?}", old.admin),
-        format!("{:?}", new.admin),
-    );
-    check(
-        "plugins",
-        format!("{:?}", old.plugins),
-        format!("{:?}", new.plugins),
-    );
-    changed
+    [
+        ("kafka", old.kafka != new.kafka),
+        ("pipeline", old.pipeline != new.pipeline),
+        ("idempotency", old.idempotency != new.idempotency),
+        ("tracing", old.tracing != new.tracing),
+        ("metrics", old.metrics != new.metrics),
+        ("admin", old.admin != new.admin),
+        ("plugins", old.plugins != new.plugins),
+    ]
+    .into_iter()
+    .filter(|(_, changed)| *changed)
+    .map(|(name, _)| name.to_owned())
+    .collect()
 }
 
 /// Runs a version on its sample events: any failure of the runtime's

@@ -53,8 +53,6 @@ impl PartitionWorker {
         let mut attempt = retry.map_or(1, |r| r.attempt);
         let trace_id = telemetry::trace_id(cx);
         loop {
-            // A version deployed meanwhile takes the next attempt.
-            self.refresh(i);
             let handler = self.handlers[i].0.clone();
             let instance = match &mut self.handlers[i].1 {
                 Some(inst) => inst,
@@ -187,6 +185,9 @@ impl PartitionWorker {
                     if !self.sleep(delay) {
                         return None;
                     }
+                    // A version deployed meanwhile takes the next attempt
+                    // (the first took the version the event started with).
+                    self.refresh(i);
                     attempt += 1;
                 }
             }

@@ -1,0 +1,113 @@
+//! The benchmark's load: its topics and its events (JSON envelopes of
+//! about 240 bytes, keyed by one of 1,000 customers).
+
+use std::time::Duration;
+
+use anyhow::Result;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+
+use super::BenchArgs;
+
+/// Creates topics (name, partitions) with the given topic configs.
+pub(super) async fn create_topics(
+    brokers: &str,
+    topics: &[(String, i32)],
+    configs: &[(&str, &str)],
+) -> Result<()> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()?;
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let new: Vec<NewTopic> = topics
+        .iter()
+        .map(|(t, p)| {
+            configs.iter().fold(
+                NewTopic::new(t, *p, TopicReplication::Fixed(1)),
+                |n, (k, v)| n.set(k, v),
+            )
+        })
+        .collect();
+    for r in admin.create_topics(&new, &opts).await? {
+        r.map_err(|(t, e)| anyhow::anyhow!("cannot create {t}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// A fresh input topic named from `prefix` and its output topic, whose
+/// records the broker stamps with their append time (`LogAppendTime`):
+/// (input, output).
+pub(super) async fn timed_topics(args: &BenchArgs, prefix: &str) -> Result<(String, String)> {
+    let topic = format!("{prefix}-{}", uuid::Uuid::new_v4().simple());
+    let out = format!("{topic}.out");
+    create_topics(&args.brokers, &[(topic.clone(), args.partitions)], &[]).await?;
+    create_topics(
+        &args.brokers,
+        &[(out.clone(), args.partitions)],
+        &[("message.timestamp.type", "LogAppendTime")],
+    )
+    .await?;
+    Ok((topic, out))
+}
+
+/// Event `i` of the benchmark.
+pub(super) fn sample(i: usize) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": "1", "eventType": "bench.tick", "id": format!("bench-{i}"),
+        "timestamp": "2026-01-01T00:00:00Z", "correlationId": format!("c-{i}"),
+        "payload": {"n": i, "customer": format!("customer-{}", i % 1000), "amount_cents": 1234,
+                    "note": "a fairly ordinary event payload of modest size"},
+    }))
+    .expect("JSON")
+}
+
+/// Sends event `i` to `topic` (waiting while the producer's queue is
+/// full); its acknowledgement is the future returned.
+pub(super) fn send_sample(
+    producer: &FutureProducer,
+    topic: &str,
+    i: usize,
+) -> Result<DeliveryFuture> {
+    let value = sample(i);
+    let key = format!("customer-{}", i % 1000);
+    let headers = OwnedHeaders::new().insert(Header {
+        key: "content-type",
+        value: Some("application/json"),
+    });
+    let mut rec = FutureRecord::to(topic)
+        .key(&key)
+        .payload(&value)
+        .headers(headers);
+    loop {
+        match producer.send_result(rec) {
+            Ok(f) => return Ok(f),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                rec = back;
+                producer.poll(Duration::from_millis(5));
+            }
+            Err((e, _)) => return Err(e.into()),
+        }
+    }
+}
+
+/// Produces `n` events to `topic` and waits for every acknowledgement.
+pub(super) async fn produce(brokers: &str, topic: &str, n: usize) -> Result<()> {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("linger.ms", "20")
+        .set("partitioner", "murmur2_random")
+        .create()?;
+    let mut acks = Vec::with_capacity(n);
+    for i in 0..n {
+        acks.push(send_sample(&producer, topic, i)?);
+    }
+    for a in acks {
+        a.await?.map_err(|(e, _)| e)?;
+    }
+    producer.flush(Duration::from_secs(30))?;
+    Ok(())
+}
