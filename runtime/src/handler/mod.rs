@@ -8,15 +8,14 @@
 //! refused at load.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use rand::Rng;
 use sha2::{Digest, Sha256};
-use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
-use wasmtime::{Engine, ResourceLimiter, Store, StoreLimits, StoreLimitsBuilder, Trap};
+use wasmtime::component::ResourceTable;
+use wasmtime::{Store, Trap};
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use crate::compile_cache::Compiled;
@@ -26,6 +25,13 @@ use crate::config::HandlerConfig;
 use crate::envelope::{self, Record};
 use crate::failure::FailureKind;
 
+mod engine;
+mod limiter;
+
+use engine::EPOCH_TICK;
+pub use engine::{Metering, PluginEngine};
+use limiter::MemoryLimiter;
+
 mod bindings {
     wasmtime::component::bindgen!({ world: "handler", path: "../wit" });
 }
@@ -33,110 +39,6 @@ mod bindings {
 use bindings::weir::plugin::host::{self, Level};
 use bindings::weir::plugin::types as wit;
 use bindings::{Handler, HandlerPre};
-
-/// How often the epoch ticker advances; the granularity of call deadlines.
-const EPOCH_TICK: Duration = Duration::from_millis(10);
-
-/// The one wasmtime engine of the runtime, with every default we rely on:
-/// the component model, fuel metering and epoch interruption (driven by a
-/// ticker thread, so deadlines hold even in a tight loop).
-#[derive(Clone)]
-pub struct PluginEngine {
-    engine: Engine,
-    metering: Metering,
-    /// Precompiled components on disk, when the config keeps them.
-    cache: Option<crate::compile_cache::CompileCache>,
-    linker: Arc<Linker<HostState>>,
-    _ticker: Arc<Ticker>,
-}
-
-struct Ticker {
-    stop: Arc<AtomicBool>,
-}
-
-impl Drop for Ticker {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-    }
-}
-
-impl PluginEngine {
-    /// The engine the runtime uses: fuel metering and deadlines on.
-    pub fn new() -> Result<Self> {
-        Self::with_metering(Metering::default())
-    }
-
-    /// An engine with fuel metering and/or epoch deadlines off, for
-    /// measuring what they cost (`weir bench`). Without them the matching
-    /// limits are not enforced.
-    pub fn with_metering(metering: Metering) -> Result<Self> {
-        let mut config = wasmtime::Config::new();
-        config
-            .consume_fuel(metering.fuel)
-            .epoch_interruption(metering.epochs);
-        let engine = Engine::new(&config)?;
-        let mut linker = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
-        Handler::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)?;
-        let stop = Arc::new(AtomicBool::new(false));
-        {
-            let engine = engine.clone();
-            let stop = stop.clone();
-            std::thread::Builder::new()
-                .name("weir-epoch".into())
-                .spawn(move || {
-                    while !stop.load(Ordering::Relaxed) {
-                        std::thread::sleep(EPOCH_TICK);
-                        engine.increment_epoch();
-                    }
-                })?;
-        }
-        Ok(Self {
-            engine,
-            metering,
-            cache: None,
-            linker: Arc::new(linker),
-            _ticker: Arc::new(Ticker { stop }),
-        })
-    }
-}
-
-impl PluginEngine {
-    /// The same engine, keeping compiled components in `cache`.
-    pub fn with_cache(mut self, cache: crate::compile_cache::CompileCache) -> Self {
-        self.cache = Some(cache);
-        self
-    }
-
-    /// Compiles a component, or reads it from the compile cache.
-    fn compile(&self, bytes: &[u8], sha256_hex: &str) -> Result<(Component, Compiled)> {
-        match &self.cache {
-            Some(cache) => cache.component(&self.engine, bytes, sha256_hex),
-            None => Ok((
-                Component::from_binary(&self.engine, bytes).map_err(anyhow::Error::from)?,
-                Compiled::Fresh,
-            )),
-        }
-    }
-}
-
-/// Which per-call limits the engine enforces.
-#[derive(Debug, Clone, Copy)]
-pub struct Metering {
-    /// Fuel metering (CPU budget per call and per second).
-    pub fuel: bool,
-    /// Epoch interruption (wall-clock deadline per call).
-    pub epochs: bool,
-}
-
-impl Default for Metering {
-    fn default() -> Self {
-        Self {
-            fuel: true,
-            epochs: true,
-        }
-    }
-}
 
 /// A handler ready to take events: its component compiled and its imports
 /// resolved once.
@@ -628,110 +530,9 @@ impl host::Host for HostState {
 
 impl wit::Host for HostState {}
 
-/// The limits of one instance's store: at most `max_memories` linear
-/// memories, and at most `limit` bytes of them all together (counted as they
-/// are created and grow; a store's memories never shrink or go away before
-/// the store). Remembers when the cap was hit, so the failure is classified
-/// as such rather than as a generic trap.
-pub(crate) struct MemoryLimiter {
-    /// Instance, table and memory counts and table growth.
-    inner: StoreLimits,
-    limit: usize,
-    /// Bytes of all linear memories together. A growth allowed here that
-    /// then fails (the OS refused) stays counted: errs on the safe side.
-    used: usize,
-    hit: bool,
-}
-
-impl MemoryLimiter {
-    pub(crate) fn new(limit: usize, max_memories: usize) -> Self {
-        Self {
-            inner: StoreLimitsBuilder::new()
-                .instances(64)
-                .tables(64)
-                .memories(max_memories)
-                .build(),
-            limit,
-            used: 0,
-            hit: false,
-        }
-    }
-}
-
-impl ResourceLimiter for MemoryLimiter {
-    fn memory_growing(
-        &mut self,
-        current: usize,
-        desired: usize,
-        maximum: Option<usize>,
-    ) -> wasmtime::Result<bool> {
-        // Past the memory's own declared maximum: `memory.grow` returns -1,
-        // as the spec says; nothing is counted.
-        if maximum.is_some_and(|m| desired > m) {
-            return Ok(false);
-        }
-        let total = self.used.saturating_add(desired.saturating_sub(current));
-        if total > self.limit {
-            self.hit = true;
-            wasmtime::bail!(
-                "memory limit: growing a linear memory from {current} to {desired} bytes \
-                 takes the instance's memories to {total} bytes, above the cap of {} bytes",
-                self.limit
-            );
-        }
-        self.used = total;
-        Ok(true)
-    }
-
-    fn table_growing(
-        &mut self,
-        current: usize,
-        desired: usize,
-        maximum: Option<usize>,
-    ) -> wasmtime::Result<bool> {
-        self.inner.table_growing(current, desired, maximum)
-    }
-
-    // Without these the store would apply wasmtime's defaults (10,000 each),
-    // not the limits in `inner`.
-    fn instances(&self) -> usize {
-        self.inner.instances()
-    }
-
-    fn tables(&self) -> usize {
-        self.inner.tables()
-    }
-
-    fn memories(&self) -> usize {
-        self.inner.memories()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const MIB: usize = 1 << 20;
-
-    #[test]
-    fn the_memory_cap_is_on_all_memories_together() {
-        let mut l = MemoryLimiter::new(10 * MIB, 2);
-        assert_eq!(l.memories(), 2);
-        // Two memories created at 4 MiB each: 8 MiB in all.
-        assert!(l.memory_growing(0, 4 * MIB, None).unwrap());
-        assert!(l.memory_growing(0, 4 * MIB, None).unwrap());
-        // One grows by 2 MiB: 10 MiB, exactly the cap.
-        assert!(l.memory_growing(4 * MIB, 6 * MIB, None).unwrap());
-        assert!(!l.hit);
-        // Any more, in either memory, is refused (a trap) and remembered,
-        // although each alone is far below the cap.
-        let err = l
-            .memory_growing(4 * MIB, 4 * MIB + 65536, None)
-            .unwrap_err();
-        assert!(err.to_string().contains("memory limit"), "{err}");
-        assert!(l.hit);
-        assert_eq!(l.used, 10 * MIB);
-    }
 
     /// A component whose one core module defines two linear memories.
     const TWO_MEMORIES: &[u8] = &[
@@ -770,14 +571,5 @@ mod tests {
             e.contains("does not implement the weir:plugin/handler world"),
             "{e}"
         );
-    }
-
-    #[test]
-    fn a_memorys_own_maximum_fails_the_growth_without_counting_it() {
-        let mut l = MemoryLimiter::new(10 * MIB, 1);
-        assert!(l.memory_growing(0, MIB, Some(2 * MIB)).unwrap());
-        assert!(!l.memory_growing(MIB, 3 * MIB, Some(2 * MIB)).unwrap());
-        assert!(!l.hit);
-        assert_eq!(l.used, MIB);
     }
 }
