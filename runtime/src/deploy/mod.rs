@@ -109,7 +109,7 @@ impl Deployer {
     ) -> Result<Deployed> {
         let _one = self.lock.lock().await;
         let digest = digest_hex(&bytes);
-        let result = self.deploy_locked(name, bytes, &origin).await;
+        let result = self.deploy_locked(name, bytes, &digest, &origin).await;
         if let (true, Ok(_), Some(slot)) = (from_file, &result, self.registry.get(name)) {
             // The file holds what serves: a reload leaves it.
             slot.set_file_digest(digest);
@@ -137,6 +137,7 @@ impl Deployer {
         self: &Arc<Self>,
         name: &str,
         bytes: Vec<u8>,
+        digest: &str,
         origin: &str,
     ) -> Result<Deployed> {
         let slot = self
@@ -144,16 +145,15 @@ impl Deployer {
             .get(name)
             .ok_or_else(|| anyhow!("no handler named {name:?}"))?;
         let (_, current) = slot.current();
-        let unchanged = |h: &LoadedHandler| Deployed {
-            handler: name.to_owned(),
-            version: h.version.clone(),
-            previous_version: slot.previous().map(|p| p.version.clone()),
-            result: "unchanged".into(),
-            cached: true,
-            load_ms: 0,
-        };
-        if digest_hex(&bytes) == current.digest {
-            return Ok(unchanged(&current));
+        if digest == current.digest {
+            return Ok(Deployed {
+                handler: name.to_owned(),
+                version: current.version.clone(),
+                previous_version: slot.previous().map(|p| p.version.clone()),
+                result: "unchanged".into(),
+                cached: true,
+                load_ms: 0,
+            });
         }
         let cfg = current.config_entry.clone();
         let this = self.clone();

@@ -190,25 +190,7 @@ impl LoadedHandler {
                     cfg.name
                 )
             })?;
-        let mut handler = LoadedHandler {
-            name: cfg.name.clone(),
-            config_entry: cfg.clone(),
-            version: digest[..12].to_owned(),
-            digest,
-            compiled,
-            load_time: Duration::ZERO,
-            initial_backoff: Duration::ZERO,
-            max_backoff: Duration::ZERO,
-            fuel_per_event: 0,
-            memory_limit: 0,
-            max_memories,
-            deadline_ticks: 0,
-            config: Default::default(),
-            engine: engine.clone(),
-            pre,
-            budget: None,
-        };
-        handler.apply(cfg);
+        let mut handler = Self::assemble(cfg, digest, compiled, engine.clone(), pre);
         // Instantiating once proves the start-up code runs within the limits.
         if let Err(e) = handler.instantiate() {
             // What `resources_required` could not count (a component that
@@ -222,42 +204,45 @@ impl LoadedHandler {
         Ok(handler)
     }
 
-    /// Takes the settings of `cfg` (limits, retries, handler config).
-    fn apply(&mut self, cfg: &HandlerConfig) {
-        self.config_entry = cfg.clone();
-        self.initial_backoff = Duration::from_millis(cfg.initial_backoff_ms);
-        self.max_backoff = Duration::from_millis(cfg.max_backoff_ms);
-        self.fuel_per_event = cfg.fuel_per_event;
-        self.memory_limit = (cfg.memory_limit_mib as usize) << 20;
-        self.max_memories = cfg.max_memories as usize;
-        self.deadline_ticks = cfg.deadline_ms.div_ceil(EPOCH_TICK.as_millis() as u64) + 1;
-        self.config = Arc::new(cfg.config.clone());
-        self.budget = cfg.fuel_per_second.map(FuelBudget::new);
+    /// A compiled component under the settings of `cfg` (limits,
+    /// retries, handler config).
+    fn assemble(
+        cfg: &HandlerConfig,
+        digest: String,
+        compiled: Compiled,
+        engine: PluginEngine,
+        pre: HandlerPre<HostState>,
+    ) -> LoadedHandler {
+        LoadedHandler {
+            name: cfg.name.clone(),
+            config_entry: cfg.clone(),
+            version: digest[..12].to_owned(),
+            digest,
+            compiled,
+            load_time: Duration::ZERO,
+            initial_backoff: Duration::from_millis(cfg.initial_backoff_ms),
+            max_backoff: Duration::from_millis(cfg.max_backoff_ms),
+            fuel_per_event: cfg.fuel_per_event,
+            memory_limit: (cfg.memory_limit_mib as usize) << 20,
+            max_memories: cfg.max_memories as usize,
+            deadline_ticks: cfg.deadline_ms.div_ceil(EPOCH_TICK.as_millis() as u64) + 1,
+            config: Arc::new(cfg.config.clone()),
+            engine,
+            pre,
+            budget: cfg.fuel_per_second.map(FuelBudget::new),
+        }
     }
 
     /// The same compiled version under the settings of `cfg` (a rollback
     /// changes the component, not the settings in force).
     pub fn with_settings(&self, cfg: &HandlerConfig) -> LoadedHandler {
-        let mut h = LoadedHandler {
-            name: self.name.clone(),
-            config_entry: cfg.clone(),
-            version: self.version.clone(),
-            digest: self.digest.clone(),
-            compiled: self.compiled,
-            load_time: Duration::ZERO,
-            initial_backoff: Duration::ZERO,
-            max_backoff: Duration::ZERO,
-            fuel_per_event: 0,
-            memory_limit: 0,
-            max_memories: 0,
-            deadline_ticks: 0,
-            config: Default::default(),
-            engine: self.engine.clone(),
-            pre: self.pre.clone(),
-            budget: None,
-        };
-        h.apply(cfg);
-        h
+        Self::assemble(
+            cfg,
+            self.digest.clone(),
+            self.compiled,
+            self.engine.clone(),
+            self.pre.clone(),
+        )
     }
 
     /// The fuel budget, when the handler has one.
