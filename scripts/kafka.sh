@@ -5,6 +5,7 @@
 #   scripts/kafka.sh fetch    download the jars into the cache (once)
 #   scripts/kafka.sh start    format fresh storage, start, wait until it answers
 #   scripts/kafka.sh stop     stop the broker started by `start`
+#   scripts/kafka.sh restart  stop it and start it again on the same data
 #   scripts/kafka.sh status   exit 0 when the broker answers
 #
 # Environment: WEIR_CACHE (default <repo>/.cache), WEIR_KAFKA_PORT (default 19092).
@@ -59,6 +60,13 @@ transaction.state.log.min.isr=1
 share.coordinator.state.topic.replication.factor=1
 share.coordinator.state.topic.min.isr=1
 group.initial.rebalance.delay.ms=0
+# The consumer group protocol (KIP-848) with test timings: a member that
+# dies without leaving loses its partitions after 10 s (45 s by default),
+# and assignments travel with heartbeats every second (5 s by default).
+group.consumer.min.session.timeout.ms=6000
+group.consumer.session.timeout.ms=10000
+group.consumer.min.heartbeat.interval.ms=500
+group.consumer.heartbeat.interval.ms=1000
 log.flush.interval.messages=9223372036854775807
 PROPS
   cat >"$RUN/log4j2.properties" <<PROPS
@@ -94,6 +102,11 @@ start() {
   java_cp -Dlog4j2.configurationFile="$RUN/log4j2.properties" kafka.tools.StorageTool format \
     --standalone -t "$cluster_id" -c "$RUN/server.properties" >"$RUN/format.log" 2>&1 \
     || { cat "$RUN/format.log" >&2; exit 1; }
+  launch
+}
+
+# Starts the broker on the storage in $RUN and waits until it answers.
+launch() {
   log "starting on 127.0.0.1:$PORT (logs in $RUN)"
   nohup java -Xms256m -Xmx1g -XX:+UseG1GC -Djava.awt.headless=true \
     -Dlog4j2.configurationFile="$RUN/log4j2.properties" \
@@ -126,10 +139,19 @@ stop() {
   rm -f "$PIDFILE"
 }
 
+restart() {
+  if [[ ! -f "$RUN/server.properties" ]]; then
+    log "no broker storage in $RUN to restart; use start"; exit 1
+  fi
+  stop
+  launch
+}
+
 case "${1:-}" in
   fetch) fetch ;;
   start) start ;;
   stop) stop ;;
+  restart) restart ;;
   status) answers ;;
-  *) echo "usage: $0 fetch|start|stop|status" >&2; exit 2 ;;
+  *) echo "usage: $0 fetch|start|stop|restart|status" >&2; exit 2 ;;
 esac

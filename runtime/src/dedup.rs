@@ -24,7 +24,8 @@ pub struct Dedup {
     retention_ms: u64,
 }
 
-fn now_ms() -> u64 {
+/// Milliseconds since the Unix epoch: a mark's time.
+pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -38,6 +39,12 @@ pub fn key(handler: &str, event_id: &str) -> Vec<u8> {
     k.push(0);
     k.extend_from_slice(event_id.as_bytes());
     k
+}
+
+/// `\0 checkpoint \0 topic \0 partition`: apart from every mark (a
+/// handler's name is never empty).
+fn checkpoint_key(topic: &str, partition: i32) -> Vec<u8> {
+    format!("\0checkpoint\0{topic}\0{partition}").into_bytes()
 }
 
 fn marked_at(value: &[u8]) -> u64 {
@@ -103,12 +110,18 @@ impl Dedup {
         Ok(value.is_some_and(|v| marked_at(&v).saturating_add(self.retention_ms) >= now_ms()))
     }
 
-    /// Marks keys in one write (WAL on, no fsync).
+    /// Marks keys now, in one write (WAL on, no fsync).
     pub fn mark<'a>(&self, keys: impl IntoIterator<Item = &'a [u8]>) -> Result<()> {
-        let now = now_ms().to_be_bytes();
+        self.mark_at(keys, now_ms())
+    }
+
+    /// Marks keys as of `at` (ms since the epoch; a restored mark keeps
+    /// its time, so it expires when the original does), in one write.
+    pub fn mark_at<'a>(&self, keys: impl IntoIterator<Item = &'a [u8]>, at: u64) -> Result<()> {
+        let at = at.to_be_bytes();
         let mut batch = WriteBatch::default();
         for k in keys {
-            batch.put(k, now);
+            batch.put(k, at);
         }
         if batch.is_empty() {
             return Ok(());
@@ -120,6 +133,30 @@ impl Dedup {
             .with_context(|| format!("writing the idempotency store at {}", self.path.display()))
     }
 
+    /// The next offset of `topic`/`partition` (the changelog) whose marks
+    /// are not in this store yet, if any was restored here.
+    pub fn checkpoint(&self, topic: &str, partition: i32) -> Result<Option<i64>> {
+        let value = self
+            .db
+            .get_pinned(checkpoint_key(topic, partition))
+            .with_context(|| format!("reading the idempotency store at {}", self.path.display()))?;
+        Ok(value
+            .filter(|v| marked_at(v).saturating_add(self.retention_ms) >= now_ms())
+            .and_then(|v| v.get(8..16)?.try_into().ok())
+            .map(i64::from_be_bytes))
+    }
+
+    /// Records that the marks of `topic`/`partition` below `next` are here.
+    /// It expires with the marks: a checkpoint older than the retention is
+    /// ignored and the partition is restored from its start.
+    pub fn set_checkpoint(&self, topic: &str, partition: i32, next: i64) -> Result<()> {
+        let mut value = now_ms().to_be_bytes().to_vec();
+        value.extend_from_slice(&next.to_be_bytes());
+        self.db
+            .put(checkpoint_key(topic, partition), value)
+            .with_context(|| format!("writing the idempotency store at {}", self.path.display()))
+    }
+
     /// Every unexpired mark as (handler, event id, marked at ms).
     pub fn marks(&self) -> impl Iterator<Item = (String, String, u64)> + '_ {
         let now = now_ms();
@@ -127,6 +164,9 @@ impl Dedup {
             .iterator(IteratorMode::Start)
             .filter_map(move |item| {
                 let (k, v) = item.ok()?;
+                if k.first() == Some(&0) {
+                    return None; // a changelog checkpoint, not a mark
+                }
                 let at = marked_at(&v);
                 if at.saturating_add(self.retention_ms) < now {
                     return None;
@@ -169,6 +209,21 @@ mod tests {
         assert!(!d.contains(&k).unwrap(), "an expired mark is ignored");
         d.compact();
         assert_eq!(d.marks().count(), 0);
+    }
+
+    #[test]
+    fn checkpoints_are_kept_apart_from_marks() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = Dedup::open(dir.path(), Duration::from_secs(3600)).unwrap();
+        assert_eq!(d.checkpoint("g.weir-idempotency", 3).unwrap(), None);
+        d.set_checkpoint("g.weir-idempotency", 3, 1234).unwrap();
+        d.mark_at([key("h", "e").as_slice()], now_ms() - 1000)
+            .unwrap();
+        assert_eq!(d.checkpoint("g.weir-idempotency", 3).unwrap(), Some(1234));
+        assert_eq!(d.checkpoint("g.weir-idempotency", 2).unwrap(), None);
+        let marks: Vec<_> = d.marks().collect();
+        assert_eq!(marks.len(), 1, "{marks:?}");
+        assert_eq!((marks[0].0.as_str(), marks[0].1.as_str()), ("h", "e"));
     }
 
     #[test]

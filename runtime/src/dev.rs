@@ -17,7 +17,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde_json::json;
 use tracing::info;
 
-use crate::config::{Config, HandlerConfig, KafkaConfig, PipelineConfig};
+use crate::config::{Config, GroupProtocol, HandlerConfig, KafkaConfig, PipelineConfig};
 use crate::deadletter::header as dlh;
 use crate::handler::PluginEngine;
 use crate::pipeline::{self, Stats};
@@ -161,6 +161,8 @@ fn mock_config(brokers: &str, handlers: Vec<HandlerConfig>) -> Config {
             consumer_options: BTreeMap::from([("session.timeout.ms".into(), "6000".into())]),
             producer_options: BTreeMap::new(),
             auto_offset_reset: "earliest".into(),
+            // The mock cluster's classic groups are the tried ones.
+            group_protocol: GroupProtocol::Cooperative,
         },
         pipeline: PipelineConfig {
             commit_interval_ms: 200,
@@ -215,6 +217,8 @@ pub async fn run(args: DevArgs) -> Result<()> {
         ],
     );
     config.validate()?;
+    // The mock cluster cannot create topics: the changelog is made here.
+    mock.create_topic(&crate::changelog::topic_name(&config), PARTITIONS, 1)?;
     let engine = PluginEngine::new()?;
     let handlers = crate::load_handlers(&engine, &config)?;
     for h in &handlers {
@@ -328,6 +332,8 @@ async fn run_own(args: &DevArgs, wasm: &Path) -> Result<()> {
     }
     let config = mock_config(&brokers, vec![cfg]);
     config.validate()?;
+    let most = inputs.iter().map(|(_, p)| *p).max().unwrap_or(1);
+    mock.create_topic(&crate::changelog::topic_name(&config), most, 1)?;
     let engine = PluginEngine::new()?;
     let handlers = crate::load_handlers(&engine, &config)?;
     let h = &handlers[0];

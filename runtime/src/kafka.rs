@@ -9,7 +9,7 @@ use rdkafka::consumer::{Consumer, ConsumerContext};
 use rdkafka::error::RDKafkaErrorCode;
 use tracing::{debug, info, warn};
 
-use crate::config::Config;
+use crate::config::{Config, GroupProtocol};
 
 /// The producer every output and dead letter goes through: idempotent,
 /// acks from all replicas, Java-compatible key partitioning (these win over
@@ -71,6 +71,19 @@ pub fn consumer_config(config: &Config) -> ClientConfig {
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", &config.kafka.auto_offset_reset)
         .set("enable.partition.eof", "false");
+    match config.kafka.group_protocol {
+        GroupProtocol::Consumer => {
+            c.set("group.protocol", "consumer");
+        }
+        GroupProtocol::Cooperative => {
+            c.set("group.protocol", "classic")
+                .set("partition.assignment.strategy", "cooperative-sticky");
+        }
+        GroupProtocol::Eager => {
+            c.set("group.protocol", "classic")
+                .set("partition.assignment.strategy", "range,roundrobin");
+        }
+    }
     if config.metrics.enabled {
         // Consumer lag comes from the client's statistics.
         c.set(

@@ -6,6 +6,7 @@
 //! committed offsets; [`telemetry`] and [`metrics`] let operators see it.
 
 pub mod bench;
+pub mod changelog;
 pub mod compile_cache;
 pub mod config;
 pub mod deadletter;
@@ -14,6 +15,7 @@ pub mod deploy;
 pub mod dev;
 pub mod envelope;
 pub mod failure;
+pub mod fence;
 pub mod guest_output;
 pub mod halt;
 pub mod handler;

@@ -59,6 +59,14 @@ pub struct Metrics {
     pub in_flight: IntGauge,
     /// Partitions paused for backpressure now.
     pub paused_partitions: IntGauge,
+    /// Rebalances by kind (`assign`, `revoke`, `lost`).
+    pub rebalances: IntCounterVec,
+    /// Partitions assigned to this instance now.
+    pub partitions_owned: IntGauge,
+    /// Time to restore one changelog partition's idempotency marks.
+    pub restore_seconds: Histogram,
+    /// Idempotency marks restored from the changelog.
+    pub restored_marks: IntCounter,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -203,6 +211,34 @@ impl Metrics {
                 &r,
                 "weir_paused_partitions",
                 "Partitions paused for backpressure",
+            ),
+            rebalances: counter(
+                &r,
+                "weir_rebalances_total",
+                "Consumer group rebalances seen by this instance, by kind (assign, revoke, lost: partitions taken away without a revoke, e.g. after the group lost this member)",
+                &["kind"],
+            ),
+            partitions_owned: gauge(
+                &r,
+                "weir_partitions_owned",
+                "Partitions assigned to this instance",
+            ),
+            restore_seconds: {
+                let h = Histogram::with_opts(
+                    HistogramOpts::new(
+                        "weir_idempotency_restore_seconds",
+                        "Time to restore the idempotency marks of a changelog partition before its first event",
+                    )
+                    .buckets(vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0]),
+                )
+                .expect("a valid metric");
+                r.register(Box::new(h.clone())).expect("unique name");
+                h
+            },
+            restored_marks: gauge_counter(
+                &r,
+                "weir_idempotency_restored_marks_total",
+                "Idempotency marks restored from the changelog topic",
             ),
             registry: r,
         }

@@ -12,7 +12,7 @@
 //! A fatal producer error halts the runtime.
 
 use futures::FutureExt;
-use std::sync::atomic::{AtomicBool, Ordering};
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,6 +26,7 @@ use tracing::{error, warn};
 
 use crate::config::Config;
 use crate::envelope::{Produce, Record};
+use crate::fence::Fence;
 use crate::halt::Halt;
 use crate::kafka::producer_config;
 use crate::metrics::Metrics;
@@ -127,6 +128,7 @@ pub enum Acked {
 }
 
 /// The producers of one runtime.
+#[derive(Clone)]
 pub struct Publisher {
     producer: Arc<FutureProducer<PublishContext>>,
     /// Sends one record per request, for records refused for their size.
@@ -172,17 +174,12 @@ impl Publisher {
     }
 
     /// Enqueues a record, waiting while the producer's queue is full. None
-    /// when cancelled. For worker threads.
-    pub fn send(&self, p: &Produce, cancel: &AtomicBool) -> Option<Ack> {
+    /// when the partition's fence is closed. For worker threads.
+    pub fn send(&self, p: &Produce, fence: &Fence) -> Option<Ack> {
         loop {
-            match self.enqueue(&self.producer, p) {
+            match fence.pass(|| self.enqueue(&self.producer, p))? {
                 Ok(ack) => return Some(ack),
-                Err(wait) => {
-                    if cancel.load(Ordering::SeqCst) {
-                        return None;
-                    }
-                    std::thread::sleep(wait);
-                }
+                Err(wait) => std::thread::sleep(wait),
             }
         }
     }
@@ -192,24 +189,65 @@ impl Publisher {
         &self,
         producer: &FutureProducer<PublishContext>,
         p: &Produce,
-        cancel: &AtomicBool,
+        fence: &Fence,
     ) -> Option<Ack> {
         loop {
-            match self.enqueue(producer, p) {
+            match fence.pass(|| self.enqueue(producer, p))? {
                 Ok(ack) => return Some(ack),
-                Err(wait) => {
-                    if cancel.load(Ordering::SeqCst) {
-                        return None;
+                Err(wait) => tokio::time::sleep(wait).await,
+            }
+        }
+    }
+
+    /// Sends a record from an async task: None when the fence is closed.
+    pub async fn send_now(&self, p: &Produce, fence: &Fence) -> Option<Ack> {
+        self.send_async(&self.producer, p, fence).await
+    }
+
+    /// One attempt to enqueue a record to a given partition, without a
+    /// trace or a fallback (the idempotency changelog): its delivery, None
+    /// when refused for good (logged and counted), or how long to wait
+    /// before the next attempt.
+    pub fn enqueue_to_partition(
+        &self,
+        topic: &str,
+        partition: i32,
+        key: &[u8],
+        payload: &[u8],
+    ) -> Result<Option<DeliveryFuture>, Duration> {
+        let record = FutureRecord::to(topic)
+            .partition(partition)
+            .key(key)
+            .payload(payload);
+        match self.producer.send_result(record) {
+            Ok(d) => Ok(Some(d)),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                Err(Duration::from_millis(5))
+            }
+            Err((e, _)) => {
+                self.produce_error();
+                match classify(&e) {
+                    ErrorClass::Retriable => Err(Duration::from_millis(100)),
+                    ErrorClass::Fatal => {
+                        self.halt
+                            .halt_now(format!("the Kafka producer hit a fatal error: {e}"));
+                        Err(Duration::from_millis(100))
                     }
-                    tokio::time::sleep(wait).await;
+                    ErrorClass::Permanent => {
+                        error!(topic, partition, error = %e, "a record was refused for good");
+                        Ok(None)
+                    }
                 }
             }
         }
     }
 
-    /// Sends a record from an async task: None when cancelled.
-    pub async fn send_now(&self, p: &Produce, cancel: &AtomicBool) -> Option<Ack> {
-        self.send_async(&self.producer, p, cancel).await
+    /// Waits until every record enqueued so far is acknowledged or failed,
+    /// or `timeout` passed.
+    pub fn flush(&self, timeout: Duration) {
+        if let Err(e) = self.producer.flush(timeout) {
+            warn!(error = %e, "records still unacknowledged after the flush timeout");
+        }
     }
 
     /// One attempt to enqueue a record: the ack, or how long to wait before
@@ -261,7 +299,7 @@ impl Publisher {
     pub async fn acknowledged(
         &self,
         ack: Ack,
-        cancel: &AtomicBool,
+        fence: &Fence,
         span: Option<&TraceContext>,
     ) -> Acked {
         let mut delivery = match ack {
@@ -281,7 +319,7 @@ impl Publisher {
                     tokio::select! {
                         r = &mut delivery => break r,
                         _ = tokio::time::sleep(Duration::from_millis(100)) => {
-                            if cancel.load(Ordering::SeqCst) || self.halt.reason().is_some() {
+                            if fence.is_closed() || self.halt.reason().is_some() {
                                 return gave_up(span);
                             }
                         }
@@ -327,7 +365,7 @@ impl Publisher {
                 ErrorClass::Retriable => {
                     error!(topic = msg.topic(), error = %err,
                         "a record could not be published; the partition waits and retries (nothing is committed past it)");
-                    if cancel.load(Ordering::SeqCst) {
+                    if fence.is_closed() {
                         return gave_up(span);
                     }
                     tokio::time::sleep(backoff).await;
@@ -342,7 +380,7 @@ impl Publisher {
                 value: again.value,
                 headers: again.headers,
             };
-            match self.send_async(producer, &produce, cancel).await {
+            match self.send_async(producer, &produce, fence).await {
                 Some(Ack::Pending(d)) => delivery = d,
                 Some(Ack::Refused(reason)) => return refused(span, reason),
                 None => return gave_up(span),

@@ -300,7 +300,7 @@ impl HandlerSpec {
 /// A config file for `group` with `handlers`.
 pub fn config_toml(group: &str, handlers: &[HandlerSpec]) -> String {
     let mut s = format!(
-        "[kafka]\nbrokers = {:?}\ngroup_id = {group:?}\n\n[kafka.consumer_options]\n\"session.timeout.ms\" = \"10000\"\n\n[pipeline]\ncommit_interval_ms = 200\n\n[metrics]\nlisten = \"127.0.0.1:0\"\nlag_interval_ms = 200\n",
+        "[kafka]\nbrokers = {:?}\ngroup_id = {group:?}\n\n[kafka.consumer_options]\n\n[pipeline]\ncommit_interval_ms = 200\n\n[metrics]\nlisten = \"127.0.0.1:0\"\nlag_interval_ms = 200\n",
         brokers()
     );
     for h in handlers {

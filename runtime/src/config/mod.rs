@@ -68,6 +68,33 @@ pub struct KafkaConfig {
     /// Where a new group starts reading: `earliest` or `latest`.
     #[serde(default = "default_offset_reset")]
     pub auto_offset_reset: String,
+    /// How the group rebalances: `consumer` (KIP-848, brokers 4.0+:
+    /// incremental, assignments computed by the broker), `cooperative`
+    /// (the classic protocol with `cooperative-sticky`: incremental, for
+    /// older brokers) or `eager` (classic; every rebalance stops every
+    /// partition).
+    #[serde(default)]
+    pub group_protocol: GroupProtocol,
+}
+
+/// The consumer group protocol (`kafka.group_protocol`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GroupProtocol {
+    #[default]
+    Consumer,
+    Cooperative,
+    Eager,
+}
+
+impl GroupProtocol {
+    pub fn name(self) -> &'static str {
+        match self {
+            GroupProtocol::Consumer => "consumer",
+            GroupProtocol::Cooperative => "cooperative",
+            GroupProtocol::Eager => "eager",
+        }
+    }
 }
 
 /// Bounds on work in flight and how often offsets are committed.
@@ -105,9 +132,19 @@ pub struct IdempotencyConfig {
     /// Folder of the store (relative to the config file). One per instance.
     #[serde(default = "default_store_path")]
     pub path: PathBuf,
-    /// How long a mark is kept, in seconds.
+    /// How long a mark is kept, in seconds (also the changelog topic's
+    /// `retention.ms` when Weir creates it).
     #[serde(default = "default_retention_secs")]
     pub retention_secs: u64,
+    /// Publish marks to the group's changelog topic and restore them when a
+    /// partition is assigned, so "one handling per event id" holds across
+    /// the instances of a group, not only within one process.
+    #[serde(default = "default_true")]
+    pub changelog: bool,
+    /// The changelog topic; default `<group_id>.weir-idempotency` (created
+    /// when missing).
+    #[serde(default)]
+    pub changelog_topic: Option<String>,
 }
 
 /// OpenTelemetry traces. Trace context is always read from and written to
@@ -237,6 +274,8 @@ impl Default for IdempotencyConfig {
             enabled: true,
             path: default_store_path(),
             retention_secs: default_retention_secs(),
+            changelog: true,
+            changelog_topic: None,
         }
     }
 }
@@ -336,6 +375,40 @@ impl Config {
         Ok(config)
     }
 
+    /// Raw options that the chosen group protocol sets itself or refuses.
+    fn validate_group_protocol(&self) -> Result<()> {
+        let protocol = self.kafka.group_protocol;
+        let tables = [
+            ("kafka.options", &self.kafka.options),
+            ("kafka.consumer_options", &self.kafka.consumer_options),
+        ];
+        for (table, options) in tables {
+            for key in options.keys() {
+                let why = match (key.as_str(), protocol) {
+                    ("group.protocol", _) => "set kafka.group_protocol instead",
+                    ("partition.assignment.strategy", GroupProtocol::Consumer) => {
+                        "the broker assigns partitions with kafka.group_protocol = \"consumer\" \
+                         (set \"group.remote.assignor\" to choose its assignor)"
+                    }
+                    ("partition.assignment.strategy", _) => {
+                        "kafka.group_protocol sets it (\"cooperative\" or \"eager\")"
+                    }
+                    (
+                        "session.timeout.ms" | "heartbeat.interval.ms" | "group.protocol.type",
+                        GroupProtocol::Consumer,
+                    ) => {
+                        "with kafka.group_protocol = \"consumer\" the broker sets it \
+                         (group.consumer.session.timeout.ms, group.consumer.heartbeat.interval.ms); \
+                         remove it, or set kafka.group_protocol = \"cooperative\""
+                    }
+                    _ => continue,
+                };
+                bail!("{table}.{key:?}: {why}");
+            }
+        }
+        Ok(())
+    }
+
     /// Checks what the types cannot: names, topics, files, numbers.
     pub fn validate(&self) -> Result<()> {
         if self.kafka.brokers.trim().is_empty() {
@@ -350,6 +423,7 @@ impl Config {
                 self.kafka.auto_offset_reset
             );
         }
+        self.validate_group_protocol()?;
         if self.pipeline.max_in_flight_per_partition == 0 {
             bail!("pipeline.max_in_flight_per_partition: must be at least 1");
         }

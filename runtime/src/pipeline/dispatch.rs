@@ -471,7 +471,7 @@ impl PartitionWorker {
             correlation_id,
             dead_letter_reason,
         );
-        Some((self.shared.publisher.send(p, &self.cancel)?, span))
+        Some((self.shared.publisher.send(p, &self.fence)?, span))
     }
 
     /// Publishes a dead letter (its acknowledgement makes the event final).

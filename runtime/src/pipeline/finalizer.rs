@@ -15,7 +15,7 @@ use prometheus::IntCounter;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
-use tracing::{debug, error};
+use tracing::error;
 
 use super::observe::{event_log, EventFields};
 use super::source::{partition_key, WeirContext};
@@ -23,6 +23,7 @@ use super::{Shared, TopicPartition};
 use crate::deadletter::DeadLetter;
 use crate::envelope::{self, Record};
 use crate::failure::FailureKind;
+use crate::fence::Fence;
 use crate::handler::LoadedHandler;
 use crate::metrics::HandlerMetrics;
 use crate::publish::{publish_span, Ack, Acked};
@@ -98,7 +99,7 @@ pub(super) struct Finalizer {
     pub(super) consumer: Arc<StreamConsumer<WeirContext>>,
     pub(super) shared: Arc<Shared>,
     pub(super) in_flight: Arc<AtomicI64>,
-    pub(super) cancel: Arc<AtomicBool>,
+    pub(super) fence: Arc<Fence>,
     pub(super) stopped: Arc<AtomicBool>,
     /// Set when the partition is revoked or the instance shuts down.
     pub(super) closing: Arc<AtomicBool>,
@@ -169,28 +170,47 @@ impl Finalizer {
         }
         if let Some(dedup) = &self.shared.dedup {
             let keys = batch.iter().flat_map(|p| p.marks.iter().map(Vec::as_slice));
+            let at = crate::dedup::now_ms();
             let mut backoff = Duration::from_millis(100);
-            while let Err(e) = dedup.mark(keys.clone()) {
+            loop {
+                // Nothing is marked once the partition is fenced off.
+                let Some(written) = self.fence.pass(|| dedup.mark_at(keys.clone(), at)) else {
+                    return false;
+                };
+                let Err(e) = written else { break };
                 // Committing without the marks would let duplicates through
                 // after a crash: wait for the store instead.
                 error!(error = %format!("{e:#}"), "cannot mark events as processed; retrying");
-                if self.cancel.load(Ordering::SeqCst) {
-                    return false;
-                }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+            if let Some(changelog) = &self.shared.changelog {
+                loop {
+                    let write =
+                        || changelog.write(&self.shared.publisher, self.tp.1, keys.clone(), at);
+                    match self.fence.pass(write) {
+                        None => return false,
+                        Some(Ok(())) => break,
+                        // The producer's queue is full: it drains as the
+                        // broker acknowledges.
+                        Some(Err(wait)) => tokio::time::sleep(wait).await,
+                    }
+                }
             }
         }
         for p in batch.iter() {
             offsets.finish(p.offset);
         }
         if let Some(offset) = offsets.storable() {
-            if let Err(e) = self.consumer.store_offset(&self.tp.0, self.tp.1, offset) {
-                if self.cancel.load(Ordering::SeqCst) {
-                    // Abandoned in a rebalance: the partition is no longer
-                    // ours, and its new owner starts from the last commit.
-                    debug!(topic = %self.tp.0, partition = self.tp.1, offset, error = %e, "offset not stored");
-                } else {
+            let stored = self
+                .fence
+                .pass(|| self.consumer.store_offset(&self.tp.0, self.tp.1, offset));
+            match stored {
+                // Fenced off: the partition is no longer ours, and its new
+                // owner starts from the last commit.
+                None => return false,
+                Some(Ok(())) => {}
+                Some(Err(e)) => {
                     error!(topic = %self.tp.0, partition = self.tp.1, offset, error = %e, "offset not stored");
                     self.shared.kafka_error("store_offset");
                 }
@@ -211,7 +231,7 @@ impl Finalizer {
         let shared = &self.shared;
         match shared
             .publisher
-            .acknowledged(delivery.ack, &self.cancel, delivery.span.as_ref())
+            .acknowledged(delivery.ack, &self.fence, delivery.span.as_ref())
             .await
         {
             Acked::Yes => {
@@ -296,7 +316,7 @@ impl Finalizer {
             Some(FailureKind::ProduceFailed.name()),
         );
         shared.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-        let ack = shared.publisher.send_now(&produce, &self.cancel).await?;
+        let ack = shared.publisher.send_now(&produce, &self.fence).await?;
         Some(Delivery {
             ack,
             span,
@@ -313,7 +333,7 @@ impl Finalizer {
         error!(topic = %topic, partition, offset, reason = %reason,
             "partition stopped: nothing past this event is committed until the cause is fixed and the partition moves or the instance restarts");
         self.stopped.store(true, Ordering::SeqCst);
-        self.cancel.store(true, Ordering::SeqCst);
+        self.fence.close();
         // Its queued events are dropped uncommitted.
         self.in_flight.store(0, Ordering::Relaxed);
         if self.closing.load(Ordering::SeqCst) {

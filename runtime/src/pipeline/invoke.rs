@@ -10,7 +10,7 @@ use opentelemetry::{Context as TraceContext, KeyValue};
 use time::OffsetDateTime;
 
 use super::observe::{event_log, EventFields};
-use super::worker::{sleep_cancellable, PartitionWorker};
+use super::worker::PartitionWorker;
 use crate::config::RetryMode;
 use crate::envelope::{self, Produce, Record};
 use crate::failure::FailureKind;
@@ -82,7 +82,7 @@ impl PartitionWorker {
                         .stats
                         .budget_waits
                         .fetch_add(1, Ordering::Relaxed);
-                    if !sleep_cancellable(&self.cancel, wait) {
+                    if !self.fence.sleep(wait) {
                         return None;
                     }
                     self.throttled += wait;

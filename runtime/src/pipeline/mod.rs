@@ -36,10 +36,12 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info};
 
+use crate::changelog::Changelog;
 use crate::config::Config;
 use crate::dedup::Dedup;
 use crate::deploy::Slot;
 use crate::envelope::Record;
+use crate::fence::Fence;
 use crate::halt::{panic_text, Halt};
 use crate::handler::LoadedHandler;
 use crate::kafka::{consumer_config, ensure_topics};
@@ -145,6 +147,8 @@ struct Shared {
     /// (where a record it cannot route goes).
     retry_topics: HashMap<String, String>,
     dedup: Option<Arc<Dedup>>,
+    /// Where marks are published for the group's other instances.
+    changelog: Option<Arc<Changelog>>,
     stats: Arc<Stats>,
     obs: Observability,
     /// Per handler name.
@@ -218,6 +222,7 @@ pub async fn run(
     let workers = Arc::new(Workers::default());
     let context = WeirContext {
         workers: workers.clone(),
+        publisher: publisher.clone(),
         drain_timeout: config.pipeline.drain_timeout(),
         obs: obs.clone(),
         commits: Default::default(),
@@ -228,6 +233,12 @@ pub async fn run(
             .context("cannot create the Kafka consumer")?,
     );
     ensure_topics(&config, consumer.as_ref()).await;
+    let changelog = match &dedup {
+        Some(_) if config.idempotency.changelog => Some(Arc::new(
+            Changelog::open(&config, obs.metrics.clone()).await?,
+        )),
+        _ => None,
+    };
     let topics = config.topics();
     let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
     let _ = stats.subscribed.set(Instant::now());
@@ -257,6 +268,7 @@ pub async fn run(
             })
             .collect(),
         dedup,
+        changelog,
         stats,
         handler_metrics: handlers
             .iter()
@@ -282,10 +294,7 @@ pub async fn run(
                 while let Some(msg) = next.take() {
                     match msg {
                         Ok(msg) => hand_over(&shared, &consumer, &workers, Record::from_message(&msg)),
-                        Err(e) => {
-                            error!(error = %e, "consumer error");
-                            shared.kafka_error("consume");
-                        }
+                        Err(e) => source::consumer_error(&shared, &consumer, e),
                     }
                     taken += 1;
                     if taken < BURST {
@@ -341,7 +350,7 @@ fn spawn_worker(
     let (tx, rx) = mpsc::channel::<Record>(capacity);
     let (pending_tx, pending_rx) = mpsc::channel::<Step>(capacity);
     let (done_tx, done_rx) = watch::channel(false);
-    let cancel = Arc::new(AtomicBool::new(false));
+    let fence = Arc::new(Fence::default());
     let stop = Arc::new(AtomicBool::new(false));
     let stopped = Arc::new(AtomicBool::new(false));
     let handlers = shared.by_topic.get(&tp.0).cloned().unwrap_or_default();
@@ -353,7 +362,7 @@ fn spawn_worker(
         consumer: consumer.clone(),
         shared: shared.clone(),
         in_flight: in_flight.clone(),
-        cancel: cancel.clone(),
+        fence: fence.clone(),
         stopped: stopped.clone(),
         closing: stop.clone(),
     };
@@ -375,7 +384,7 @@ fn spawn_worker(
         });
     }
     let thread = {
-        let cancel = cancel.clone();
+        let fence = fence.clone();
         let stop = stop.clone();
         let tp = tp.clone();
         let runtime = tokio::runtime::Handle::current();
@@ -383,8 +392,12 @@ fn spawn_worker(
             .name(format!("weir-{}-{}", tp.0, tp.1))
             .spawn(move || {
                 let halt = shared.halt.clone();
+                // The marks of the partition's previous owners first.
+                if let (Some(changelog), Some(dedup)) = (&shared.changelog, &shared.dedup) {
+                    changelog.restore(dedup, tp.1, &fence);
+                }
                 let is_retry = shared.retry_topics.contains_key(&tp.0);
-                let worker = PartitionWorker::new(shared, handlers, cancel, is_retry);
+                let worker = PartitionWorker::new(shared, handlers, fence, is_retry);
                 let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     worker.run(rx, pending_tx, &stop, runtime)
                 }));
@@ -406,7 +419,7 @@ fn spawn_worker(
         paused: false,
         next_offset: first_offset,
         stop,
-        cancel,
+        fence,
         stopped,
         done: done_rx,
         thread: Some(thread),

@@ -11,14 +11,17 @@ use std::time::{Duration, Instant};
 use rdkafka::client::ClientContext;
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::TopicPartitionList;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
 
 use super::commit;
 use super::{spawn_worker, Observability, Shared, TopicPartition};
+use crate::config::GroupProtocol;
 use crate::envelope::Record;
+use crate::fence::Fence;
+use crate::publish::Publisher;
 
 /// A partition's worker as the poll loop and the rebalance callback see it.
 pub(super) struct Worker {
@@ -34,7 +37,7 @@ pub(super) struct Worker {
     /// uncommitted for redelivery.
     pub(super) stop: Arc<AtomicBool>,
     /// Set to abandon even the acknowledgements being awaited.
-    pub(super) cancel: Arc<AtomicBool>,
+    pub(super) fence: Arc<Fence>,
     /// Set when the partition stopped for good (a dead letter was refused):
     /// its records are dropped uncommitted until the partition moves.
     pub(super) stopped: Arc<AtomicBool>,
@@ -83,6 +86,9 @@ pub(super) struct Workers {
 /// reports joining the group, commit results and consumer lag.
 pub(super) struct WeirContext {
     pub(super) workers: Arc<Workers>,
+    /// Flushed on revoke, so the changelog has a revoked partition's marks
+    /// before its next owner restores them.
+    pub(super) publisher: Publisher,
     pub(super) drain_timeout: Duration,
     pub(super) obs: Observability,
     /// Commits that failed since the last one that succeeded.
@@ -95,6 +101,93 @@ impl WeirContext {
             m.kafka_errors.with_label_values(&[operation]).inc();
         }
     }
+
+    /// Sets the partitions-owned gauge from the assignment.
+    fn owned(&self, base: &BaseConsumer<Self>) {
+        if let (Some(m), Ok(a)) = (&self.obs.metrics, base.assignment()) {
+            m.partitions_owned.set(a.count() as i64);
+        }
+    }
+
+    fn rebalance(&self, kind: &str) {
+        if let Some(m) = &self.obs.metrics {
+            m.rebalances.with_label_values(&[kind]).inc();
+        }
+    }
+
+    /// Readiness from the client's statistics: not ready while no broker
+    /// is reachable, or while the member is not connected to its group's
+    /// coordinator (after it first joined); ready again when both are back.
+    fn connection_health(&self, s: &rdkafka::Statistics) {
+        let health = &self.obs.health;
+        let reachable = s.brokers.values().any(|b| b.state == "UP");
+        if reachable {
+            health.clear_problem(BROKERS);
+        } else if !s.brokers.is_empty() {
+            health.set_problem(
+                BROKERS,
+                "no Kafka broker is reachable; waiting for one (nothing is lost meanwhile)".into(),
+            );
+        }
+        if let Some(group) = &s.cgrp {
+            if group.state == "up" {
+                health.clear_problem(GROUP);
+            } else if health.joined.load(Ordering::Relaxed) {
+                health.set_problem(
+                    GROUP,
+                    format!(
+                        "not connected to the consumer group's coordinator (state {}); rejoining",
+                        group.state
+                    ),
+                );
+            }
+        }
+    }
+}
+
+/// Keys of [`crate::metrics::Health`] problems.
+const BROKERS: &str = "brokers";
+const GROUP: &str = "group";
+const LOST: &str = "assignment";
+
+/// A consumer error from a poll: a fatal one halts the runtime with the
+/// client's reason (and what to change when the broker refused the group
+/// protocol); others are logged and counted.
+pub(super) fn consumer_error(
+    shared: &Shared,
+    consumer: &StreamConsumer<WeirContext>,
+    e: KafkaError,
+) {
+    shared.kafka_error("consume");
+    let fatal = matches!(
+        e,
+        KafkaError::MessageConsumptionFatal(_)
+            | KafkaError::MessageConsumption(RDKafkaErrorCode::Fatal)
+    );
+    if !fatal {
+        error!(error = %e, "consumer error");
+        return;
+    }
+    let (code, reason) = consumer
+        .client()
+        .fatal_error()
+        .unwrap_or((RDKafkaErrorCode::Fatal, e.to_string()));
+    let hint = match code {
+        RDKafkaErrorCode::UnsupportedVersion | RDKafkaErrorCode::UnsupportedFeature
+            if shared.config.kafka.group_protocol == GroupProtocol::Consumer =>
+        {
+            " (the broker refused kafka.group_protocol = \"consumer\": it needs Kafka 4.0+ with the \
+             consumer protocol enabled; set kafka.group_protocol = \"cooperative\" for older brokers)"
+        }
+        RDKafkaErrorCode::UnreleasedInstanceId => {
+            " (another member with this group.instance.id is still in the group, e.g. a killed \
+             instance whose session has not expired yet; start again after the broker's session timeout)"
+        }
+        _ => "",
+    };
+    shared.halt.halt_now(format!(
+        "the Kafka consumer hit a fatal error: {reason}{hint}"
+    ));
 }
 
 impl ClientContext for WeirContext {
@@ -102,6 +195,7 @@ impl ClientContext for WeirContext {
         if let Some(m) = &self.obs.metrics {
             m.record_lag(&statistics);
         }
+        self.connection_health(&statistics);
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
@@ -115,6 +209,17 @@ impl ConsumerContext for WeirContext {
         let Rebalance::Revoke(tpl) = rebalance else {
             return;
         };
+        // Only here: the rebalance clears it before `post_rebalance`.
+        if base.assignment_lost() {
+            self.rebalance("lost");
+            warn!(partitions = tpl.count(), "the group took this member's partitions away (session expired or member fenced); rejoining");
+            self.obs.health.set_problem(
+                LOST,
+                "the consumer group took this member's partitions away; rejoining".into(),
+            );
+        } else {
+            self.rebalance("revoke");
+        }
         let mut revoked = Vec::new();
         {
             let mut map = self.workers.map.lock().unwrap();
@@ -141,6 +246,16 @@ impl ConsumerContext for WeirContext {
             );
             let deadline = Instant::now() + self.drain_timeout;
             drain(&mut revoked, deadline);
+            // From here nothing of theirs is published, marked or committed.
+            for w in &revoked {
+                w.fence.close();
+            }
+            // Their marks reach the changelog before the next owner reads it.
+            self.publisher.flush(
+                deadline
+                    .saturating_duration_since(Instant::now())
+                    .max(Duration::from_secs(1)),
+            );
         }
         commit::commit_sync(base);
     }
@@ -149,7 +264,10 @@ impl ConsumerContext for WeirContext {
         match rebalance {
             Rebalance::Assign(tpl) => {
                 info!(partitions = tpl.count(), "partitions assigned");
+                self.rebalance("assign");
                 self.obs.health.joined.store(true, Ordering::Relaxed);
+                self.obs.health.clear_problem(LOST);
+                self.owned(base);
                 // A partition paused before it was revoked stays paused in
                 // librdkafka when it comes back; it has no worker yet, so
                 // nothing else would resume it.
@@ -157,7 +275,7 @@ impl ConsumerContext for WeirContext {
                     warn!(error = %e, "cannot resume assigned partitions");
                 }
             }
-            Rebalance::Revoke(_) => {}
+            Rebalance::Revoke(_) => self.owned(base),
             Rebalance::Error(e) => {
                 error!(error = %e, "consumer group rebalance failed");
                 self.kafka_error("rebalance");
@@ -202,7 +320,7 @@ pub(super) fn drain(workers: &mut [Worker], deadline: Instant) -> usize {
         wait(w);
         if !*w.done.borrow() {
             warn!("in-flight events did not finish in time; they will be redelivered");
-            w.cancel.store(true, Ordering::SeqCst);
+            w.fence.close();
             abandoned += 1;
         }
     }
@@ -429,7 +547,7 @@ mod tests {
             paused: false,
             next_offset: 0,
             stop: Default::default(),
-            cancel: Default::default(),
+            fence: Default::default(),
             stopped: Default::default(),
             done: done_rx,
             thread: None,
@@ -452,15 +570,9 @@ mod tests {
         let started = Instant::now();
         let abandoned = drain(&mut all, Instant::now() + Duration::from_millis(500));
         assert_eq!(abandoned, 1);
-        assert!(!all[0].cancel.load(Ordering::SeqCst));
-        assert!(
-            !all[1].cancel.load(Ordering::SeqCst),
-            "finished before the deadline"
-        );
-        assert!(
-            all[2].cancel.load(Ordering::SeqCst),
-            "cancelled at the deadline"
-        );
+        assert!(!all[0].fence.is_closed());
+        assert!(!all[1].fence.is_closed(), "finished before the deadline");
+        assert!(all[2].fence.is_closed(), "cancelled at the deadline");
         assert!(started.elapsed() >= Duration::from_millis(450));
     }
 

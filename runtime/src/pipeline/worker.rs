@@ -15,6 +15,7 @@ use super::finalizer::Step;
 use super::Shared;
 use crate::deploy::Slot;
 use crate::envelope::Record;
+use crate::fence::Fence;
 use crate::handler::{HandlerInstance, LoadedHandler};
 use crate::metrics::HandlerMetrics;
 use crate::retry_topic::{self, DelayQueue};
@@ -26,7 +27,7 @@ pub(super) struct PartitionWorker {
     /// Each handler's slot, and the generation of the version in
     /// `handlers` (a deploy changes the slot's).
     pub(super) slots: Vec<(Arc<Slot>, u64)>,
-    pub(super) cancel: Arc<AtomicBool>,
+    pub(super) fence: Arc<Fence>,
     /// Keys handled by this worker whose marks may not be written yet: a
     /// duplicate close behind its original is caught here.
     pub(super) recent: RecentKeys,
@@ -87,7 +88,7 @@ impl PartitionWorker {
     pub(super) fn new(
         shared: Arc<Shared>,
         slots: Vec<Arc<Slot>>,
-        cancel: Arc<AtomicBool>,
+        fence: Arc<Fence>,
         is_retry: bool,
     ) -> Self {
         let keys_per_event = slots.len().max(1);
@@ -118,7 +119,7 @@ impl PartitionWorker {
             ),
             max_record_bytes: crate::kafka::max_message_bytes(&shared.config),
             shared,
-            cancel,
+            fence,
             throttled: Duration::ZERO,
             is_retry,
             delayed: DelayQueue::default(),
@@ -136,7 +137,7 @@ impl PartitionWorker {
         // for the soonest instead of taking more.
         let max_delayed = self.shared.config.pipeline.max_in_flight_per_partition;
         loop {
-            if stop.load(Ordering::SeqCst) || self.cancel.load(Ordering::SeqCst) {
+            if stop.load(Ordering::SeqCst) || self.fence.is_closed() {
                 break;
             }
             let now = Instant::now();
@@ -165,7 +166,7 @@ impl PartitionWorker {
                         }
                     }
                 };
-                if stop.load(Ordering::SeqCst) || self.cancel.load(Ordering::SeqCst) {
+                if stop.load(Ordering::SeqCst) || self.fence.is_closed() {
                     break;
                 }
                 if let Some(due) = self.not_due(&record) {
@@ -260,20 +261,8 @@ impl PartitionWorker {
 
     /// Sleeps for a backoff; false when cancelled meanwhile.
     pub(super) fn sleep(&self, d: Duration) -> bool {
-        sleep_cancellable(&self.cancel, d)
+        self.fence.sleep(d)
     }
-}
-
-/// Sleeps for `d` in slices, so a cancel is noticed; false when cancelled.
-pub(super) fn sleep_cancellable(cancel: &AtomicBool, d: Duration) -> bool {
-    let until = Instant::now() + d;
-    while Instant::now() < until {
-        if cancel.load(Ordering::SeqCst) {
-            return false;
-        }
-        std::thread::sleep((until - Instant::now()).min(Duration::from_millis(50)));
-    }
-    true
 }
 
 #[cfg(test)]

@@ -1,0 +1,338 @@
+//! The idempotency changelog: the marks of a consumer group, in a topic,
+//! so they follow their partitions from instance to instance.
+//!
+//! Each instance keeps its marks in its own RocksDB store (a cache). Every
+//! batch of marks a partition's finalizer writes there is also published,
+//! as one record, to partition `p mod N` of the group's changelog topic
+//! (`<group>.weir-idempotency`, N partitions), where `p` is the input
+//! partition. When an instance is assigned a partition, its worker first
+//! reads that changelog partition from where this store last stopped (a
+//! checkpoint in the store; its start for a new store) to the end, then
+//! handles the partition's first event: every mark the previous owner
+//! published is known before any of its events is handled again.
+//!
+//! Marks are written once and expire after `idempotency.retention_secs`,
+//! so the topic is `cleanup.policy=delete` with that `retention.ms`:
+//! Kafka's retention drops a mark from the changelog when it expires from
+//! the stores. (Compaction would not: every key is new.)
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use serde::{Deserialize, Serialize};
+use tracing::{error, info, warn};
+
+use crate::config::Config;
+use crate::dedup::Dedup;
+use crate::fence::Fence;
+use crate::kafka::client_config;
+use crate::metrics::Metrics;
+use crate::publish::Publisher;
+
+/// One changelog record: the marks of one finalizer batch.
+#[derive(Serialize, Deserialize)]
+struct MarkBatch {
+    /// When they were marked (ms since the epoch).
+    at: u64,
+    keys: Vec<serde_bytes::ByteBuf>,
+}
+
+/// The changelog topic of one pipeline.
+pub struct Changelog {
+    topic: String,
+    partitions: i32,
+    /// Options of the restore consumer (brokers, security).
+    client: ClientConfig,
+    /// One lock per changelog partition: two input partitions that share
+    /// one restore it once.
+    restoring: Vec<Mutex<()>>,
+    metrics: Option<Arc<Metrics>>,
+}
+
+/// The changelog topic's name for `config`.
+pub fn topic_name(config: &Config) -> String {
+    config
+        .idempotency
+        .changelog_topic
+        .clone()
+        .unwrap_or_else(|| format!("{}.weir-idempotency", config.kafka.group_id))
+}
+
+impl Changelog {
+    /// Finds the changelog topic, creating it (delete policy, the marks'
+    /// retention, as many partitions as the most partitioned topic
+    /// consumed) when it is missing. Fails naming the topic when it can
+    /// neither be found nor created.
+    pub async fn open(config: &Config, metrics: Option<Arc<Metrics>>) -> Result<Changelog> {
+        let topic = topic_name(config);
+        let client = client_config(config, &Default::default());
+        let consumed = config.topics();
+        let partitions = match partitions_of(&client, &topic)? {
+            Some(n) => n,
+            None => {
+                let most = consumed
+                    .iter()
+                    .map(|t| partitions_of(&client, t))
+                    .collect::<Result<Vec<_>>>()?
+                    .into_iter()
+                    .flatten()
+                    .max()
+                    .unwrap_or(1);
+                create(config, &client, &topic, most).await?;
+                partitions_of(&client, &topic)?.ok_or_else(|| {
+                    anyhow!("the idempotency changelog topic {topic} was created but is not in the metadata")
+                })?
+            }
+        };
+        if consumed.contains(&topic) {
+            bail!("idempotency.changelog_topic: {topic} is also a topic handlers consume");
+        }
+        info!(topic = %topic, partitions, "idempotency changelog");
+        let mut restore = client.clone();
+        // A group id librdkafka wants for `assign`; it never joins nor commits.
+        restore
+            .set(
+                "group.id",
+                format!("{}.weir-restore", config.kafka.group_id),
+            )
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "true")
+            .set("auto.offset.reset", "earliest");
+        Ok(Changelog {
+            topic,
+            partitions,
+            client: restore,
+            restoring: (0..partitions).map(|_| Mutex::new(())).collect(),
+            metrics,
+        })
+    }
+
+    /// The changelog partition of input partition `partition`.
+    pub fn partition_of(&self, partition: i32) -> i32 {
+        partition.rem_euclid(self.partitions)
+    }
+
+    /// Publishes one batch of marks (of input partition `partition`), not
+    /// waiting for its acknowledgement (a failure is logged and counted):
+    /// Ok when enqueued, else how long to wait before trying again.
+    pub fn write<'a>(
+        &self,
+        publisher: &Publisher,
+        partition: i32,
+        keys: impl Iterator<Item = &'a [u8]>,
+        at: u64,
+    ) -> Result<(), Duration> {
+        let batch = MarkBatch {
+            at,
+            keys: keys
+                .map(|k| serde_bytes::ByteBuf::from(k.to_vec()))
+                .collect(),
+        };
+        if batch.keys.is_empty() {
+            return Ok(());
+        }
+        let payload = rmp_serde::to_vec_named(&batch).expect("marks encode");
+        let target = self.partition_of(partition);
+        let key = partition.to_string();
+        let Some(delivery) =
+            publisher.enqueue_to_partition(&self.topic, target, key.as_bytes(), &payload)?
+        else {
+            self.error();
+            return Ok(());
+        };
+        let metrics = self.metrics.clone();
+        let topic = self.topic.clone();
+        tokio::spawn(async move {
+            if let Ok(Err((e, _))) = delivery.await {
+                error!(topic = %topic, partition = target, error = %e,
+                    "idempotency marks not written to the changelog; another instance may handle these events again");
+                if let Some(m) = metrics {
+                    m.kafka_errors.with_label_values(&["changelog"]).inc();
+                }
+            }
+        });
+        Ok(())
+    }
+
+    fn error(&self) {
+        if let Some(m) = &self.metrics {
+            m.kafka_errors.with_label_values(&["changelog"]).inc();
+        }
+    }
+
+    /// Restores into `dedup` the marks of input partition `partition`'s
+    /// changelog partition that it does not have yet, retrying until done;
+    /// None when the fence closed meanwhile.
+    pub fn restore(&self, dedup: &Dedup, partition: i32, fence: &Fence) -> Option<Restored> {
+        let target = self.partition_of(partition);
+        let _one = self.restoring[target as usize]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let started = Instant::now();
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            match self.try_restore(dedup, target, fence) {
+                Ok(Some(marks)) => {
+                    let r = Restored {
+                        partition: target,
+                        marks,
+                        took: started.elapsed(),
+                    };
+                    if let Some(m) = &self.metrics {
+                        m.restore_seconds.observe(r.took.as_secs_f64());
+                        m.restored_marks.inc_by(marks);
+                    }
+                    info!(topic = %self.topic, partition = target, marks, ms = r.took.as_millis() as u64,
+                        "idempotency marks restored");
+                    return Some(r);
+                }
+                Ok(None) => return None,
+                Err(e) => {
+                    self.error();
+                    error!(topic = %self.topic, partition = target, error = %format!("{e:#}"),
+                        "cannot restore idempotency marks; the partition waits and retries");
+                    if !fence.sleep(backoff) {
+                        return None;
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+    }
+
+    /// One attempt: the marks restored, None when fenced off.
+    fn try_restore(&self, dedup: &Dedup, target: i32, fence: &Fence) -> Result<Option<u64>> {
+        let consumer: BaseConsumer = self
+            .client
+            .create()
+            .context("cannot create the changelog consumer")?;
+        let (low, high) = consumer
+            .fetch_watermarks(&self.topic, target, Duration::from_secs(10))
+            .context("cannot read the changelog's offsets")?;
+        let from = dedup
+            .checkpoint(&self.topic, target)?
+            .unwrap_or(low)
+            .max(low);
+        if from >= high {
+            dedup.set_checkpoint(&self.topic, target, high)?;
+            return Ok(Some(0));
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&self.topic, target, Offset::Offset(from))?;
+        consumer.assign(&tpl)?;
+        let mut next = from;
+        let mut marks = 0u64;
+        let mut idle = Instant::now();
+        while next < high {
+            if fence.is_closed() {
+                return Ok(None);
+            }
+            match consumer.poll(Duration::from_millis(200)) {
+                None => {
+                    if idle.elapsed() > Duration::from_secs(30) {
+                        bail!("no changelog record for 30 s at offset {next} (end {high})");
+                    }
+                }
+                Some(Err(KafkaError::PartitionEOF(_))) => break,
+                Some(Err(e)) => return Err(e.into()),
+                Some(Ok(m)) => {
+                    idle = Instant::now();
+                    next = m.offset() + 1;
+                    let Some(payload) = m.payload() else { continue };
+                    match rmp_serde::from_slice::<MarkBatch>(payload) {
+                        Ok(batch) => {
+                            dedup.mark_at(batch.keys.iter().map(|k| k.as_slice()), batch.at)?;
+                            marks += batch.keys.len() as u64;
+                        }
+                        Err(e) => {
+                            warn!(topic = %self.topic, partition = target, offset = m.offset(),
+                            error = %e, "a changelog record that is not a batch of marks is skipped")
+                        }
+                    }
+                }
+            }
+        }
+        dedup.set_checkpoint(&self.topic, target, next)?;
+        Ok(Some(marks))
+    }
+}
+
+/// What one restore did.
+#[derive(Debug)]
+pub struct Restored {
+    pub partition: i32,
+    pub marks: u64,
+    pub took: Duration,
+}
+
+/// The partition count of `topic`, None when it does not exist.
+fn partitions_of(client: &ClientConfig, topic: &str) -> Result<Option<i32>> {
+    let consumer: BaseConsumer = client.create().context("cannot create a metadata client")?;
+    let md = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .with_context(|| format!("cannot read the metadata of {topic}"))?;
+    Ok(md
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
+        .map(|t| t.partitions().len() as i32))
+}
+
+async fn create(
+    config: &Config,
+    client: &ClientConfig,
+    topic: &str,
+    partitions: i32,
+) -> Result<()> {
+    let admin: AdminClient<DefaultClientContext> =
+        client.create().context("cannot create an admin client")?;
+    let retention = (config.idempotency.retention_secs.saturating_mul(1000)).to_string();
+    let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(-1))
+        .set("cleanup.policy", "delete")
+        .set("retention.ms", &retention);
+    let opts = AdminOptions::new()
+        .operation_timeout(Some(Duration::from_secs(10)))
+        .request_timeout(Some(Duration::from_secs(10)));
+    let results = admin
+        .create_topics([&new], &opts)
+        .await
+        .with_context(|| format!("cannot create the idempotency changelog topic {topic}"))?;
+    for r in results {
+        match r {
+            Ok(t) => {
+                info!(topic = %t, partitions, retention_ms = %retention, "created the idempotency changelog topic")
+            }
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((t, e)) => bail!(
+                "cannot create the idempotency changelog topic {t}: {e} (create it, or set \
+                 idempotency.changelog = false to keep marks local to each instance)"
+            ),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_of_marks_round_trips() {
+        let batch = MarkBatch {
+            at: 42,
+            keys: vec![serde_bytes::ByteBuf::from(crate::dedup::key("h", "e-1"))],
+        };
+        let bytes = rmp_serde::to_vec_named(&batch).unwrap();
+        let back: MarkBatch = rmp_serde::from_slice(&bytes).unwrap();
+        assert_eq!(back.at, 42);
+        assert_eq!(back.keys[0].as_slice(), b"h\0e-1");
+    }
+}
