@@ -5,7 +5,9 @@
 #   scripts/kafka.sh fetch    download the jars into the cache (once)
 #   scripts/kafka.sh start    format fresh storage, start, wait until it answers
 #   scripts/kafka.sh stop     stop the broker started by `start`
-#   scripts/kafka.sh restart  stop it and start it again on the same data
+#   scripts/kafka.sh restart [SECS]
+#                             stop it and start it again on the same data
+#                             (SECS seconds later: a broker that is away)
 #   scripts/kafka.sh status   exit 0 when the broker answers
 #
 # Environment: WEIR_CACHE (default <repo>/.cache), WEIR_KAFKA_PORT (default 19092).
@@ -144,6 +146,7 @@ restart() {
     log "no broker storage in $RUN to restart; use start"; exit 1
   fi
   stop
+  sleep "${1:-0}"
   launch
 }
 
@@ -151,7 +154,7 @@ case "${1:-}" in
   fetch) fetch ;;
   start) start ;;
   stop) stop ;;
-  restart) restart ;;
+  restart) restart "${2:-0}" ;;
   status) answers ;;
-  *) echo "usage: $0 fetch|start|stop|restart|status" >&2; exit 2 ;;
+  *) echo "usage: $0 fetch|start|stop|restart [SECS]|status" >&2; exit 2 ;;
 esac

@@ -36,6 +36,7 @@ use crate::fence::Fence;
 use crate::kafka::client_config;
 use crate::metrics::Metrics;
 use crate::publish::Publisher;
+use rdkafka::producer::DeliveryFuture;
 
 /// One changelog record: the marks of one finalizer batch.
 #[derive(Serialize, Deserialize)]
@@ -120,46 +121,42 @@ impl Changelog {
         partition.rem_euclid(self.partitions)
     }
 
-    /// Publishes one batch of marks (of input partition `partition`), not
-    /// waiting for its acknowledgement (a failure is logged and counted):
-    /// Ok when enqueued, else how long to wait before trying again.
+    /// Enqueues one batch of marks (of input partition `partition`): its
+    /// delivery (None when there was nothing to write or the record was
+    /// refused for good, counted), or how long to wait before trying again.
     pub fn write<'a>(
         &self,
         publisher: &Publisher,
         partition: i32,
         keys: impl Iterator<Item = &'a [u8]>,
         at: u64,
-    ) -> Result<(), Duration> {
+    ) -> Result<Option<DeliveryFuture>, Duration> {
         let batch = MarkBatch {
             at,
-            keys: keys
-                .map(|k| serde_bytes::ByteBuf::from(k.to_vec()))
-                .collect(),
+            keys: keys.map(|k| serde_bytes::ByteBuf::from(k.to_vec())).collect(),
         };
         if batch.keys.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         let payload = rmp_serde::to_vec_named(&batch).expect("marks encode");
         let target = self.partition_of(partition);
         let key = partition.to_string();
-        let Some(delivery) =
-            publisher.enqueue_to_partition(&self.topic, target, key.as_bytes(), &payload)?
-        else {
+        let delivery =
+            publisher.enqueue_to_partition(&self.topic, target, key.as_bytes(), &payload)?;
+        if delivery.is_none() {
             self.error();
-            return Ok(());
-        };
-        let metrics = self.metrics.clone();
-        let topic = self.topic.clone();
-        tokio::spawn(async move {
-            if let Ok(Err((e, _))) = delivery.await {
-                error!(topic = %topic, partition = target, error = %e,
-                    "idempotency marks not written to the changelog; another instance may handle these events again");
-                if let Some(m) = metrics {
-                    m.kafka_errors.with_label_values(&["changelog"]).inc();
-                }
-            }
-        });
-        Ok(())
+        }
+        Ok(delivery)
+    }
+
+    /// Counts a delivery that failed (the marks it carried are only in this
+    /// instance's store).
+    pub fn delivered(&self, result: &rdkafka::producer::future_producer::OwnedDeliveryResult) {
+        if let Err((e, m)) = result {
+            error!(topic = %self.topic, partition = m.partition(), error = %e,
+                "idempotency marks not written to the changelog; another instance may handle these events again");
+            self.error();
+        }
     }
 
     fn error(&self) {

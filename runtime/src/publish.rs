@@ -242,14 +242,6 @@ impl Publisher {
         }
     }
 
-    /// Waits until every record enqueued so far is acknowledged or failed,
-    /// or `timeout` passed.
-    pub fn flush(&self, timeout: Duration) {
-        if let Err(e) = self.producer.flush(timeout) {
-            warn!(error = %e, "records still unacknowledged after the flush timeout");
-        }
-    }
-
     /// One attempt to enqueue a record: the ack, or how long to wait before
     /// the next attempt.
     fn enqueue(

@@ -35,6 +35,9 @@ pub fn run(
         let _guard = runtime.enter();
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
     };
+    for w in config.warnings() {
+        warn!("{w}");
+    }
     let tracing = Arc::new(Tracing::from_config(&config.tracing)?);
     let obs = Observability {
         tracing: tracing.clone(),

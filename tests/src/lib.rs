@@ -2,7 +2,7 @@
 //! `scripts/kafka.sh`, address in `WEIR_TEST_BROKERS`), the real `weir`
 //! binary, and the example plugins built for wasm32-wasip2.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
@@ -232,6 +232,50 @@ pub fn read_all(topic: &str) -> Result<Vec<OwnedMessage>> {
         }
     }
     Ok(out)
+}
+
+/// One record of a group's idempotency changelog (as the runtime writes it).
+#[derive(serde::Deserialize)]
+struct MarkBatch {
+    keys: Vec<serde_bytes::ByteBuf>,
+}
+
+/// The event ids marked in `group`'s idempotency changelog, each with the
+/// broker timestamp (ms) of the first record that marked it.
+pub fn changelog_marks(group: &str) -> Result<HashMap<String, i64>> {
+    let mut marks: HashMap<String, i64> = HashMap::new();
+    for m in read_all(&format!("{group}.weir-idempotency"))? {
+        let batch: MarkBatch = rmp_serde::from_slice(m.payload().unwrap_or_default())?;
+        let at = m.timestamp().to_millis().unwrap_or(0);
+        for k in batch.keys {
+            let id = k.splitn(2, |b| *b == 0).nth(1).unwrap_or_default();
+            let id = String::from_utf8_lossy(id).into_owned();
+            let first = marks.entry(id).or_insert(at);
+            *first = (*first).min(at);
+        }
+    }
+    Ok(marks)
+}
+
+/// The partitions an instance's log says it was assigned, in order, as
+/// `(topic, partition)` lists (one per "partitions assigned" line).
+pub fn assignments(log: &[String]) -> Vec<Vec<(String, i32)>> {
+    log.iter()
+        .filter(|l| l.contains("partitions assigned"))
+        .map(|l| {
+            let list = l
+                .split("list=")
+                .nth(1)
+                .and_then(|r| r.split_whitespace().next())
+                .unwrap_or("");
+            list.split(',')
+                .filter_map(|tp| {
+                    let (t, p) = tp.rsplit_once('/')?;
+                    Some((t.to_owned(), p.parse().ok()?))
+                })
+                .collect()
+        })
+        .collect()
 }
 
 /// Waits until `topic` holds at least `n` records.

@@ -9,10 +9,13 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
 use opentelemetry::Context as TraceContext;
 use prometheus::IntCounter;
 
 use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::producer::DeliveryFuture;
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
 use tracing::error;
@@ -28,6 +31,9 @@ use crate::handler::LoadedHandler;
 use crate::metrics::HandlerMetrics;
 use crate::publish::{publish_span, Ack, Acked};
 use crate::telemetry;
+
+/// Deliveries of the partition's marks to the changelog, not ended yet.
+pub(super) type ChangelogAcks = FuturesUnordered<DeliveryFuture>;
 
 /// What a worker hands its finalizer, in the order it handles records.
 pub(super) enum Step {
@@ -111,6 +117,7 @@ impl Finalizer {
         let mut batch: Vec<Pending> = Vec::with_capacity(BATCH);
         let mut offsets = Offsets::default();
         let mut deferred: Vec<i64> = Vec::new();
+        let mut marks = ChangelogAcks::new();
         while let Some(first) = steps.recv().await {
             let mut next = Some(first);
             while let Some(step) = next.take() {
@@ -147,9 +154,10 @@ impl Finalizer {
             if let Some((i, _)) = &cut {
                 batch.truncate(*i);
             }
-            if !self.finish(&mut batch, &mut offsets).await {
+            if !self.finish(&mut batch, &mut offsets, &mut marks).await {
                 break;
             }
+            self.changelog_acks(&mut marks, false).await;
             match cut {
                 None => {}
                 Some((_, Some(reason))) => {
@@ -159,12 +167,49 @@ impl Finalizer {
                 Some((_, None)) => break,
             }
         }
+        // The partition's marks are in the changelog before it is done
+        // (and, on a revoke, before its next owner restores them).
+        self.changelog_acks(&mut marks, true).await;
+    }
+
+    /// Counts the changelog deliveries that ended; with `all`, waits for
+    /// every one (until the fence closes).
+    async fn changelog_acks(&self, acks: &mut ChangelogAcks, all: bool) {
+        let Some(changelog) = &self.shared.changelog else {
+            return;
+        };
+        loop {
+            let next = if all {
+                tokio::select! {
+                    r = acks.next() => Some(r),
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {
+                        if self.fence.is_closed() {
+                            return;
+                        }
+                        continue;
+                    }
+                }
+            } else {
+                acks.next().now_or_never()
+            };
+            match next {
+                Some(Some(Ok(result))) => changelog.delivered(&result),
+                // The producer is gone: shutting down.
+                Some(Some(Err(_))) => {}
+                Some(None) | None => return,
+            }
+        }
     }
 
     /// Marks settled events in the idempotency store, then stores the
     /// offset below every unfinished event. False when cancelled before
     /// the marks were written.
-    pub(super) async fn finish(&self, batch: &mut Vec<Pending>, offsets: &mut Offsets) -> bool {
+    pub(super) async fn finish(
+        &self,
+        batch: &mut Vec<Pending>,
+        offsets: &mut Offsets,
+        marks: &mut ChangelogAcks,
+    ) -> bool {
         if batch.is_empty() {
             return true;
         }
@@ -190,7 +235,10 @@ impl Finalizer {
                         || changelog.write(&self.shared.publisher, self.tp.1, keys.clone(), at);
                     match self.fence.pass(write) {
                         None => return false,
-                        Some(Ok(())) => break,
+                        Some(Ok(delivery)) => {
+                            marks.extend(delivery);
+                            break;
+                        }
                         // The producer's queue is full: it drains as the
                         // broker acknowledges.
                         Some(Err(wait)) => tokio::time::sleep(wait).await,

@@ -222,7 +222,6 @@ pub async fn run(
     let workers = Arc::new(Workers::default());
     let context = WeirContext {
         workers: workers.clone(),
-        publisher: publisher.clone(),
         drain_timeout: config.pipeline.drain_timeout(),
         obs: obs.clone(),
         commits: Default::default(),

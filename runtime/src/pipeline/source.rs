@@ -21,7 +21,6 @@ use super::{spawn_worker, Observability, Shared, TopicPartition};
 use crate::config::GroupProtocol;
 use crate::envelope::Record;
 use crate::fence::Fence;
-use crate::publish::Publisher;
 
 /// A partition's worker as the poll loop and the rebalance callback see it.
 pub(super) struct Worker {
@@ -86,9 +85,6 @@ pub(super) struct Workers {
 /// reports joining the group, commit results and consumer lag.
 pub(super) struct WeirContext {
     pub(super) workers: Arc<Workers>,
-    /// Flushed on revoke, so the changelog has a revoked partition's marks
-    /// before its next owner restores them.
-    pub(super) publisher: Publisher,
     pub(super) drain_timeout: Duration,
     pub(super) obs: Observability,
     /// Commits that failed since the last one that succeeded.
@@ -242,6 +238,7 @@ impl ConsumerContext for WeirContext {
         if !revoked.is_empty() {
             info!(
                 partitions = revoked.len(),
+                list = %describe(tpl),
                 "partitions revoked; finishing their in-flight events"
             );
             let deadline = Instant::now() + self.drain_timeout;
@@ -250,12 +247,6 @@ impl ConsumerContext for WeirContext {
             for w in &revoked {
                 w.fence.close();
             }
-            // Their marks reach the changelog before the next owner reads it.
-            self.publisher.flush(
-                deadline
-                    .saturating_duration_since(Instant::now())
-                    .max(Duration::from_secs(1)),
-            );
         }
         commit::commit_sync(base);
     }
@@ -263,7 +254,7 @@ impl ConsumerContext for WeirContext {
     fn post_rebalance(&self, base: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
-                info!(partitions = tpl.count(), "partitions assigned");
+                info!(partitions = tpl.count(), list = %describe(tpl), "partitions assigned");
                 self.rebalance("assign");
                 self.obs.health.joined.store(true, Ordering::Relaxed);
                 self.obs.health.clear_problem(LOST);
@@ -290,6 +281,15 @@ impl ConsumerContext for WeirContext {
     ) {
         self.commits.record(result, &self.obs);
     }
+}
+
+/// `topic/partition` of each partition of a list, comma-separated.
+fn describe(tpl: &TopicPartitionList) -> String {
+    tpl.elements()
+        .iter()
+        .map(|e| format!("{}/{}", e.topic(), e.partition()))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// The key of a partition's problem in [`Health`].

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
-use tracing::error;
+use tracing::{error, info};
 
 use super::finalizer::Step;
 use super::Shared;
@@ -187,7 +187,12 @@ impl PartitionWorker {
                     panic!("injected fault: the worker of {t}/{p} panics at offset {o}");
                 }
             }
+            let (partition, offset) = (record.partition, record.offset);
             let Some(p) = self.process(record) else {
+                if self.fence.is_closed() {
+                    info!(partition, offset,
+                        "partition fenced off (revoked or abandoned): the event in hand is not published, marked or committed here");
+                }
                 break;
             };
             if pending.blocking_send(Step::Done(p)).is_err() {
