@@ -133,7 +133,9 @@ impl Changelog {
     ) -> Result<Option<DeliveryFuture>, Duration> {
         let batch = MarkBatch {
             at,
-            keys: keys.map(|k| serde_bytes::ByteBuf::from(k.to_vec())).collect(),
+            keys: keys
+                .map(|k| serde_bytes::ByteBuf::from(k.to_vec()))
+                .collect(),
         };
         if batch.keys.is_empty() {
             return Ok(None);

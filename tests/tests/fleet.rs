@@ -49,7 +49,9 @@ fn outcome(n: usize, outputs: &[OwnedMessage], marks: &HashMap<String, i64>) -> 
         t.sort_unstable();
         if let (Some(second), Some(marked)) = (t.get(1), marks.get(id)) {
             if *second > marked + 1000 {
-                after_mark.push(format!("{id} (marked at {marked}, output again at {second})"));
+                after_mark.push(format!(
+                    "{id} (marked at {marked}, output again at {second})"
+                ));
             }
         }
     }
@@ -301,7 +303,13 @@ async fn a_revoked_partition_stuck_in_a_long_call_publishes_nothing_after_the_re
     // An event in each partition (keys until every partition has one).
     let mut inputs = Vec::new();
     for i in 0.. {
-        let e = In::envelope(&format!("k{i}"), &format!("evt-{i}"), "c", "t", json!({"i": i}));
+        let e = In::envelope(
+            &format!("k{i}"),
+            &format!("evt-{i}"),
+            "c",
+            "t",
+            json!({"i": i}),
+        );
         produce(&input, std::slice::from_ref(&e)).await?;
         inputs.push(e);
         if end_offsets(&input, P)?.iter().all(|o| *o > 0) {
@@ -318,7 +326,10 @@ async fn a_revoked_partition_stuck_in_a_long_call_publishes_nothing_after_the_re
         if s.value("weir_events_in_flight", &[]).unwrap_or(0.0) >= inputs.len() as f64 {
             break;
         }
-        anyhow::ensure!(tokio::time::Instant::now() < deadline, "events not in flight");
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "events not in flight"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // A second instance joins; one partition moves while its event is in
