@@ -58,10 +58,19 @@ pub struct BenchArgs {
     /// the compile cache.
     #[arg(long)]
     startup: Option<PathBuf>,
+    /// Rounds of the rebalance measure: a second `weir run` joins a busy
+    /// one, with each group protocol (eager, cooperative, consumer); 0: none.
+    #[arg(long, default_value_t = 0)]
+    rebalances: usize,
+    /// Restore time of a changelog partition holding this many marks
+    /// (comma-separated counts, e.g. 10000,100000,1000000).
+    #[arg(long, value_delimiter = ',')]
+    restore_marks: Vec<usize>,
 }
 
 mod baselines;
 mod deploys;
+mod fleet;
 mod latency;
 mod load;
 mod micro;
@@ -339,6 +348,12 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         let file = file.clone();
         let rounds = args.rounds;
         tokio::task::spawn_blocking(move || deploys::startup(&file, rounds)).await??;
+    }
+    if args.rebalances > 0 {
+        fleet::rebalances(&args, &echo, args.rebalances).await?;
+    }
+    if !args.restore_marks.is_empty() {
+        fleet::restore(&args, &args.restore_marks).await?;
     }
 
     micro::print(&args, &echo, &sink).await
