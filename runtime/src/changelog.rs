@@ -16,6 +16,7 @@
 //! Kafka's retention drops a mark from the changelog when it expires from
 //! the stores. (Compaction would not: every key is new.)
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -34,7 +35,7 @@ use crate::config::Config;
 use crate::dedup::Dedup;
 use crate::fence::Fence;
 use crate::kafka::client_config;
-use crate::metrics::Metrics;
+use crate::metrics::{Health, Metrics};
 use crate::publish::Publisher;
 use rdkafka::producer::DeliveryFuture;
 
@@ -93,9 +94,6 @@ impl Changelog {
                 })?
             }
         };
-        if consumed.contains(&topic) {
-            bail!("idempotency.changelog_topic: {topic} is also a topic handlers consume");
-        }
         info!(topic = %topic, partitions, "idempotency changelog");
         let mut restore = client.clone();
         // A group id librdkafka wants for `assign`; it never joins nor commits.
@@ -168,9 +166,19 @@ impl Changelog {
     }
 
     /// Restores into `dedup` the marks of input partition `partition`'s
-    /// changelog partition that it does not have yet, retrying until done;
-    /// None when the fence closed meanwhile.
-    pub fn restore(&self, dedup: &Dedup, partition: i32, fence: &Fence) -> Option<Restored> {
+    /// changelog partition that it does not have yet, retrying until done
+    /// (the partition is reported in `health` while a restore fails); None
+    /// when `stop` (revoke, shutdown) or the fence ended it first. What
+    /// was restored before a stop is kept, with its checkpoint.
+    pub fn restore(
+        &self,
+        dedup: &Dedup,
+        partition: i32,
+        fence: &Fence,
+        stop: &AtomicBool,
+        health: &Health,
+    ) -> Option<Restored> {
+        let problem = format!("changelog {}/{}", self.topic, self.partition_of(partition));
         let target = self.partition_of(partition);
         let _one = self.restoring[target as usize]
             .lock()
@@ -178,8 +186,9 @@ impl Changelog {
         let started = Instant::now();
         let mut backoff = Duration::from_millis(200);
         loop {
-            match self.try_restore(dedup, target, fence) {
+            match self.try_restore(dedup, target, fence, stop) {
                 Ok(Some(marks)) => {
+                    health.clear_problem(&problem);
                     let r = Restored {
                         partition: target,
                         marks,
@@ -193,13 +202,26 @@ impl Changelog {
                         "idempotency marks restored");
                     return Some(r);
                 }
-                Ok(None) => return None,
+                Ok(None) => {
+                    health.clear_problem(&problem);
+                    return None;
+                }
                 Err(e) => {
                     self.error();
                     error!(topic = %self.topic, partition = target, error = %format!("{e:#}"),
                         "cannot restore idempotency marks; the partition waits and retries");
-                    if !fence.sleep(backoff) {
-                        return None;
+                    health.set_problem(
+                        &problem,
+                        format!(
+                            "cannot restore the idempotency marks of {problem} (partition {partition} waits): {e:#}"
+                        ),
+                    );
+                    let until = Instant::now() + backoff;
+                    while Instant::now() < until {
+                        if stop.load(Ordering::SeqCst) || !fence.sleep(Duration::from_millis(50)) {
+                            health.clear_problem(&problem);
+                            return None;
+                        }
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(10));
                 }
@@ -208,7 +230,13 @@ impl Changelog {
     }
 
     /// One attempt: the marks restored, None when fenced off.
-    fn try_restore(&self, dedup: &Dedup, target: i32, fence: &Fence) -> Result<Option<u64>> {
+    fn try_restore(
+        &self,
+        dedup: &Dedup,
+        target: i32,
+        fence: &Fence,
+        stop: &AtomicBool,
+    ) -> Result<Option<u64>> {
         let consumer: BaseConsumer = self
             .client
             .create()
@@ -230,8 +258,11 @@ impl Changelog {
         let mut next = from;
         let mut marks = 0u64;
         let mut idle = Instant::now();
+        let mut last_checkpoint = Instant::now();
         while next < high {
-            if fence.is_closed() {
+            if fence.is_closed() || stop.load(Ordering::SeqCst) {
+                // Kept for the next restore of this partition, here.
+                dedup.set_checkpoint(&self.topic, target, next)?;
                 return Ok(None);
             }
             match consumer.poll(Duration::from_millis(200)) {
@@ -250,6 +281,10 @@ impl Changelog {
                         Ok(batch) => {
                             dedup.mark_at(batch.keys.iter().map(|k| k.as_slice()), batch.at)?;
                             marks += batch.keys.len() as u64;
+                            if last_checkpoint.elapsed() > Duration::from_secs(1) {
+                                dedup.set_checkpoint(&self.topic, target, next)?;
+                                last_checkpoint = Instant::now();
+                            }
                         }
                         Err(e) => {
                             warn!(topic = %self.topic, partition = target, offset = m.offset(),

@@ -374,14 +374,17 @@ async fn ready_only_after_joining_the_group() -> anyhow::Result<()> {
         body.contains("consumer group") || body.contains("loading"),
         "{body}"
     );
+    // It waits for the broker (the group's idempotency changelog is the
+    // first thing it reads), saying so.
     lonely
-        .await_log("consuming", Duration::from_secs(30))
+        .await_log(
+            "cannot open the idempotency changelog",
+            Duration::from_secs(60),
+        )
         .await?;
     let (status, body) = http_get(&addr, "/readyz").await?;
-    assert_eq!(
-        (status, body.as_str()),
-        (503, "not ready: joining the consumer group\n")
-    );
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("weir-idempotency"), "{body}");
     lonely.kill().await?;
 
     // With the broker: ready once the group assigned partitions.

@@ -201,8 +201,11 @@ pub(super) async fn restore(args: &BenchArgs, counts: &[usize]) -> Result<()> {
             let dir = tempfile::tempdir()?;
             let store = Dedup::open(dir.path(), Duration::from_secs(3600))?;
             let fence = Fence::default();
-            let r = tokio::task::block_in_place(|| changelog.restore(&store, 0, &fence))
-                .context("restore")?;
+            let (stop, health) = (Default::default(), Default::default());
+            let r = tokio::task::block_in_place(|| {
+                changelog.restore(&store, 0, &fence, &stop, &health)
+            })
+            .context("restore")?;
             if r.marks != n as u64 {
                 bail!("restored {} marks of {n}", r.marks);
             }

@@ -441,6 +441,11 @@ impl Config {
             );
         }
         self.validate_group_protocol()?;
+        if let Some(t) = &self.idempotency.changelog_topic {
+            if self.topics().contains(t) {
+                bail!("idempotency.changelog_topic: {t:?} is also a topic handlers consume");
+            }
+        }
         if self.pipeline.max_in_flight_per_partition == 0 {
             bail!("pipeline.max_in_flight_per_partition: must be at least 1");
         }

@@ -232,10 +232,33 @@ pub async fn run(
             .context("cannot create the Kafka consumer")?,
     );
     ensure_topics(&config, consumer.as_ref()).await;
+    tokio::pin!(shutdown);
     let changelog = match &dedup {
-        Some(_) if config.idempotency.changelog => Some(Arc::new(
-            Changelog::open(&config, obs.metrics.clone()).await?,
-        )),
+        Some(_) if config.idempotency.changelog => {
+            // A broker away at start is waited for (not ready meanwhile).
+            let mut backoff = Duration::from_millis(500);
+            loop {
+                match Changelog::open(&config, obs.metrics.clone()).await {
+                    Ok(c) => {
+                        obs.health.clear_problem("changelog");
+                        break Some(Arc::new(c));
+                    }
+                    Err(e) => {
+                        let e = format!("{e:#}");
+                        error!(error = %e, "cannot open the idempotency changelog; retrying");
+                        obs.health.set_problem("changelog", e);
+                        tokio::select! {
+                            _ = &mut shutdown => {
+                                obs.health.clear_problem("changelog");
+                                return Ok(());
+                            }
+                            _ = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                    }
+                }
+            }
+        }
         _ => None,
     };
     let topics = config.topics();
@@ -277,7 +300,6 @@ pub async fn run(
     });
     let commit_task = commit::every(consumer.clone(), shared.config.pipeline.commit_interval());
 
-    tokio::pin!(shutdown);
     let mut resume_tick = tokio::time::interval(Duration::from_millis(20));
     let mut stats_tick = tokio::time::interval(Duration::from_secs(10));
     loop {
@@ -393,7 +415,7 @@ fn spawn_worker(
                 let halt = shared.halt.clone();
                 // The marks of the partition's previous owners first.
                 if let (Some(changelog), Some(dedup)) = (&shared.changelog, &shared.dedup) {
-                    changelog.restore(dedup, tp.1, &fence);
+                    changelog.restore(dedup, tp.1, &fence, &stop, &shared.obs.health);
                 }
                 let is_retry = shared.retry_topics.contains_key(&tp.0);
                 let worker = PartitionWorker::new(shared, handlers, fence, is_retry);

@@ -206,7 +206,8 @@ impl ConsumerContext for WeirContext {
             return;
         };
         // Only here: the rebalance clears it before `post_rebalance`.
-        if base.assignment_lost() {
+        let lost = base.assignment_lost();
+        if lost {
             self.rebalance("lost");
             warn!(partitions = tpl.count(), "the group took this member's partitions away (session expired or member fenced); rejoining");
             self.obs.health.set_problem(
@@ -241,7 +242,16 @@ impl ConsumerContext for WeirContext {
                 list = %describe(tpl),
                 "partitions revoked; finishing their in-flight events"
             );
-            let deadline = Instant::now() + self.drain_timeout;
+            let deadline = if lost {
+                // Already someone else's: nothing more of theirs is
+                // published, marked or committed, not even the event in hand.
+                for w in &revoked {
+                    w.fence.close();
+                }
+                Instant::now()
+            } else {
+                Instant::now() + self.drain_timeout
+            };
             drain(&mut revoked, deadline);
             // From here nothing of theirs is published, marked or committed.
             for w in &revoked {
