@@ -241,7 +241,8 @@ struct MarkBatch {
 }
 
 /// The event ids marked in `group`'s idempotency changelog, each with the
-/// broker timestamp (ms) of the first record that marked it.
+/// timestamp (ms, set by the instance that wrote it) of the first record
+/// that marked it.
 pub fn changelog_marks(group: &str) -> Result<HashMap<String, i64>> {
     let mut marks: HashMap<String, i64> = HashMap::new();
     for m in read_all(&format!("{group}.weir-idempotency"))? {

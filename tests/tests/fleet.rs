@@ -13,6 +13,10 @@ use rdkafka::message::{Message, OwnedMessage};
 use serde_json::json;
 use weir_e2e::*;
 
+/// The fleet tests run several instances each: one test at a time, so the
+/// join's gap is measured on the machine, not against the kill storm.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -30,6 +34,8 @@ struct Outcome {
     lost: usize,
     duplicates: usize,
     after_mark: Vec<String>,
+    /// When each repeated event's second output was made (ms).
+    repeats_at: Vec<i64>,
 }
 
 fn outcome(n: usize, outputs: &[OwnedMessage], marks: &HashMap<String, i64>) -> Outcome {
@@ -45,8 +51,10 @@ fn outcome(n: usize, outputs: &[OwnedMessage], marks: &HashMap<String, i64>) -> 
         .filter(|i| !times.contains_key(&format!("evt-{i}")))
         .count();
     let mut after_mark = Vec::new();
+    let mut repeats_at = Vec::new();
     for (id, t) in &mut times {
         t.sort_unstable();
+        repeats_at.extend(t.get(1));
         if let (Some(second), Some(marked)) = (t.get(1), marks.get(id)) {
             if *second > marked + 1000 {
                 after_mark.push(format!(
@@ -59,6 +67,7 @@ fn outcome(n: usize, outputs: &[OwnedMessage], marks: &HashMap<String, i64>) -> 
         lost,
         duplicates: outputs.len() - times.len(),
         after_mark,
+        repeats_at,
     }
 }
 
@@ -94,6 +103,7 @@ async fn await_assigned(w: &mut Weir) -> anyhow::Result<Vec<(String, i32)>> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_fleet_scales_out_and_in_and_keeps_every_event() -> anyhow::Result<()> {
+    let _one = ONE_AT_A_TIME.lock().await;
     const N: usize = 60_000;
     const P: i32 = 8;
     // Largest pause allowed in the outputs of a partition that stays with
@@ -148,6 +158,7 @@ async fn a_fleet_scales_out_and_in_and_keeps_every_event() -> anyhow::Result<()>
     // One leaves gracefully, another is killed.
     assert!(b.terminate(Duration::from_secs(60)).await?.success());
     progress(outputs_now()? + 2_000).await?;
+    let killed_at = now_ms();
     c.kill().await?;
     await_committed_to_end(&group, &input, P, Duration::from_secs(300)).await?;
     assert!(a.terminate(Duration::from_secs(60)).await?.success());
@@ -169,6 +180,12 @@ async fn a_fleet_scales_out_and_in_and_keeps_every_event() -> anyhow::Result<()>
         o.after_mark.is_empty(),
         "handled again after their mark reached the changelog: {:?}",
         &o.after_mark[..o.after_mark.len().min(10)]
+    );
+    // Joins and the graceful leave repeat nothing: every repeat follows the kill.
+    assert!(
+        o.repeats_at.iter().all(|t| *t >= killed_at),
+        "events repeated before the kill (at {killed_at}): {:?}",
+        o.repeats_at
     );
 
     // Gaps in the outputs of the partitions the first instance kept.
@@ -218,6 +235,7 @@ impl SplitMix64 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_kill_storm_across_a_fleet_loses_nothing() -> anyhow::Result<()> {
+    let _one = ONE_AT_A_TIME.lock().await;
     const N: usize = 50_000;
     const P: i32 = 8;
     const INSTANCES: usize = 3;
@@ -286,6 +304,7 @@ async fn a_kill_storm_across_a_fleet_loses_nothing() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_revoked_partition_stuck_in_a_long_call_publishes_nothing_after_the_revoke(
 ) -> anyhow::Result<()> {
+    let _one = ONE_AT_A_TIME.lock().await;
     const P: i32 = 2;
     let input = unique("fence-in");
     let output = format!("{input}.out");
