@@ -61,11 +61,7 @@ pub struct Changelog {
 
 /// The changelog topic's name for `config`.
 pub fn topic_name(config: &Config) -> String {
-    config
-        .idempotency
-        .changelog_topic
-        .clone()
-        .unwrap_or_else(|| format!("{}.weir-idempotency", config.kafka.group_id))
+    config.changelog_topic()
 }
 
 impl Changelog {
@@ -244,10 +240,11 @@ impl Changelog {
         let (low, high) = consumer
             .fetch_watermarks(&self.topic, target, Duration::from_secs(10))
             .context("cannot read the changelog's offsets")?;
-        let from = dedup
-            .checkpoint(&self.topic, target)?
-            .unwrap_or(low)
-            .max(low);
+        // A checkpoint past the end: the topic was recreated; read it all.
+        let from = match dedup.checkpoint(&self.topic, target)? {
+            Some(c) if c <= high => c.max(low),
+            _ => low,
+        };
         if from >= high {
             dedup.set_checkpoint(&self.topic, target, high)?;
             return Ok(Some(0));

@@ -215,7 +215,7 @@ impl Metrics {
             rebalances: counter(
                 &r,
                 "weir_rebalances_total",
-                "Consumer group rebalances seen by this instance, by kind (assign, revoke, lost: partitions taken away without a revoke, e.g. after the group lost this member)",
+                "Rebalances that gave this instance partitions (assign) or took some away (revoke; lost: taken away without a revoke, e.g. after the group lost this member)",
                 &["kind"],
             ),
             partitions_owned: gauge(

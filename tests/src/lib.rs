@@ -234,6 +234,68 @@ pub fn read_all(topic: &str) -> Result<Vec<OwnedMessage>> {
     Ok(out)
 }
 
+/// `n` envelopes `evt-0`.. `evt-{n-1}`, keyed over 97 keys, for tests that
+/// count outputs per event id.
+pub fn numbered_events(n: usize) -> Vec<In> {
+    (0..n)
+        .map(|i| {
+            In::envelope(
+                &format!("k{}", i % 97),
+                &format!("evt-{i}"),
+                "c",
+                "t",
+                serde_json::json!({"i": i}),
+            )
+        })
+        .collect()
+}
+
+/// A fresh input topic named from `prefix`, its `.out` topic (both with
+/// `partitions`) and a fresh group: (input, output, group).
+pub async fn fresh_topics(prefix: &str, partitions: i32) -> Result<(String, String, String)> {
+    let input = unique(&format!("{prefix}-in"));
+    let output = format!("{input}.out");
+    create_topic(&input, partitions).await?;
+    create_topic(&output, partitions).await?;
+    Ok((input, output, unique(&format!("{prefix}-group"))))
+}
+
+/// SplitMix64: every random choice of a test from one seed, so a failing
+/// run can be repeated with `WEIR_TEST_SEED` (printed by [`seed`]).
+pub struct SplitMix64(pub u64);
+
+impl SplitMix64 {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// A number in `0..bound`.
+    pub fn below(&mut self, bound: u64) -> u64 {
+        self.next_u64() % bound
+    }
+}
+
+/// The seed of a randomized test: `WEIR_TEST_SEED`, else the clock; printed
+/// with how to repeat the run.
+pub fn seed(test: &str) -> u64 {
+    let seed = match std::env::var("WEIR_TEST_SEED") {
+        Ok(v) => v
+            .trim()
+            .parse::<u64>()
+            .unwrap_or_else(|_| panic!("WEIR_TEST_SEED={v:?} is not a u64")),
+        Err(_) => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1),
+    };
+    println!("{test} seed={seed} (rerun with WEIR_TEST_SEED={seed})");
+    seed
+}
+
 /// One record of a group's idempotency changelog (as the runtime writes it).
 #[derive(serde::Deserialize)]
 struct MarkBatch {

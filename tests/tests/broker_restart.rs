@@ -9,7 +9,6 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde_json::json;
 use weir_e2e::*;
 
 /// `scripts/kafka.sh` with the test broker's port and cache.
@@ -36,27 +35,12 @@ async fn a_broker_restart_mid_stream_loses_nothing() -> anyhow::Result<()> {
         "this test restarts the broker of scripts/kafka.sh (127.0.0.1:{port}); WEIR_TEST_BROKERS is {}",
         brokers()
     );
-    let input = unique("bounce-in");
-    let output = format!("{input}.out");
-    let group = unique("bounce-group");
-    create_topic(&input, P).await?;
-    create_topic(&output, P).await?;
+    let (input, output, group) = fresh_topics("bounce", P).await?;
     let config = config_toml(
         &group,
         &[HandlerSpec::new("echo", "echo", &input).config("delay_ms", "2")],
     );
-    let events: Vec<In> = (0..N)
-        .map(|i| {
-            In::envelope(
-                &format!("k{}", i % 97),
-                &format!("evt-{i}"),
-                "c",
-                "t",
-                json!({"i": i}),
-            )
-        })
-        .collect();
-    produce(&input, &events).await?;
+    produce(&input, &numbered_events(N)).await?;
     let mut weir = Weir::start(&config)?;
     let addr = weir.http_addr().await?;
     await_records(&output, P, 2_000, Duration::from_secs(60)).await?;

@@ -6,49 +6,16 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use rdkafka::message::Message;
-use serde_json::json;
 use weir_e2e::*;
-
-/// SplitMix64: every random choice of the test comes from one seed, so a
-/// failing run can be repeated with `WEIR_TEST_SEED`.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// A number in `0..bound`.
-    fn below(&mut self, bound: u64) -> u64 {
-        self.next() % bound
-    }
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigkill_at_random_moments_loses_nothing() -> anyhow::Result<()> {
     const N: usize = 50_000;
     const P: i32 = 4;
     const KILLS: usize = 20;
-    let seed = match std::env::var("WEIR_TEST_SEED") {
-        Ok(v) => v
-            .trim()
-            .parse::<u64>()
-            .unwrap_or_else(|_| panic!("WEIR_TEST_SEED={v:?} is not a u64")),
-        Err(_) => std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)?
-            .as_nanos() as u64,
-    };
-    println!("crash test seed={seed} (rerun with WEIR_TEST_SEED={seed})");
+    let seed = seed("crash test");
     let mut rng = SplitMix64(seed);
-    let input = unique("crash-in");
-    let output = format!("{input}.out");
-    let group = unique("crash-group");
-    create_topic(&input, P).await?;
-    create_topic(&output, P).await?;
+    let (input, output, group) = fresh_topics("crash", P).await?;
     let state = tempfile::tempdir()?;
     let files = tempfile::tempdir()?;
     // Static membership on the classic protocol: a restarted instance takes
@@ -67,17 +34,7 @@ async fn sigkill_at_random_moments_loses_nothing() -> anyhow::Result<()> {
         3600,
     );
     let path = write_config(files.path(), &config);
-    let inputs: Vec<In> = (0..N)
-        .map(|i| {
-            In::envelope(
-                &format!("k{}", i % 97),
-                &format!("evt-{i}"),
-                "c",
-                "t",
-                json!({"i": i}),
-            )
-        })
-        .collect();
+    let inputs = numbered_events(N);
     produce(&input, &inputs).await?;
 
     // After each kill: the output end offsets and the marks at that moment.

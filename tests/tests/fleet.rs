@@ -71,20 +71,6 @@ fn outcome(n: usize, outputs: &[OwnedMessage], marks: &HashMap<String, i64>) -> 
     }
 }
 
-fn events(n: usize) -> Vec<In> {
-    (0..n)
-        .map(|i| {
-            In::envelope(
-                &format!("k{}", i % 97),
-                &format!("evt-{i}"),
-                "c",
-                "t",
-                json!({"i": i}),
-            )
-        })
-        .collect()
-}
-
 /// Waits until an instance's log says it was assigned partitions (a
 /// non-empty list) and returns them.
 async fn await_assigned(w: &mut Weir) -> anyhow::Result<Vec<(String, i32)>> {
@@ -109,18 +95,14 @@ async fn a_fleet_scales_out_and_in_and_keeps_every_event() -> anyhow::Result<()>
     // Largest pause allowed in the outputs of a partition that stays with
     // its instance while another instance joins.
     const GAP_BOUND_MS: i64 = 1_000;
-    let input = unique("fleet-in");
-    let output = format!("{input}.out");
-    let group = unique("fleet-group");
-    create_topic(&input, P).await?;
-    create_topic(&output, P).await?;
+    let (input, output, group) = fresh_topics("fleet", P).await?;
     // 5 ms an event: one instance moves at most 1,600 events/s over the 8
     // partitions, so the stream lasts while instances come and go.
     let config = config_toml(
         &group,
         &[HandlerSpec::new("echo", "echo", &input).config("delay_ms", "5")],
     );
-    produce(&input, &events(N)).await?;
+    produce(&input, &numbered_events(N)).await?;
     let partition_of: HashMap<String, i32> = read_all(&input)?
         .iter()
         .map(|m| {
@@ -132,6 +114,7 @@ async fn a_fleet_scales_out_and_in_and_keeps_every_event() -> anyhow::Result<()>
     let outputs_now = || -> anyhow::Result<i64> { Ok(end_offsets(&output, P)?.iter().sum()) };
 
     let mut a = Weir::start(&config)?;
+    let a_metrics = a.http_addr().await?;
     let a_first = await_assigned(&mut a).await?;
     assert_eq!(a_first.len(), P as usize, "alone, it owns every partition");
     progress(3_000).await?;
@@ -161,6 +144,34 @@ async fn a_fleet_scales_out_and_in_and_keeps_every_event() -> anyhow::Result<()>
     let killed_at = now_ms();
     c.kill().await?;
     await_committed_to_end(&group, &input, P, Duration::from_secs(300)).await?;
+    // What the first instance reports of the group's life.
+    let m = Scrape::fetch(&a_metrics).await?;
+    let v = |name: &str, labels: &[(&str, &str)]| m.value(name, labels).unwrap_or(-1.0);
+    println!(
+        "first instance: partitions owned {}, rebalances assign {} revoke {}, restores {} ({} marks)",
+        v("weir_partitions_owned", &[]),
+        v("weir_rebalances_total", &[("kind", "assign")]),
+        v("weir_rebalances_total", &[("kind", "revoke")]),
+        v("weir_idempotency_restore_seconds_count", &[]),
+        v("weir_idempotency_restored_marks_total", &[]),
+    );
+    assert_eq!(
+        v("weir_partitions_owned", &[]),
+        P as f64,
+        "it owns all again"
+    );
+    assert!(
+        v("weir_rebalances_total", &[("kind", "revoke")]) >= 2.0,
+        "it gave partitions to two joiners"
+    );
+    assert!(
+        v("weir_rebalances_total", &[("kind", "assign")]) >= 3.0,
+        "it took them back"
+    );
+    // It restored marks when it took the leavers' partitions back (its
+    // own among them: its store's checkpoint is where it last read).
+    assert!(v("weir_idempotency_restore_seconds_count", &[]) > P as f64);
+    assert!(v("weir_idempotency_restored_marks_total", &[]) > 0.0);
     assert!(a.terminate(Duration::from_secs(60)).await?.success());
 
     let outputs = read_all(&output)?;
@@ -220,19 +231,6 @@ async fn a_fleet_scales_out_and_in_and_keeps_every_event() -> anyhow::Result<()>
     Ok(())
 }
 
-/// SplitMix64: the kill storm's random choices from one printed seed.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn below(&mut self, bound: u64) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        (z ^ (z >> 31)) % bound
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_kill_storm_across_a_fleet_loses_nothing() -> anyhow::Result<()> {
     let _one = ONE_AT_A_TIME.lock().await;
@@ -240,22 +238,14 @@ async fn a_kill_storm_across_a_fleet_loses_nothing() -> anyhow::Result<()> {
     const P: i32 = 8;
     const INSTANCES: usize = 3;
     const KILLS: usize = 21;
-    let seed = match std::env::var("WEIR_TEST_SEED") {
-        Ok(v) => v.trim().parse::<u64>()?,
-        Err(_) => SystemTime::now().duration_since(UNIX_EPOCH)?.as_nanos() as u64,
-    };
-    println!("kill storm seed={seed} (rerun with WEIR_TEST_SEED={seed})");
+    let seed = seed("kill storm");
     let mut rng = SplitMix64(seed);
-    let input = unique("storm-in");
-    let output = format!("{input}.out");
-    let group = unique("storm-group");
-    create_topic(&input, P).await?;
-    create_topic(&output, P).await?;
+    let (input, output, group) = fresh_topics("storm", P).await?;
     let config = config_toml(
         &group,
         &[HandlerSpec::new("echo", "echo", &input).config("delay_ms", "3")],
     );
-    produce(&input, &events(N)).await?;
+    produce(&input, &numbered_events(N)).await?;
     // Each start is a new process with an empty store of its own (as a new
     // pod on a new disk): what it knows of earlier handling comes from the
     // changelog.
@@ -306,17 +296,14 @@ async fn a_revoked_partition_stuck_in_a_long_call_publishes_nothing_after_the_re
 ) -> anyhow::Result<()> {
     let _one = ONE_AT_A_TIME.lock().await;
     const P: i32 = 2;
-    let input = unique("fence-in");
-    let output = format!("{input}.out");
-    let group = unique("fence-group");
-    create_topic(&input, P).await?;
-    create_topic(&output, P).await?;
-    // Each call takes 6 s; a revoke waits 1 s for the event in hand.
+    let (input, output, group) = fresh_topics("fence", P).await?;
+    // Each call takes 10 s (time for the second instance to start and
+    // join); a revoke waits 1 s for the event in hand.
     let config = config_toml(
         &group,
         &[HandlerSpec::new("echo", "echo", &input)
             .extra("deadline_ms = 30000\n")
-            .config("delay_ms", "6000")],
+            .config("delay_ms", "10000")],
     )
     .replace("[pipeline]\n", "[pipeline]\ndrain_timeout_ms = 1000\n");
     // An event in each partition (keys until every partition has one).

@@ -375,6 +375,15 @@ impl Config {
         Ok(config)
     }
 
+    /// The idempotency changelog topic: `idempotency.changelog_topic`, else
+    /// `<group_id>.weir-idempotency`.
+    pub fn changelog_topic(&self) -> String {
+        self.idempotency
+            .changelog_topic
+            .clone()
+            .unwrap_or_else(|| format!("{}.weir-idempotency", self.kafka.group_id))
+    }
+
     /// Settings that are allowed but probably not meant, as log lines.
     pub fn warnings(&self) -> Vec<String> {
         self.handlers
@@ -441,10 +450,12 @@ impl Config {
             );
         }
         self.validate_group_protocol()?;
-        if let Some(t) = &self.idempotency.changelog_topic {
-            if self.topics().contains(t) {
-                bail!("idempotency.changelog_topic: {t:?} is also a topic handlers consume");
-            }
+        let changelog = self.changelog_topic();
+        if self.idempotency.enabled
+            && self.idempotency.changelog
+            && self.topics().contains(&changelog)
+        {
+            bail!("idempotency.changelog_topic: {changelog:?} is also a topic handlers consume");
         }
         if self.pipeline.max_in_flight_per_partition == 0 {
             bail!("pipeline.max_in_flight_per_partition: must be at least 1");

@@ -206,7 +206,7 @@ impl ConsumerContext for WeirContext {
             return;
         };
         // Only here: the rebalance clears it before `post_rebalance`.
-        let lost = base.assignment_lost();
+        let lost = base.assignment_lost() && tpl.count() > 0;
         if lost {
             self.rebalance("lost");
             warn!(partitions = tpl.count(), "the group took this member's partitions away (session expired or member fenced); rejoining");
@@ -214,7 +214,7 @@ impl ConsumerContext for WeirContext {
                 LOST,
                 "the consumer group took this member's partitions away; rejoining".into(),
             );
-        } else {
+        } else if tpl.count() > 0 {
             self.rebalance("revoke");
         }
         let mut revoked = Vec::new();
@@ -265,7 +265,9 @@ impl ConsumerContext for WeirContext {
         match rebalance {
             Rebalance::Assign(tpl) => {
                 info!(partitions = tpl.count(), list = %describe(tpl), "partitions assigned");
-                self.rebalance("assign");
+                if tpl.count() > 0 {
+                    self.rebalance("assign");
+                }
                 self.obs.health.joined.store(true, Ordering::Relaxed);
                 self.obs.health.clear_problem(LOST);
                 self.owned(base);
@@ -329,7 +331,10 @@ pub(super) fn drain(workers: &mut [Worker], deadline: Instant) -> usize {
     for w in workers.iter_mut() {
         wait(w);
         if !*w.done.borrow() {
-            warn!("in-flight events did not finish in time; they will be redelivered");
+            // (Not when it was fenced off before: the group took it away.)
+            if !w.fence.is_closed() {
+                warn!("in-flight events did not finish in time; they will be redelivered");
+            }
             w.fence.close();
             abandoned += 1;
         }
