@@ -20,8 +20,8 @@ use time::OffsetDateTime;
 use tokio::sync::mpsc;
 use tracing::error;
 
+use super::group::{partition_key, WeirContext};
 use super::observe::{event_log, EventFields};
-use super::source::{partition_key, WeirContext};
 use super::{Shared, TopicPartition};
 use crate::deadletter::DeadLetter;
 use crate::envelope::{self, Record};

@@ -7,8 +7,9 @@
 //! event's offset. Stored offsets are committed periodically, on revoke and
 //! on shutdown, so a commit never passes an event whose outcome is not final.
 //!
-//! The path of one event, by module: `source` (assignment, hand-over to
-//! the partition's worker, pause and resume) → `worker` (the partition's
+//! The path of one event, by module: `source` (hand-over to
+//! the partition's worker, pause and resume; `group`: assignment and
+//! revocation) → `worker` (the partition's
 //! thread; retry records wait there until due) → `dispatch` (retry state,
 //! envelope, routing, idempotency check, what the outcome sends) →
 //! `invoke` (the call under its limits, in-place retries) →
@@ -19,6 +20,7 @@
 mod commit;
 mod dispatch;
 mod finalizer;
+mod group;
 mod invoke;
 mod observe;
 mod source;
@@ -50,7 +52,8 @@ use crate::publish::Publisher;
 use crate::telemetry::Tracing;
 use commit::commit_sync;
 use finalizer::{Finalizer, Step};
-use source::{drain, hand_over, unpark, WeirContext, Worker, Workers};
+use group::{drain, WeirContext};
+use source::{hand_over, unpark, Worker, Workers};
 use worker::PartitionWorker;
 
 type TopicPartition = (String, i32);
@@ -315,7 +318,7 @@ pub async fn run(
                 while let Some(msg) = next.take() {
                     match msg {
                         Ok(msg) => hand_over(&shared, &consumer, &workers, Record::from_message(&msg)),
-                        Err(e) => source::consumer_error(&shared, &consumer, e),
+                        Err(e) => group::consumer_error(&shared, &consumer, e),
                     }
                     taken += 1;
                     if taken < BURST {
