@@ -21,8 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _, Result};
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use rdkafka::admin::{NewTopic, TopicReplication};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -34,17 +33,24 @@ use tracing::{error, info, warn};
 use crate::config::Config;
 use crate::dedup::Dedup;
 use crate::fence::Fence;
-use crate::kafka::client_config;
+use crate::kafka::{client_config, create_topics};
 use crate::metrics::{Health, Metrics};
 use crate::publish::Publisher;
 use rdkafka::producer::DeliveryFuture;
 
-/// One changelog record: the marks of one finalizer batch.
-#[derive(Serialize, Deserialize)]
+/// One changelog record: the marks of one finalizer batch, as read.
+#[derive(Deserialize)]
 struct MarkBatch {
     /// When they were marked (ms since the epoch).
     at: u64,
     keys: Vec<serde_bytes::ByteBuf>,
+}
+
+/// The same record as written, borrowing the keys (no copy per mark).
+#[derive(Serialize)]
+struct MarkBatchOut<'a> {
+    at: u64,
+    keys: Vec<&'a serde_bytes::Bytes>,
 }
 
 /// The changelog topic of one pipeline.
@@ -84,7 +90,7 @@ impl Changelog {
                     .flatten()
                     .max()
                     .unwrap_or(1);
-                create(config, &client, &topic, most).await?;
+                create(config, &topic, most).await?;
                 partitions_of(&client, &topic)?.ok_or_else(|| {
                     anyhow!("the idempotency changelog topic {topic} was created but is not in the metadata")
                 })?
@@ -125,11 +131,9 @@ impl Changelog {
         keys: impl Iterator<Item = &'a [u8]>,
         at: u64,
     ) -> Result<Option<DeliveryFuture>, Duration> {
-        let batch = MarkBatch {
+        let batch = MarkBatchOut {
             at,
-            keys: keys
-                .map(|k| serde_bytes::ByteBuf::from(k.to_vec()))
-                .collect(),
+            keys: keys.map(serde_bytes::Bytes::new).collect(),
         };
         if batch.keys.is_empty() {
             return Ok(None);
@@ -317,32 +321,21 @@ fn partitions_of(client: &ClientConfig, topic: &str) -> Result<Option<i32>> {
         .map(|t| t.partitions().len() as i32))
 }
 
-async fn create(
-    config: &Config,
-    client: &ClientConfig,
-    topic: &str,
-    partitions: i32,
-) -> Result<()> {
-    let admin: AdminClient<DefaultClientContext> =
-        client.create().context("cannot create an admin client")?;
+async fn create(config: &Config, topic: &str, partitions: i32) -> Result<()> {
     let retention = (config.idempotency.retention_secs.saturating_mul(1000)).to_string();
     let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(-1))
         .set("cleanup.policy", "delete")
         .set("retention.ms", &retention);
-    let opts = AdminOptions::new()
-        .operation_timeout(Some(Duration::from_secs(10)))
-        .request_timeout(Some(Duration::from_secs(10)));
-    let results = admin
-        .create_topics([&new], &opts)
+    let results = create_topics(config, &[new])
         .await
         .with_context(|| format!("cannot create the idempotency changelog topic {topic}"))?;
-    for r in results {
+    for (t, r) in results {
         match r {
-            Ok(t) => {
+            Ok(()) => {
                 info!(topic = %t, partitions, retention_ms = %retention, "created the idempotency changelog topic")
             }
-            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((t, e)) => bail!(
+            Err(RDKafkaErrorCode::TopicAlreadyExists) => {}
+            Err(e) => bail!(
                 "cannot create the idempotency changelog topic {t}: {e} (create it, or set \
                  idempotency.changelog = false to keep marks local to each instance)"
             ),
@@ -357,9 +350,10 @@ mod tests {
 
     #[test]
     fn a_batch_of_marks_round_trips() {
-        let batch = MarkBatch {
+        let key = crate::dedup::key("h", "e-1");
+        let batch = MarkBatchOut {
             at: 42,
-            keys: vec![serde_bytes::ByteBuf::from(crate::dedup::key("h", "e-1"))],
+            keys: vec![serde_bytes::Bytes::new(&key)],
         };
         let bytes = rmp_serde::to_vec_named(&batch).unwrap();
         let back: MarkBatch = rmp_serde::from_slice(&bytes).unwrap();

@@ -4,6 +4,8 @@ use std::collections::BTreeMap;
 
 use std::time::Duration;
 
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, ConsumerContext};
 use rdkafka::error::RDKafkaErrorCode;
@@ -136,32 +138,42 @@ pub async fn ensure_topics<C: ConsumerContext>(config: &Config, consumer: &impl 
     if wanted.is_empty() {
         return;
     }
-    let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
-        match client_config(config, &Default::default()).create() {
-            Ok(a) => a,
-            Err(e) => return warn!(error = %e, "cannot create an admin client"),
-        };
-    let new: Vec<rdkafka::admin::NewTopic> = wanted
+    let new: Vec<NewTopic> = wanted
         .iter()
-        .map(|(t, n)| {
-            rdkafka::admin::NewTopic::new(t, *n, rdkafka::admin::TopicReplication::Fixed(-1))
-        })
+        .map(|(t, n)| NewTopic::new(t, *n, TopicReplication::Fixed(-1)))
         .collect();
-    let opts = rdkafka::admin::AdminOptions::new()
-        .operation_timeout(Some(Duration::from_secs(10)))
-        .request_timeout(Some(Duration::from_secs(10)));
-    match admin.create_topics(&new, &opts).await {
+    match create_topics(config, &new).await {
         Ok(results) => {
-            for r in results {
+            for (t, r) in results {
                 match r {
-                    Ok(t) => info!(topic = %t, "created topic"),
-                    Err((t, RDKafkaErrorCode::TopicAlreadyExists)) => {
-                        debug!(topic = %t, "topic exists")
-                    }
-                    Err((t, e)) => warn!(topic = %t, error = %e, "cannot create topic"),
+                    Ok(()) => info!(topic = %t, "created topic"),
+                    Err(RDKafkaErrorCode::TopicAlreadyExists) => debug!(topic = %t, "topic exists"),
+                    Err(e) => warn!(topic = %t, error = %e, "cannot create topic"),
                 }
             }
         }
-        Err(e) => warn!(error = %e, "cannot create dead-letter/retry topics"),
+        Err(e) => warn!(error = %format!("{e:#}"), "cannot create dead-letter/retry topics"),
     }
+}
+
+/// Creates topics with the admin API (brokers and security from the
+/// config): each topic's result, or why the request failed as a whole.
+pub async fn create_topics(
+    config: &Config,
+    topics: &[NewTopic<'_>],
+) -> anyhow::Result<Vec<(String, Result<(), RDKafkaErrorCode>)>> {
+    let admin: AdminClient<DefaultClientContext> = client_config(config, &Default::default())
+        .create()
+        .map_err(|e| anyhow::anyhow!("cannot create an admin client: {e}"))?;
+    let opts = AdminOptions::new()
+        .operation_timeout(Some(Duration::from_secs(10)))
+        .request_timeout(Some(Duration::from_secs(10)));
+    let results = admin.create_topics(topics, &opts).await?;
+    Ok(results
+        .into_iter()
+        .map(|r| match r {
+            Ok(t) => (t, Ok(())),
+            Err((t, e)) => (t, Err(e)),
+        })
+        .collect())
 }
