@@ -169,6 +169,7 @@ fn mock_config(brokers: &str, handlers: Vec<HandlerConfig>) -> Config {
             ..PipelineConfig::default()
         },
         idempotency: Default::default(),
+        delivery: Default::default(),
         tracing: Default::default(),
         metrics: Default::default(),
         admin: Default::default(),

@@ -67,6 +67,10 @@ pub struct Metrics {
     pub restore_seconds: Histogram,
     /// Idempotency marks restored from the changelog.
     pub restored_marks: IntCounter,
+    /// Exactly-once transactions by result (`committed`, `aborted`).
+    pub transactions: IntCounterVec,
+    /// Time to commit one transaction (offsets, flush, commit).
+    pub transaction_seconds: Histogram,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -240,6 +244,24 @@ impl Metrics {
                 "weir_idempotency_restored_marks_total",
                 "Idempotency marks restored from the changelog topic",
             ),
+            transactions: counter(
+                &r,
+                "weir_transactions_total",
+                "Exactly-once transactions, by result (committed; aborted: its events are handled again)",
+                &["result"],
+            ),
+            transaction_seconds: {
+                let h = Histogram::with_opts(
+                    HistogramOpts::new(
+                        "weir_transaction_commit_seconds",
+                        "Time to commit one exactly-once transaction (offsets, flush of its records, commit)",
+                    )
+                    .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
+                )
+                .expect("a valid metric");
+                r.register(Box::new(h.clone())).expect("unique name");
+                h
+            },
             registry: r,
         }
     }

@@ -95,6 +95,7 @@ fn watch_fatal(
     producer: std::sync::Weak<FutureProducer<PublishContext>>,
     errors: Arc<tokio::sync::Notify>,
     halt: Halt,
+    transactional_id: Option<String>,
 ) {
     tokio::spawn(async move {
         loop {
@@ -104,7 +105,8 @@ fn watch_fatal(
             };
             if let Some((code, reason)) = producer.client().fatal_error() {
                 halt.halt_now(format!(
-                    "the Kafka producer hit a fatal error ({code:?}): {reason}"
+                    "the Kafka producer hit a fatal error ({code:?}): {reason}{}",
+                    fenced_hint(code, transactional_id.as_deref())
                 ));
                 return;
             }
@@ -112,10 +114,26 @@ fn watch_fatal(
     });
 }
 
+/// What a transactional producer fenced by another one means, for the
+/// reason a runtime halts with.
+pub fn fenced_hint(code: RDKafkaErrorCode, transactional_id: Option<&str>) -> String {
+    use RDKafkaErrorCode as C;
+    match (code, transactional_id) {
+        (C::Fenced | C::ProducerFenced | C::InvalidProducerEpoch, Some(id)) => format!(
+            " (another instance started with transactional id {id:?}: each instance needs its own \
+             delivery.transactional_id; this one stops and commits nothing more)"
+        ),
+        _ => String::new(),
+    }
+}
+
 /// A record handed to the producer, or refused before it was sent.
 pub enum Ack {
     Pending(DeliveryFuture),
     Refused(String),
+    /// Exactly-once: held by the worker until the event's records are
+    /// sent together (the index in its outbox).
+    Held(usize),
 }
 
 /// How a record ended.
@@ -125,22 +143,38 @@ pub enum Acked {
     Refused(String),
     /// Given up on: cancelled, or the runtime is halting.
     Abandoned,
+    /// Exactly-once: the delivery failed, so its transaction aborts
+    /// (`permanent`: sending it again would fail the same way).
+    Failed {
+        reason: String,
+        permanent: bool,
+    },
 }
 
 /// The producers of one runtime.
 #[derive(Clone)]
 pub struct Publisher {
     producer: Arc<FutureProducer<PublishContext>>,
-    /// Sends one record per request, for records refused for their size.
-    solo: Arc<FutureProducer<PublishContext>>,
+    /// Sends one record per request, for records refused for their size
+    /// (at-least-once only: in exactly-once mode every record goes through
+    /// the transactional producer).
+    solo: Option<Arc<FutureProducer<PublishContext>>>,
     halt: Halt,
     metrics: Option<Arc<Metrics>>,
 }
 
 impl Publisher {
     pub fn new(config: &Config, halt: Halt, metrics: Option<Arc<Metrics>>) -> Result<Self> {
+        let transactional = config.delivery.exactly_once();
         let create = |solo: bool| -> Result<Arc<FutureProducer<PublishContext>>> {
             let mut c = producer_config(config);
+            if transactional {
+                c.set("transactional.id", config.delivery.transactional_id()?)
+                    .set(
+                        "transaction.timeout.ms",
+                        config.delivery.transaction_timeout_ms.to_string(),
+                    );
+            }
             if solo {
                 // Rarely used: a small queue.
                 c.set("batch.num.messages", "1")
@@ -154,17 +188,46 @@ impl Publisher {
                 })
                 .context("cannot create the Kafka producer")?,
             );
-            watch_fatal(Arc::downgrade(&producer), errors, halt.clone());
+            let id = transactional
+                .then(|| config.delivery.transactional_id().ok())
+                .flatten();
+            watch_fatal(Arc::downgrade(&producer), errors, halt.clone(), id);
             Ok(producer)
         };
         let producer = create(false)?;
-        let solo = create(true)?;
+        let solo = if transactional {
+            None
+        } else {
+            Some(create(true)?)
+        };
         Ok(Self {
             producer,
             solo,
             halt,
             metrics,
         })
+    }
+
+    /// The producer (transactional in exactly-once mode).
+    pub fn producer(&self) -> &Arc<FutureProducer<PublishContext>> {
+        &self.producer
+    }
+
+    pub fn halt(&self) -> &Halt {
+        &self.halt
+    }
+
+    /// Enqueues a record, waiting while the producer's queue is full,
+    /// without a fence: for a caller that holds the partition's fence.
+    /// None once the runtime halts.
+    pub fn send_fenced(&self, p: &Produce) -> Option<Ack> {
+        loop {
+            match self.enqueue(&self.producer, p) {
+                Ok(ack) => return Some(ack),
+                Err(_) if self.halt.reason().is_some() => return None,
+                Err(wait) => std::thread::sleep(wait),
+            }
+        }
     }
 
     fn produce_error(&self) {
@@ -297,6 +360,7 @@ impl Publisher {
         let mut delivery = match ack {
             Ack::Pending(d) => d,
             Ack::Refused(reason) => return refused(span, reason),
+            Ack::Held(_) => unreachable!("a held record is sent before it is awaited"),
         };
         let mut backoff = Duration::from_millis(100);
         let mut sent_alone = false;
@@ -334,6 +398,17 @@ impl Publisher {
                 });
             }
             let class = classify(&err);
+            if self.solo.is_none() && class != ErrorClass::Fatal {
+                // In a transaction, a failed delivery fails the transaction:
+                // sending the record again would not save it.
+                if let Some(span) = span {
+                    telemetry::fail(span, "produce-failed", &err.to_string());
+                }
+                return Acked::Failed {
+                    reason: err.to_string(),
+                    permanent: class == ErrorClass::Permanent,
+                };
+            }
             let producer = match class {
                 ErrorClass::Fatal => {
                     let reason = self
@@ -348,7 +423,7 @@ impl Publisher {
                 ErrorClass::Permanent if refused_for_size(&err) && !sent_alone => {
                     // Maybe refused for a batch-mate: once more, alone.
                     sent_alone = true;
-                    &self.solo
+                    self.solo.as_ref().unwrap_or(&self.producer)
                 }
                 ErrorClass::Permanent => {
                     warn!(topic = msg.topic(), error = %err, "a record was refused for good");
@@ -375,7 +450,7 @@ impl Publisher {
             match self.send_async(producer, &produce, fence).await {
                 Some(Ack::Pending(d)) => delivery = d,
                 Some(Ack::Refused(reason)) => return refused(span, reason),
-                None => return gave_up(span),
+                Some(Ack::Held(_)) | None => return gave_up(span),
             }
         }
     }

@@ -133,7 +133,11 @@ pub fn run(
                 .await
                 .context("the pipeline task failed")?;
             if *stop_rx.borrow() {
-                return ended;
+                return match ended {
+                    // Stopping anyway: the aborted events are redelivered.
+                    Err(e) if e.downcast_ref::<pipeline::Rewound>().is_some() => Ok(()),
+                    other => other,
+                };
             }
             // Stopped for a rebuild: events a slow partition did not finish
             // in time are redelivered to the new pipeline, not a reason to
@@ -141,6 +145,11 @@ pub fn run(
             match ended {
                 Err(e) if e.downcast_ref::<pipeline::Unfinished>().is_some() => {
                     warn!(reason = %e, "pipeline rebuilt with events unfinished")
+                }
+                Err(e) if e.downcast_ref::<pipeline::Rewound>().is_some() => {
+                    warn!(reason = %e, "pipeline rebuilt after an aborted transaction");
+                    slots = registry.slots();
+                    continue;
                 }
                 other => other?,
             }

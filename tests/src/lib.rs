@@ -107,6 +107,79 @@ pub async fn create_topic(name: &str, partitions: i32) -> Result<()> {
     }
 }
 
+/// Creates a topic with topic-level configs (e.g. `max.message.bytes`).
+pub async fn create_topic_with(name: &str, configs: &[(&str, &str)]) -> Result<()> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()?;
+    let mut topic = NewTopic::new(name, 1, TopicReplication::Fixed(1));
+    for (k, v) in configs {
+        topic = topic.set(k, v);
+    }
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    for r in admin.create_topics(&[topic], &opts).await? {
+        r.map_err(|(t, e)| anyhow::anyhow!("cannot create topic {t}: {e}"))?;
+    }
+    // Wait for the leader through the harness's own check.
+    await_leader(name).await
+}
+
+pub async fn await_leader(name: &str) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while end_offsets(name, 1).is_err() {
+        if tokio::time::Instant::now() > deadline {
+            bail!("topic {name} has no leader after 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+/// Every record of `topic` a consumer with `isolation` (`read_committed`
+/// or `read_uncommitted`) sees, read from the beginning to the end of each
+/// partition (transaction markers and aborted records leave holes in the
+/// offsets, so the end is found by the client, not counted).
+pub fn read_isolated(topic: &str, isolation: &str) -> Result<Vec<OwnedMessage>> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", "weir-e2e-reader")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("isolation.level", isolation)
+        .create()?;
+    let md = c.fetch_metadata(Some(topic), Duration::from_secs(5))?;
+    let partitions = md
+        .topics()
+        .first()
+        .map(|t| t.partitions().len())
+        .unwrap_or(0) as i32;
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)?;
+    }
+    c.assign(&tpl)?;
+    let mut out = Vec::new();
+    let mut at_end = std::collections::HashSet::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while (at_end.len() as i32) < partitions {
+        if std::time::Instant::now() > deadline {
+            bail!(
+                "{topic}: {} of {partitions} partitions read to the end in 60 s",
+                at_end.len()
+            );
+        }
+        match c.poll(Duration::from_millis(500)) {
+            Some(Ok(m)) => out.push(m.detach()),
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                at_end.insert(p);
+            }
+            Some(Err(e)) => return Err(e.into()),
+            None => {}
+        }
+    }
+    Ok(out)
+}
+
 /// A record to produce.
 #[derive(Debug, Clone, Default)]
 pub struct In {

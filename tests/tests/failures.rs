@@ -5,39 +5,8 @@
 use std::time::Duration;
 
 use anyhow::{bail, Result};
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::config::ClientConfig;
 use rdkafka::Message;
 use weir_e2e::*;
-
-/// Creates a topic with topic-level configs (e.g. `max.message.bytes`).
-async fn create_topic_with(name: &str, configs: &[(&str, &str)]) -> Result<()> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .create()?;
-    let mut topic = NewTopic::new(name, 1, TopicReplication::Fixed(1));
-    for (k, v) in configs {
-        topic = topic.set(k, v);
-    }
-    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-    for r in admin.create_topics(&[topic], &opts).await? {
-        r.map_err(|(t, e)| anyhow::anyhow!("cannot create topic {t}: {e}"))?;
-    }
-    // Wait for the leader through the harness's own check.
-    await_leader(name).await
-}
-
-async fn await_leader(name: &str) -> Result<()> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while end_offsets(name, 1).is_err() {
-        if tokio::time::Instant::now() > deadline {
-            bail!("topic {name} has no leader after 30 s");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    Ok(())
-}
 
 /// Polls `/readyz` until `pred(status, body)` holds.
 async fn await_ready_state(

@@ -10,9 +10,11 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
+mod delivery;
 mod deploy;
 mod handler;
 mod kafka;
+pub use delivery::{DeliveryConfig, DeliveryMode};
 pub use deploy::{read_token_file, AdminConfig, PluginsConfig, RolloutConfig};
 pub use handler::{HandlerConfig, RetryMode};
 pub use kafka::{GroupProtocol, KafkaConfig};
@@ -29,6 +31,9 @@ pub struct Config {
     /// The store of processed event ids.
     #[serde(default)]
     pub idempotency: IdempotencyConfig,
+    /// At-least-once or exactly-once.
+    #[serde(default)]
+    pub delivery: DeliveryConfig,
     /// OpenTelemetry traces: sampling and OTLP export.
     #[serde(default)]
     pub tracing: TracingConfig,
@@ -351,6 +356,20 @@ impl Config {
     /// Checks what the types cannot: names, topics, files, numbers.
     pub fn validate(&self) -> Result<()> {
         self.kafka.validate()?;
+        self.delivery.validate(self.pipeline.commit_interval_ms)?;
+        if self.delivery.exactly_once()
+            && self
+                .handlers
+                .iter()
+                .any(|h| h.retry_mode == RetryMode::Topic)
+            && !(self.idempotency.enabled && self.idempotency.changelog)
+        {
+            bail!(
+                "delivery.mode: exactly-once with retry topics needs idempotency.enabled and \
+                 idempotency.changelog (a retry record's event can be committed before the \
+                 events below it; its mark is what keeps it from being handled twice)"
+            );
+        }
         let changelog = self.changelog_topic();
         if self.idempotency.enabled
             && self.idempotency.changelog

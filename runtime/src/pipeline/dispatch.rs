@@ -471,6 +471,9 @@ impl PartitionWorker {
             correlation_id,
             dead_letter_reason,
         );
+        if self.shared.txn.is_some() {
+            return Some((self.hold(p), span));
+        }
         Some((self.shared.publisher.send(p, &self.fence)?, span))
     }
 

@@ -24,7 +24,7 @@ use super::group::{partition_key, WeirContext};
 use super::observe::{event_log, EventFields};
 use super::{Shared, TopicPartition};
 use crate::deadletter::DeadLetter;
-use crate::envelope::{self, Record};
+use crate::envelope::{self, Produce, Record};
 use crate::failure::FailureKind;
 use crate::fence::Fence;
 use crate::handler::LoadedHandler;
@@ -41,6 +41,8 @@ pub(super) enum Step {
     Deferred(i64),
     /// A record handled: what must be acknowledged before it is final.
     Done(Pending),
+    /// Exactly-once: the partition stops at this event, for this reason.
+    Stop(i64, String),
 }
 
 /// The outcome of one event: what must be acknowledged before its offset
@@ -120,10 +122,15 @@ impl Finalizer {
         let mut marks = ChangelogAcks::new();
         while let Some(first) = steps.recv().await {
             let mut next = Some(first);
+            let mut stop = None;
             while let Some(step) = next.take() {
                 match step {
                     Step::Deferred(offset) => deferred.push(offset),
                     Step::Done(p) => batch.push(p),
+                    Step::Stop(offset, reason) => {
+                        stop = Some((offset, reason));
+                        break;
+                    }
                 }
                 if batch.len() < BATCH {
                     next = steps.try_recv().ok();
@@ -136,18 +143,40 @@ impl Finalizer {
             // the events before it are final all the same.
             let mut cut: Option<(usize, Option<String>)> = None;
             'settle: for (i, p) in batch.iter_mut().enumerate() {
+                let mut noted = false;
                 for delivery in std::mem::take(&mut p.deliveries) {
                     match self.settle(delivery).await {
                         Settled::Done(mark) => p.marks.extend(mark),
                         Settled::Stop(reason) => {
-                            cut = Some((i, Some(reason)));
+                            cut.get_or_insert((i, Some(reason)));
                             break 'settle;
                         }
                         Settled::Abandoned => {
-                            cut = Some((i, None));
+                            cut.get_or_insert((i, None));
                             break 'settle;
                         }
+                        Settled::Failed { reason, permanent } => {
+                            if let Some(txn) = &self.shared.txn {
+                                if permanent && !std::mem::replace(&mut noted, true) {
+                                    txn.refused(&self.tp, p.offset, &reason);
+                                } else {
+                                    txn.fail(format!("a record was not delivered: {reason}"));
+                                }
+                            }
+                            // The transaction aborts: the batch's other
+                            // refusals are noted too (a record refused for
+                            // its size takes its batch-mates down with it).
+                            cut.get_or_insert((i, None));
+                        }
                     }
+                }
+            }
+            if cut.is_none() {
+                if let Some((offset, reason)) = stop.take() {
+                    if self.finish(&mut batch, &mut offsets, &mut marks).await {
+                        self.stop(offset, reason);
+                    }
+                    break;
                 }
             }
             let stop_at = cut.as_ref().map(|(i, _)| batch[*i].offset);
@@ -213,6 +242,11 @@ impl Finalizer {
         if batch.is_empty() {
             return true;
         }
+        if self.shared.txn.is_some() {
+            // Exactly-once: marks and offsets go with the transaction.
+            self.final_count(batch);
+            return true;
+        }
         if let Some(dedup) = &self.shared.dedup {
             let keys = batch.iter().flat_map(|p| p.marks.iter().map(Vec::as_slice));
             let at = crate::dedup::now_ms();
@@ -264,6 +298,11 @@ impl Finalizer {
                 }
             }
         }
+        self.final_count(batch);
+        true
+    }
+
+    fn final_count(&self, batch: &mut Vec<Pending>) {
         self.shared
             .stats
             .events_final
@@ -271,7 +310,6 @@ impl Finalizer {
         self.in_flight
             .fetch_sub(batch.len() as i64, Ordering::Relaxed);
         batch.clear();
-        true
     }
 
     /// Awaits one record; on a refusal for good, does what its event needs.
@@ -295,6 +333,12 @@ impl Finalizer {
                 Settled::Done(None)
             }
             Acked::Abandoned => Settled::Abandoned,
+            Acked::Failed { reason, permanent } => {
+                if let Some(span) = &delivery.span {
+                    telemetry::end(span);
+                }
+                Settled::Failed { reason, permanent }
+            }
             Acked::Refused(reason) => {
                 if let Some(span) = &delivery.span {
                     telemetry::end(span);
@@ -323,48 +367,12 @@ impl Finalizer {
     /// The dead letter of an event one of whose records was refused.
     /// None when cancelled before it was enqueued.
     pub(super) async fn dead_letter(&self, f: &Fallback, reason: &str) -> Option<Delivery> {
-        let shared = &self.shared;
-        let h = &f.handler;
-        let topic = h.config_entry.dead_letter_topic_of(&f.record.topic);
-        let message = format!("the broker refused a record of this event for good: {reason}");
-        // The event's ids, for the log line (this path is rare: decode again).
-        let (event_id, causation_id) = match envelope::decode(&f.record) {
-            Ok(e) => (e.id, e.causation_id.unwrap_or_default()),
-            Err(_) => (f.record.position_id(), String::new()),
-        };
-        let fields = EventFields {
-            cx: &f.cx,
-            handler: &h.name,
-            version: &h.version,
-            event_id: &event_id,
-            correlation_id: &f.correlation_id,
-            causation_id: &causation_id,
-            record: &f.record,
-        };
-        event_log!(warn, fields, reason = %message, dead_letter_topic = %topic,
-            "event dead-lettered: produce failed");
-        f.metrics.failed(FailureKind::ProduceFailed, None);
-        let dl = DeadLetter {
-            record: &f.record,
-            kind: FailureKind::ProduceFailed,
-            message,
-            handler: h.name.clone(),
-            handler_version: h.version.clone(),
-            attempts: f.attempts,
-            group_id: &shared.config.kafka.group_id,
-            first_failure: f.first_failure,
-            last_failure: OffsetDateTime::now_utc(),
-        };
-        let mut produce = dl.into_produce(topic.clone());
-        let span = publish_span(
-            shared.tracing(),
-            &f.cx,
-            &mut produce,
-            &f.correlation_id,
-            Some(FailureKind::ProduceFailed.name()),
-        );
-        shared.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-        let ack = shared.publisher.send_now(&produce, &self.fence).await?;
+        let (produce, span, topic) = produce_failed(&self.shared, f, reason);
+        let ack = self
+            .shared
+            .publisher
+            .send_now(&produce, &self.fence)
+            .await?;
         Some(Delivery {
             ack,
             span,
@@ -399,6 +407,56 @@ impl Finalizer {
     }
 }
 
+/// The `produce-failed` dead letter of an event one of whose records was
+/// refused (logged and counted): the record, its span and its topic.
+pub(super) fn produce_failed(
+    shared: &Shared,
+    f: &Fallback,
+    reason: &str,
+) -> (Produce, Option<TraceContext>, String) {
+    let h = &f.handler;
+    let topic = h.config_entry.dead_letter_topic_of(&f.record.topic);
+    let message = format!("the broker refused a record of this event for good: {reason}");
+    // The event's ids, for the log line (this path is rare: decode again).
+    let (event_id, causation_id) = match envelope::decode(&f.record) {
+        Ok(e) => (e.id, e.causation_id.unwrap_or_default()),
+        Err(_) => (f.record.position_id(), String::new()),
+    };
+    let fields = EventFields {
+        cx: &f.cx,
+        handler: &h.name,
+        version: &h.version,
+        event_id: &event_id,
+        correlation_id: &f.correlation_id,
+        causation_id: &causation_id,
+        record: &f.record,
+    };
+    event_log!(warn, fields, reason = %message, dead_letter_topic = %topic,
+            "event dead-lettered: produce failed");
+    f.metrics.failed(FailureKind::ProduceFailed, None);
+    let dl = DeadLetter {
+        record: &f.record,
+        kind: FailureKind::ProduceFailed,
+        message,
+        handler: h.name.clone(),
+        handler_version: h.version.clone(),
+        attempts: f.attempts,
+        group_id: &shared.config.kafka.group_id,
+        first_failure: f.first_failure,
+        last_failure: OffsetDateTime::now_utc(),
+    };
+    let mut produce = dl.into_produce(topic.clone());
+    let span = publish_span(
+        shared.tracing(),
+        &f.cx,
+        &mut produce,
+        &f.correlation_id,
+        Some(FailureKind::ProduceFailed.name()),
+    );
+    shared.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+    (produce, span, topic)
+}
+
 /// How one record's delivery ended for its event.
 pub(super) enum Settled {
     /// Acknowledged (or dead-lettered instead): maybe one more key to mark.
@@ -407,6 +465,8 @@ pub(super) enum Settled {
     Stop(String),
     /// Cancelled or halting.
     Abandoned,
+    /// Exactly-once: the delivery failed, so its transaction aborts.
+    Failed { reason: String, permanent: bool },
 }
 
 /// Offsets of one partition: handed over, final, and storable.

@@ -15,6 +15,7 @@ use tracing::{error, info, warn};
 
 use super::commit;
 use super::source::{Worker, Workers};
+use super::transaction::Transactions;
 use super::{Observability, Shared};
 use crate::config::GroupProtocol;
 
@@ -26,6 +27,9 @@ pub(super) struct WeirContext {
     pub(super) obs: Observability,
     /// Commits that failed since the last one that succeeded.
     pub(super) commits: commit::Commits,
+    /// Exactly-once: revoked partitions are committed with the open
+    /// transaction; lost ones abort it.
+    pub(super) txn: Option<Arc<Transactions>>,
 }
 
 impl WeirContext {
@@ -195,7 +199,23 @@ impl ConsumerContext for WeirContext {
                 w.fence.close();
             }
         }
-        commit::commit_sync(base);
+        match &self.txn {
+            None => commit::commit_sync(base),
+            // Their events may share the open transaction with others':
+            // it cannot commit without their offsets.
+            Some(txn) if lost => txn.fail("partitions were lost".into()),
+            Some(txn) => {
+                // The transaction holding their events commits before
+                // they move (this blocks the poll, as the drain does).
+                txn.commit();
+                let tps: Vec<_> = tpl
+                    .elements()
+                    .iter()
+                    .map(|e| (e.topic().to_owned(), e.partition()))
+                    .collect();
+                txn.forget(&tps);
+            }
+        }
     }
 
     fn post_rebalance(&self, base: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -347,6 +367,7 @@ mod tests {
             drain_timeout: Duration::from_secs(1),
             obs,
             commits: Default::default(),
+            txn: None,
         };
         (cx, metrics)
     }

@@ -23,8 +23,12 @@ mod finalizer;
 mod group;
 mod invoke;
 mod observe;
+mod outbox;
 mod source;
+mod transaction;
 mod worker;
+
+pub use transaction::Suspects;
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -54,6 +58,7 @@ use commit::commit_sync;
 use finalizer::{Finalizer, Step};
 use group::{drain, WeirContext};
 use source::{hand_over, unpark, Worker, Workers};
+use transaction::Transactions;
 use worker::PartitionWorker;
 
 type TopicPartition = (String, i32);
@@ -86,6 +91,9 @@ pub struct Stats {
     pub handle_micros: Option<Mutex<hdrhistogram::Histogram<u64>>>,
     /// Partitions paused for backpressure, since start.
     pub pauses: AtomicU64,
+    /// Exactly-once: events whose records were refused for good, kept
+    /// across rewinds.
+    pub suspects: Arc<Suspects>,
 }
 
 impl Stats {
@@ -152,6 +160,8 @@ struct Shared {
     dedup: Option<Arc<Dedup>>,
     /// Where marks are published for the group's other instances.
     changelog: Option<Arc<Changelog>>,
+    /// Exactly-once mode's transactions.
+    txn: Option<Arc<Transactions>>,
     stats: Arc<Stats>,
     obs: Observability,
     /// Per handler name.
@@ -188,6 +198,19 @@ impl std::fmt::Display for Unfinished {
 
 impl std::error::Error for Unfinished {}
 
+/// Exactly-once: a transaction aborted, for this reason; the pipeline is
+/// rebuilt and its partitions start again from their committed offsets.
+#[derive(Debug)]
+pub struct Rewound(pub String);
+
+impl std::fmt::Display for Rewound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "a transaction aborted ({}); rewinding", self.0)
+    }
+}
+
+impl std::error::Error for Rewound {}
+
 /// Records handed to the workers at most in one pass of the poll loop.
 const BURST: usize = 256;
 
@@ -222,20 +245,61 @@ pub async fn run(
     obs.health.joined.store(false, Ordering::Relaxed);
     let (halt, mut halted) = Halt::new(obs.health.clone());
     let publisher = Publisher::new(&config, halt.clone(), obs.metrics.clone())?;
+    tokio::pin!(shutdown);
+    let txn = if config.delivery.exactly_once() {
+        let txn = Arc::new(Transactions::new(
+            publisher.clone(),
+            config.delivery.transactional_id()?,
+            Duration::from_millis(config.delivery.transaction_timeout_ms),
+            config.pipeline.commit_interval(),
+            dedup.clone(),
+            obs.metrics.clone(),
+            obs.health.clone(),
+            stats.suspects.clone(),
+        ));
+        // A broker away at start is waited for (not ready meanwhile).
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            let t = txn.clone();
+            let init = tokio::task::spawn_blocking(move || t.init());
+            let started = tokio::select! {
+                _ = &mut shutdown => return Ok(()),
+                _ = halted.changed() => {
+                    anyhow::bail!("stopped: {}", halt.reason().unwrap_or_default());
+                }
+                r = init => r.context("the transactional producer's start-up failed")?,
+            };
+            let Err(e) = started else { break };
+            let e = format!("{e:#}");
+            error!(error = %e, "cannot start exactly-once delivery; retrying");
+            obs.health.set_problem("transaction", e);
+            tokio::select! {
+                _ = &mut shutdown => return Ok(()),
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(10));
+        }
+        Some(txn)
+    } else {
+        None
+    };
     let workers = Arc::new(Workers::default());
     let context = WeirContext {
         workers: workers.clone(),
         drain_timeout: config.pipeline.drain_timeout(),
         obs: obs.clone(),
         commits: Default::default(),
+        txn: txn.clone(),
     };
     let consumer: Arc<StreamConsumer<WeirContext>> = Arc::new(
         consumer_config(&config)
             .create_with_context(context)
             .context("cannot create the Kafka consumer")?,
     );
+    if let Some(txn) = &txn {
+        txn.set_consumer(&consumer);
+    }
     ensure_topics(&config, consumer.as_ref()).await;
-    tokio::pin!(shutdown);
     let changelog = match &dedup {
         Some(_) if config.idempotency.changelog => {
             // A broker away at start is waited for (not ready meanwhile).
@@ -264,6 +328,9 @@ pub async fn run(
         }
         _ => None,
     };
+    if let (Some(txn), Some(changelog)) = (&txn, &changelog) {
+        txn.set_changelog(changelog.clone());
+    }
     let topics = config.topics();
     let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
     let _ = stats.subscribed.set(Instant::now());
@@ -294,6 +361,7 @@ pub async fn run(
             .collect(),
         dedup,
         changelog,
+        txn: txn.clone(),
         stats,
         handler_metrics: handlers
             .iter()
@@ -301,7 +369,23 @@ pub async fn run(
             .collect(),
         obs,
     });
-    let commit_task = commit::every(consumer.clone(), shared.config.pipeline.commit_interval());
+    // Offsets are committed periodically, or, exactly-once, with each
+    // transaction.
+    let committer_stop = Arc::new(AtomicBool::new(false));
+    let (commit_task, committer) = match &txn {
+        None => (
+            Some(commit::every(
+                consumer.clone(),
+                shared.config.pipeline.commit_interval(),
+            )),
+            None,
+        ),
+        Some(txn) => (None, Some(txn.spawn_committer(committer_stop.clone()))),
+    };
+    let mut rewound = match &txn {
+        Some(txn) => txn.rewound(),
+        None => watch::channel(None).1,
+    };
 
     let mut resume_tick = tokio::time::interval(Duration::from_millis(20));
     let mut stats_tick = tokio::time::interval(Duration::from_secs(10));
@@ -309,6 +393,7 @@ pub async fn run(
         tokio::select! {
             _ = &mut shutdown => break,
             _ = halted.changed() => break,
+            _ = rewound.changed() => break,
             msg = consumer.recv() => {
                 // The records already fetched are taken in one pass of this
                 // loop, not one pass each. Each is handed over before the
@@ -332,8 +417,18 @@ pub async fn run(
     }
 
     let halt_reason = shared.halt.reason();
-    shared.obs.health.stopping.store(true, Ordering::Relaxed);
-    commit_task.abort();
+    // A halt wins over a rewind (a fenced producer does both).
+    let rewind = rewound.borrow().clone().filter(|_| halt_reason.is_none());
+    if rewind.is_none() {
+        shared.obs.health.stopping.store(true, Ordering::Relaxed);
+    }
+    if let Some(task) = commit_task {
+        task.abort();
+    }
+    if let (Some(txn), Some(thread)) = (&txn, committer) {
+        txn.stop_committer(&committer_stop);
+        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+    }
     let mut all: Vec<Worker> = {
         let mut map = workers.map.lock().unwrap();
         map.drain()
@@ -343,6 +438,19 @@ pub async fn run(
             })
             .collect()
     };
+    if let Some(reason) = rewind {
+        // The transaction aborted: nothing of the events in hand is sent
+        // any more, and the partitions start again from their committed
+        // offsets in the rebuilt pipeline.
+        for w in &all {
+            w.fence.close();
+        }
+        drain(
+            &mut all,
+            Instant::now() + shared.config.pipeline.drain_timeout(),
+        );
+        return Err(Rewound(reason).into());
+    }
     // A broken producer finishes nothing more: what is final is committed,
     // the rest is redelivered. Otherwise in-flight events are finished.
     let deadline = if shared.halt.is_immediate() {
@@ -352,7 +460,17 @@ pub async fn run(
         Instant::now() + shared.config.pipeline.drain_timeout()
     };
     let abandoned = drain(&mut all, deadline);
-    commit_sync(consumer.as_ref());
+    match &txn {
+        None => commit_sync(consumer.as_ref()),
+        Some(txn) if !shared.halt.is_immediate() => {
+            for w in &all {
+                w.fence.close();
+            }
+            let txn = txn.clone();
+            let _ = tokio::task::spawn_blocking(move || txn.commit()).await;
+        }
+        Some(_) => {}
+    }
     shared.stats.log_progress();
     if let Some(reason) = halt_reason {
         anyhow::bail!("stopped: {reason}");
@@ -421,7 +539,7 @@ fn spawn_worker(
                     changelog.restore(dedup, tp.1, &fence, &stop, &shared.obs.health);
                 }
                 let is_retry = shared.retry_topics.contains_key(&tp.0);
-                let worker = PartitionWorker::new(shared, handlers, fence, is_retry);
+                let worker = PartitionWorker::new(shared, handlers, fence, is_retry, tp.clone());
                 let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     worker.run(rx, pending_tx, &stop, runtime)
                 }));

@@ -11,9 +11,13 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tracing::{error, info};
 
+use std::cell::RefCell;
+
 use super::finalizer::Step;
-use super::Shared;
+use super::transaction::Treatment;
+use super::{Shared, TopicPartition};
 use crate::deploy::Slot;
+use crate::envelope::Produce;
 use crate::envelope::Record;
 use crate::fence::Fence;
 use crate::handler::{HandlerInstance, LoadedHandler};
@@ -39,6 +43,11 @@ pub(super) struct PartitionWorker {
     /// wait in `delayed` until they are due.
     pub(super) is_retry: bool,
     pub(super) delayed: DelayQueue<Record>,
+    /// The partition.
+    pub(super) tp: TopicPartition,
+    /// Exactly-once: the records of the event in hand, sent together once
+    /// it is handled.
+    pub(super) outbox: RefCell<Vec<Produce>>,
 }
 
 /// A bounded set of recently handled idempotency keys, oldest evicted
@@ -90,6 +99,7 @@ impl PartitionWorker {
         slots: Vec<Arc<Slot>>,
         fence: Arc<Fence>,
         is_retry: bool,
+        tp: TopicPartition,
     ) -> Self {
         let keys_per_event = slots.len().max(1);
         let slots: Vec<(Arc<Slot>, Arc<LoadedHandler>, u64)> = slots
@@ -123,6 +133,8 @@ impl PartitionWorker {
             throttled: Duration::ZERO,
             is_retry,
             delayed: DelayQueue::default(),
+            tp,
+            outbox: RefCell::new(Vec::new()),
         }
     }
 
@@ -170,6 +182,9 @@ impl PartitionWorker {
                     break;
                 }
                 if let Some(due) = self.not_due(&record) {
+                    if let Some(txn) = &self.shared.txn {
+                        txn.defer(&self.tp, record.offset);
+                    }
                     // Later records that are due sooner go first.
                     if pending
                         .blocking_send(Step::Deferred(record.offset))
@@ -188,7 +203,22 @@ impl PartitionWorker {
                 }
             }
             let (partition, offset) = (record.partition, record.offset);
-            let Some(p) = self.process(record) else {
+            let treatment = self
+                .shared
+                .txn
+                .as_ref()
+                .map(|t| t.treatment(&self.tp, offset));
+            if treatment == Some(Treatment::Stop) {
+                let reason =
+                    "its records and its dead letter were refused for good, each sent alone";
+                let _ = pending.blocking_send(Step::Stop(offset, reason.into()));
+                break;
+            }
+            let p = self.process(record).and_then(|p| match treatment {
+                Some(t) => self.send_held(p, t),
+                None => Some(p),
+            });
+            let Some(p) = p else {
                 if self.fence.is_closed() {
                     info!(partition, offset,
                         "partition fenced off (revoked or abandoned): the event in hand is not published, marked or committed here");
@@ -248,6 +278,13 @@ impl PartitionWorker {
         let dedup = self.shared.dedup.as_ref()?;
         if self.recent.contains(key) {
             return Some(true);
+        }
+        // Marked by an event of the open transaction (exactly-once: marks
+        // reach the store once their transaction commits).
+        if let Some(txn) = &self.shared.txn {
+            if txn.marked(&self.tp, key) {
+                return Some(true);
+            }
         }
         let mut backoff = Duration::from_millis(100);
         loop {

@@ -1,0 +1,145 @@
+//! Exactly-once, on the worker: the records an event produces are held
+//! while it is handled, then sent together inside the transaction gate and
+//! the partition's fence, and the event is noted finished in the open
+//! transaction in the same pass, so no transaction holds part of an event.
+
+use std::sync::atomic::Ordering;
+
+use super::finalizer::{produce_failed, Delivery, OnRefused, Pending};
+use super::transaction::{Transactions, Treatment};
+use super::worker::PartitionWorker;
+use crate::envelope::Produce;
+use crate::publish::{classify, Ack, ErrorClass};
+use crate::telemetry;
+
+impl PartitionWorker {
+    /// Holds a record of the event in hand: sent with the others once the
+    /// event is handled.
+    pub(super) fn hold(&self, p: &Produce) -> Ack {
+        let mut outbox = self.outbox.borrow_mut();
+        outbox.push(p.clone());
+        Ack::Held(outbox.len() - 1)
+    }
+
+    /// Sends the held records of a handled event, as `treatment` says: None
+    /// when fenced off or when its transaction fails (the pipeline rewinds).
+    pub(super) fn send_held(&mut self, mut p: Pending, treatment: Treatment) -> Option<Pending> {
+        let txn = self.shared.txn.clone()?;
+        let outbox = std::mem::take(self.outbox.get_mut());
+        let sent = match treatment {
+            Treatment::Together => {
+                let _gate = txn.gate();
+                self.fence
+                    .pass(|| self.send_records(&txn, &mut p, outbox, false))
+                    .unwrap_or(false)
+            }
+            Treatment::Alone | Treatment::DeadLetter => {
+                let tp = self.tp.clone();
+                let instead = treatment == Treatment::DeadLetter;
+                let mut sent = false;
+                let committed = txn.alone(&tp, p.offset, || {
+                    sent = self
+                        .fence
+                        .pass(|| self.send_records(&txn, &mut p, outbox, instead))
+                        .unwrap_or(false);
+                    sent
+                });
+                if sent && !committed {
+                    // Alone in its transaction: a refusal for good is its own.
+                    if let Some(reason) = refused_for_good(&mut p) {
+                        txn.note_refused(&tp, p.offset, &reason);
+                    }
+                }
+                committed
+            }
+            Treatment::Stop => false,
+        };
+        sent.then_some(p)
+    }
+
+    /// Sends an event's held records (with the gate and the fence held)
+    /// and notes the event finished. With `dead_letter_instead`, each
+    /// handler's outputs and retry record are replaced by its
+    /// `produce-failed` dead letter. False when a record was refused
+    /// before it was sent (the transaction aborts).
+    fn send_records(
+        &self,
+        txn: &Transactions,
+        p: &mut Pending,
+        outbox: Vec<Produce>,
+        dead_letter_instead: bool,
+    ) -> bool {
+        let mut outbox: Vec<Option<Produce>> = outbox.into_iter().map(Some).collect();
+        let publisher = &self.shared.publisher;
+        let mut sent = Vec::with_capacity(p.deliveries.len());
+        for mut d in std::mem::take(&mut p.deliveries) {
+            let Ack::Held(i) = d.ack else {
+                sent.push(d);
+                continue;
+            };
+            let record = outbox[i].take().expect("each held record is sent once");
+            if let (true, OnRefused::DeadLetter(f)) = (dead_letter_instead, &d.on_refused) {
+                if let Some(span) = &d.span {
+                    telemetry::end(span);
+                }
+                if f.used.swap(true, Ordering::SeqCst) {
+                    continue;
+                }
+                let reason = "the broker refused this event's records for good, even sent alone";
+                let (produce, span, topic) = produce_failed(&self.shared, f, reason);
+                p.marks.extend(f.mark.clone());
+                let Some(ack) = publisher.send_fenced(&produce) else {
+                    return false;
+                };
+                sent.push(Delivery {
+                    ack,
+                    span,
+                    counter: f.metrics.dead_letter_counter(),
+                    on_refused: OnRefused::Stop(topic),
+                    output: false,
+                });
+                continue;
+            }
+            let Some(ack) = publisher.send_fenced(&record) else {
+                return false;
+            };
+            d.ack = ack;
+            sent.push(d);
+        }
+        p.deliveries = sent;
+        // Refused before it was sent (e.g. above `message.max.bytes`): the
+        // event's other records may be in the transaction already.
+        if let Some(reason) = p.deliveries.iter().find_map(|d| match &d.ack {
+            Ack::Refused(r) => Some(r.clone()),
+            _ => None,
+        }) {
+            txn.refused(&self.tp, p.offset, &reason);
+            return false;
+        }
+        txn.finished(&self.tp, p.offset, std::mem::take(&mut p.marks));
+        true
+    }
+}
+
+/// The reason a record of `p` was refused for good, once its deliveries
+/// ended (after its transaction's commit failed).
+fn refused_for_good(p: &mut Pending) -> Option<String> {
+    use futures::FutureExt;
+    for d in &mut p.deliveries {
+        let Ack::Pending(delivery) = &mut d.ack else {
+            continue;
+        };
+        // The abort ended every delivery; their reports may still be on
+        // their way from the producer's thread.
+        for _ in 0..50 {
+            match delivery.now_or_never() {
+                None => std::thread::sleep(std::time::Duration::from_millis(20)),
+                Some(Ok(Err((e, _)))) if classify(&e) == ErrorClass::Permanent => {
+                    return Some(e.to_string());
+                }
+                Some(_) => break,
+            }
+        }
+    }
+    None
+}

@@ -1,0 +1,543 @@
+//! Exactly-once mode: one transactional producer per instance, one Kafka
+//! transaction per commit interval.
+//!
+//! A partition's worker sends the records of one event together, inside
+//! the transaction gate (a shared lock) and its partition's fence, and in
+//! the same pass notes here the event's offset and idempotency marks. A
+//! commit takes the gate exclusively, so each event is either wholly in the
+//! transaction or not in it at all; it writes the marks to the changelog,
+//! adds the final input offsets to the transaction with the consumer
+//! group's metadata (KIP-447: a member the group has fenced cannot commit),
+//! commits, writes the marks to the local store and begins the next
+//! transaction. Errors are taken by librdkafka's classes: a retriable one
+//! is tried again; one that needs an abort aborts, and the pipeline rewinds
+//! (it is rebuilt, and its partitions start again from their committed
+//! offsets: the handlers may run twice, their effects appear once); a fatal
+//! one (a newer instance with the same transactional id) halts the runtime.
+//!
+//! A record the broker refuses for good (e.g. larger than its topic
+//! allows) fails its whole transaction, and librdkafka cannot say which of
+//! a batch's records was at fault. The events whose records were refused
+//! become suspects: the next time, each is sent in a transaction of its
+//! own; one refused alone is dead-lettered (`produce-failed`) instead; one
+//! whose dead letter is refused alone stops its partition.
+//!
+//! Every call here blocks: callers are the committer thread, the worker
+//! threads, the rebalance callback and a blocking task at shutdown.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError, RwLock, RwLockReadGuard, Weak};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use rdkafka::consumer::{Consumer, ConsumerGroupMetadata, StreamConsumer};
+use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::producer::Producer;
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::watch;
+use tracing::{debug, error, info, warn};
+
+use super::finalizer::Offsets;
+use super::group::WeirContext;
+use super::TopicPartition;
+use crate::changelog::Changelog;
+use crate::dedup::Dedup;
+use crate::metrics::{Health, Metrics};
+use crate::publish::{fenced_hint, Publisher};
+
+/// The `/readyz` problem of a failing transaction.
+const PROBLEM: &str = "transaction";
+
+/// Marks per changelog record (as the finalizer batches them).
+const MARKS_PER_RECORD: usize = 512;
+
+/// How a transactional call failed.
+enum Failure {
+    /// The transaction must be aborted (its events are handled again).
+    Abort(String),
+    /// The producer cannot go on: the runtime halts.
+    Fatal(String),
+}
+
+/// One partition's part of the open transaction.
+#[derive(Default)]
+struct Part {
+    offsets: Offsets,
+    /// Idempotency keys of the events finished in the open transaction.
+    marks: HashSet<Vec<u8>>,
+}
+
+#[derive(Default)]
+struct State {
+    /// A transaction is open (after `init`, between commits).
+    open: bool,
+    /// Aborted or halted: nothing more is committed by this pipeline.
+    ended: bool,
+}
+
+/// How many times an event's records were refused for good, kept across
+/// the pipeline's rewinds (see the module's notes).
+#[derive(Debug, Default)]
+pub struct Suspects(Mutex<HashMap<(String, i32, i64), u8>>);
+
+impl Suspects {
+    fn stage(&self, tp: &TopicPartition, offset: i64) -> u8 {
+        let map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        map.get(&(tp.0.clone(), tp.1, offset)).copied().unwrap_or(0)
+    }
+
+    fn refused(&self, tp: &TopicPartition, offset: i64) -> u8 {
+        let mut map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let n = map.entry((tp.0.clone(), tp.1, offset)).or_default();
+        *n = n.saturating_add(1);
+        *n
+    }
+
+    fn cleared(&self, tp: &TopicPartition, offset: i64) {
+        let mut map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        map.remove(&(tp.0.clone(), tp.1, offset));
+    }
+}
+
+/// What the worker does with an event, by how often its records were
+/// refused for good.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Treatment {
+    /// Sent with the others.
+    Together,
+    /// Sent alone in a transaction of its own.
+    Alone,
+    /// Refused alone: dead-lettered (`produce-failed`), alone.
+    DeadLetter,
+    /// Its dead letter was refused alone: the partition stops.
+    Stop,
+}
+
+/// The transactions of one pipeline.
+pub(super) struct Transactions {
+    publisher: Publisher,
+    id: String,
+    /// For each transactional call.
+    timeout: Duration,
+    interval: Duration,
+    dedup: Option<Arc<Dedup>>,
+    changelog: OnceLock<Arc<Changelog>>,
+    /// The consumer whose group metadata goes with the offsets (weak: the
+    /// consumer's context holds this).
+    consumer: OnceLock<Weak<StreamConsumer<WeirContext>>>,
+    metrics: Option<Arc<Metrics>>,
+    health: Arc<Health>,
+    suspects: Arc<Suspects>,
+    gate: RwLock<()>,
+    state: Mutex<State>,
+    parts: Mutex<HashMap<TopicPartition, Part>>,
+    /// Records were sent since the last commit.
+    sent: AtomicBool,
+    /// Why the open transaction must abort (a failed delivery, lost
+    /// partitions); the committer thread aborts it.
+    doomed: Mutex<Option<String>>,
+    /// Wakes the committer thread early (a doomed transaction, a stop).
+    wake: (Mutex<bool>, Condvar),
+    /// Set, with the reason, once a transaction is aborted: the pipeline
+    /// rewinds.
+    rewind: watch::Sender<Option<String>>,
+}
+
+impl Transactions {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn new(
+        publisher: Publisher,
+        id: String,
+        timeout: Duration,
+        interval: Duration,
+        dedup: Option<Arc<Dedup>>,
+        metrics: Option<Arc<Metrics>>,
+        health: Arc<Health>,
+        suspects: Arc<Suspects>,
+    ) -> Self {
+        Self {
+            publisher,
+            id,
+            timeout,
+            interval,
+            dedup,
+            changelog: OnceLock::new(),
+            consumer: OnceLock::new(),
+            metrics,
+            health,
+            suspects,
+            gate: RwLock::new(()),
+            state: Mutex::new(State::default()),
+            parts: Mutex::new(HashMap::new()),
+            sent: AtomicBool::new(false),
+            doomed: Mutex::new(None),
+            wake: (Mutex::new(false), Condvar::new()),
+            rewind: watch::channel(None).0,
+        }
+    }
+
+    pub(super) fn set_changelog(&self, changelog: Arc<Changelog>) {
+        let _ = self.changelog.set(changelog);
+    }
+
+    pub(super) fn set_consumer(&self, consumer: &Arc<StreamConsumer<WeirContext>>) {
+        let _ = self.consumer.set(Arc::downgrade(consumer));
+    }
+
+    fn group_metadata(&self) -> Option<ConsumerGroupMetadata> {
+        self.consumer.get()?.upgrade()?.group_metadata()
+    }
+
+    /// Resolves once a transaction was aborted, with the reason.
+    pub(super) fn rewound(&self) -> watch::Receiver<Option<String>> {
+        self.rewind.subscribe()
+    }
+
+    /// Registers the transactional id with the broker (fencing any earlier
+    /// producer with the same id and aborting what it left open) and opens
+    /// the first transaction. Blocking.
+    pub(super) fn init(&self) -> Result<()> {
+        let producer = self.publisher.producer();
+        if let Err(e) = producer.init_transactions(self.timeout) {
+            bail!("cannot start the transactional producer {:?}: {e}", self.id);
+        }
+        if let Err(e) = producer.begin_transaction() {
+            bail!("cannot begin a transaction: {e}");
+        }
+        self.lock_state().open = true;
+        self.health.clear_problem(PROBLEM);
+        info!(transactional_id = %self.id, "exactly-once: transactional producer ready");
+        Ok(())
+    }
+
+    fn lock_state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn lock_parts(&self) -> std::sync::MutexGuard<'_, HashMap<TopicPartition, Part>> {
+        self.parts.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Held by a worker while it sends one event's records.
+    pub(super) fn gate(&self) -> RwLockReadGuard<'_, ()> {
+        self.gate.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A retry record held until due: its offset is final later.
+    pub(super) fn defer(&self, tp: &TopicPartition, offset: i64) {
+        self.lock_parts()
+            .entry(tp.clone())
+            .or_default()
+            .offsets
+            .defer(offset);
+    }
+
+    /// An event's records are in the open transaction (called with the
+    /// gate held).
+    pub(super) fn finished(&self, tp: &TopicPartition, offset: i64, marks: Vec<Vec<u8>>) {
+        let mut parts = self.lock_parts();
+        let part = parts.entry(tp.clone()).or_default();
+        part.offsets.finish(offset);
+        part.marks.extend(marks);
+        self.sent.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether `key` was marked by an event of the open transaction.
+    pub(super) fn marked(&self, tp: &TopicPartition, key: &[u8]) -> bool {
+        self.lock_parts()
+            .get(tp)
+            .is_some_and(|p| p.marks.contains(key))
+    }
+
+    /// Drops what is noted of partitions given up (after their commit).
+    pub(super) fn forget<'a>(&self, tps: impl IntoIterator<Item = &'a TopicPartition>) {
+        let mut parts = self.lock_parts();
+        for tp in tps {
+            parts.remove(tp);
+        }
+    }
+
+    /// How the worker sends the event at `offset`.
+    pub(super) fn treatment(&self, tp: &TopicPartition, offset: i64) -> Treatment {
+        match self.suspects.stage(tp, offset) {
+            0 => Treatment::Together,
+            1 => Treatment::Alone,
+            2 => Treatment::DeadLetter,
+            _ => Treatment::Stop,
+        }
+    }
+
+    /// A record of the event at `offset` was refused for good: the open
+    /// transaction aborts and the event is treated as a suspect.
+    pub(super) fn refused(&self, tp: &TopicPartition, offset: i64, reason: &str) {
+        self.note_refused(tp, offset, reason);
+        self.fail(format!(
+            "a record of {}/{} offset {offset} was refused: {reason}",
+            tp.0, tp.1
+        ));
+    }
+
+    /// Notes that a record of the event at `offset` was refused for good.
+    pub(super) fn note_refused(&self, tp: &TopicPartition, offset: i64, reason: &str) {
+        let n = self.suspects.refused(tp, offset);
+        warn!(topic = %tp.0, partition = tp.1, offset, refusals = n, reason,
+            "a record of this event was refused for good: the transaction aborts; next time the event is sent alone");
+    }
+
+    /// The open transaction cannot commit: the committer aborts it.
+    pub(super) fn fail(&self, reason: String) {
+        let mut doomed = self.doomed.lock().unwrap_or_else(PoisonError::into_inner);
+        if doomed.is_none() {
+            *doomed = Some(reason);
+        }
+        drop(doomed);
+        self.poke();
+    }
+
+    fn poke(&self) {
+        let (lock, cvar) = &self.wake;
+        *lock.lock().unwrap_or_else(PoisonError::into_inner) = true;
+        cvar.notify_all();
+    }
+
+    /// Runs `send` (which sends an event's records and notes it finished)
+    /// in a transaction of its own: what is open is committed first, and
+    /// the event's transaction right after. False when that failed (the
+    /// transaction aborted).
+    pub(super) fn alone(
+        &self,
+        tp: &TopicPartition,
+        offset: i64,
+        send: impl FnOnce() -> bool,
+    ) -> bool {
+        let mut state = self.lock_state();
+        let _gate = self.gate.write().unwrap_or_else(PoisonError::into_inner);
+        if !self.commit_locked(&mut state) {
+            return false;
+        }
+        if !send() {
+            return false;
+        }
+        let ok = self.commit_locked(&mut state);
+        if ok {
+            self.suspects.cleared(tp, offset);
+        }
+        ok
+    }
+
+    /// Commits the open transaction (nothing to do: true at once). False
+    /// when it aborted or the runtime halts.
+    pub(super) fn commit(&self) -> bool {
+        let mut state = self.lock_state();
+        let _gate = self.gate.write().unwrap_or_else(PoisonError::into_inner);
+        self.commit_locked(&mut state)
+    }
+
+    fn commit_locked(&self, state: &mut State) -> bool {
+        if state.ended || !state.open {
+            return false;
+        }
+        let doomed = self
+            .doomed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(reason) = doomed {
+            self.abort(state, &reason);
+            return false;
+        }
+        let started = Instant::now();
+        // The gate is held: nothing is added to the parts meanwhile.
+        let mut offsets = TopicPartitionList::new();
+        let mut marks: Vec<(i32, Vec<Vec<u8>>)> = Vec::new();
+        {
+            let mut parts = self.lock_parts();
+            for ((topic, partition), part) in parts.iter_mut() {
+                if let Some(o) = part.offsets.storable() {
+                    if let Err(e) =
+                        offsets.add_partition_offset(topic, *partition, Offset::Offset(o + 1))
+                    {
+                        error!(topic, partition, error = %e, "cannot list an offset");
+                    }
+                }
+                if !part.marks.is_empty() {
+                    marks.push((*partition, part.marks.iter().cloned().collect()));
+                }
+            }
+        }
+        let sent = self.sent.swap(false, Ordering::Relaxed);
+        if !sent && offsets.count() == 0 && marks.is_empty() {
+            return true;
+        }
+        let at = crate::dedup::now_ms();
+        if let Some(changelog) = self.changelog.get() {
+            for (partition, keys) in &marks {
+                for chunk in keys.chunks(MARKS_PER_RECORD) {
+                    loop {
+                        let keys = chunk.iter().map(Vec::as_slice);
+                        match changelog.write(&self.publisher, *partition, keys, at) {
+                            // Its delivery is part of the commit.
+                            Ok(_) => break,
+                            Err(wait) => std::thread::sleep(wait),
+                        }
+                    }
+                }
+            }
+        }
+        let producer = self.publisher.producer();
+        let result = (|| {
+            if offsets.count() > 0 {
+                let Some(cgm) = self.group_metadata() else {
+                    return Err(Failure::Abort(
+                        "the consumer has no group metadata (not in the group)".into(),
+                    ));
+                };
+                self.call("send the offsets to the transaction", || {
+                    producer.send_offsets_to_transaction(&offsets, &cgm, self.timeout)
+                })?;
+            }
+            self.call("commit the transaction", || {
+                producer.commit_transaction(self.timeout)
+            })
+        })();
+        match result {
+            Ok(()) => {}
+            Err(Failure::Abort(reason)) => {
+                self.abort(state, &reason);
+                return false;
+            }
+            Err(Failure::Fatal(reason)) => {
+                self.fatal(state, reason);
+                return false;
+            }
+        }
+        let took = started.elapsed();
+        if let Some(m) = &self.metrics {
+            m.transactions.with_label_values(&["committed"]).inc();
+            m.transaction_seconds.observe(took.as_secs_f64());
+        }
+        debug!(
+            partitions = offsets.count(),
+            ms = took.as_millis() as u64,
+            "transaction committed"
+        );
+        if let Some(dedup) = &self.dedup {
+            let keys = marks.iter().flat_map(|(_, k)| k.iter().map(Vec::as_slice));
+            if let Err(e) = dedup.mark_at(keys, at) {
+                // They are in the changelog, restored with the partition.
+                error!(error = %format!("{e:#}"), "committed marks not written to the local store");
+            }
+        }
+        for part in self.lock_parts().values_mut() {
+            part.marks.clear();
+        }
+        if let Err(e) = self.call("begin a transaction", || producer.begin_transaction()) {
+            match e {
+                Failure::Abort(reason) | Failure::Fatal(reason) => self.fatal(state, reason),
+            }
+            return false;
+        }
+        true
+    }
+
+    /// Runs one transactional call, again while it fails with a retriable
+    /// error (a few times).
+    fn call(&self, what: &str, f: impl Fn() -> KafkaResult<()>) -> Result<(), Failure> {
+        let mut backoff = Duration::from_millis(100);
+        let mut attempt = 1;
+        loop {
+            let err = match f() {
+                Ok(()) => return Ok(()),
+                Err(e) => e,
+            };
+            let (fatal, retriable) = match &err {
+                KafkaError::Transaction(t) => (t.is_fatal(), t.is_retriable()),
+                _ => (false, false),
+            };
+            if fatal {
+                let hint = err
+                    .rdkafka_error_code()
+                    .map(|c| fenced_hint(c, Some(&self.id)))
+                    .unwrap_or_default();
+                return Err(Failure::Fatal(format!("cannot {what}: {err}{hint}")));
+            }
+            if retriable && attempt < 5 {
+                warn!(error = %err, attempt, "cannot {what}; retrying");
+                std::thread::sleep(backoff);
+                backoff *= 2;
+                attempt += 1;
+                continue;
+            }
+            return Err(Failure::Abort(format!("cannot {what}: {err}")));
+        }
+    }
+
+    /// Aborts the open transaction; the pipeline rewinds.
+    fn abort(&self, state: &mut State, reason: &str) {
+        state.ended = true;
+        state.open = false;
+        warn!(
+            reason,
+            "transaction aborted: its events are handled again from the committed offsets"
+        );
+        if let Some(m) = &self.metrics {
+            m.transactions.with_label_values(&["aborted"]).inc();
+        }
+        if let Err(e) = self.publisher.producer().abort_transaction(self.timeout) {
+            let fatal = matches!(&e, KafkaError::Transaction(t) if t.is_fatal());
+            if fatal {
+                self.fatal(state, format!("cannot abort the transaction: {e}"));
+                return;
+            }
+            // The next producer with this id aborts it when it starts.
+            error!(error = %e, "cannot abort the transaction");
+        }
+        self.health.set_problem(
+            PROBLEM,
+            format!("a transaction aborted ({reason}); rewinding to the committed offsets"),
+        );
+        let _ = self.rewind.send(Some(reason.to_owned()));
+    }
+
+    fn fatal(&self, state: &mut State, reason: String) {
+        state.ended = true;
+        state.open = false;
+        if let Some(m) = &self.metrics {
+            m.transactions.with_label_values(&["aborted"]).inc();
+        }
+        self.publisher.halt().halt_now(reason);
+    }
+
+    /// Commits every commit interval (sooner when a transaction is doomed)
+    /// until `stop`, on its own thread.
+    pub(super) fn spawn_committer(
+        self: &Arc<Self>,
+        stop: Arc<AtomicBool>,
+    ) -> std::thread::JoinHandle<()> {
+        let txn = self.clone();
+        std::thread::Builder::new()
+            .name("weir-transactions".into())
+            .spawn(move || loop {
+                {
+                    let (lock, cvar) = &txn.wake;
+                    let woken = lock.lock().unwrap_or_else(PoisonError::into_inner);
+                    let (mut woken, _) = cvar
+                        .wait_timeout_while(woken, txn.interval, |w| !*w)
+                        .unwrap_or_else(PoisonError::into_inner);
+                    *woken = false;
+                }
+                if stop.load(Ordering::SeqCst) || txn.lock_state().ended {
+                    return;
+                }
+                txn.commit();
+            })
+            .expect("spawning the committer thread")
+    }
+
+    /// Stops the committer thread.
+    pub(super) fn stop_committer(&self, stop: &AtomicBool) {
+        stop.store(true, Ordering::SeqCst);
+        self.poke();
+    }
+}
