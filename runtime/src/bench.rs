@@ -66,9 +66,15 @@ pub struct BenchArgs {
     /// (comma-separated counts, e.g. 10000,100000,1000000).
     #[arg(long, value_delimiter = ',')]
     restore_marks: Vec<usize>,
+    /// Rounds of the delivery-mode measure: echo at-least-once vs
+    /// exactly-once, with commit intervals of 100 ms and 1 s, beside the
+    /// passthrough, then each mode's end-to-end latency; 0: none.
+    #[arg(long, default_value_t = 0)]
+    delivery_rounds: usize,
 }
 
 mod baselines;
+mod delivery;
 mod deploys;
 mod fleet;
 mod latency;
@@ -279,7 +285,9 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             let run = match v {
                 Variant::ConsumeOnly => baseline(&args.brokers, &topic, args.events).await?,
                 Variant::Passthrough => passthrough(&args.brokers, &topic, args.events).await?,
-                Variant::Weir { .. } => weir(&args, &topic, &echo, v, &sink).await?,
+                Variant::Weir { .. } => {
+                    weir(&args, &topic, &echo, v, &sink, args.extra_config.as_deref()).await?
+                }
             };
             let run = match v {
                 Variant::Weir { .. } => run,
@@ -339,7 +347,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         .latency_rate
         .or((!echo_rates.is_empty()).then(|| median(&echo_rates) / 2.0));
     if let (true, Some(rate)) = (args.latency_secs > 0, latency_rate) {
-        latency::run(&args, &echo, rate).await?;
+        latency::run(&args, &echo, rate, args.extra_config.as_deref(), false).await?;
     }
     if args.swaps > 0 {
         deploys::run(&args, &echo, args.swaps, args.swap_rate).await?;
@@ -354,6 +362,9 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     }
     if !args.restore_marks.is_empty() {
         fleet::restore(&args, &args.restore_marks).await?;
+    }
+    if args.delivery_rounds > 0 {
+        delivery::run(&args, &topic, &echo, &sink).await?;
     }
 
     micro::print(&args, &echo, &sink).await
@@ -484,17 +495,10 @@ async fn weir(
     echo: &std::path::Path,
     v: Variant,
     sink: &OtlpSink,
+    extra: Option<&str>,
 ) -> Result<Run> {
     let dir = tempfile::tempdir()?;
-    let config = echo_config(
-        &args.brokers,
-        topic,
-        echo,
-        v,
-        &sink.url,
-        args.extra_config.as_deref(),
-        dir.path(),
-    )?;
+    let config = echo_config(&args.brokers, topic, echo, v, &sink.url, extra, dir.path())?;
     let stats = Arc::new(Stats {
         handle_micros: Some(Mutex::new(hdrhistogram::Histogram::new(3)?)),
         ..Stats::default()

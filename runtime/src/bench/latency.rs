@@ -33,19 +33,19 @@ fn now_ms() -> f64 {
 }
 
 /// Runs the paced load and prints p50/p99/max of the latency.
-pub(super) async fn run(args: &BenchArgs, echo: &Path, rate: f64) -> Result<()> {
+/// With `visible`, an output's latency ends when a `read_committed`
+/// reader receives it (what exactly-once delays), not at its append.
+pub(super) async fn run(
+    args: &BenchArgs,
+    echo: &Path,
+    rate: f64,
+    extra: Option<&str>,
+    visible: bool,
+) -> Result<Quantiles> {
     let rate = rate.max(100.0);
     let (topic, out) = timed_topics(args, "bench-latency").await?;
     let dir = tempfile::tempdir()?;
-    let mut config = echo_config(
-        &args.brokers,
-        &topic,
-        echo,
-        ECHO,
-        "",
-        args.extra_config.as_deref(),
-        dir.path(),
-    )?;
+    let mut config = echo_config(&args.brokers, &topic, echo, ECHO, "", extra, dir.path())?;
     config.handlers[0]
         .config
         .insert("output_topic".into(), out.clone());
@@ -67,6 +67,7 @@ pub(super) async fn run(args: &BenchArgs, echo: &Path, rate: f64) -> Result<()> 
             .set("auto.offset.reset", "earliest")
             .set("enable.auto.commit", "false")
             .set("fetch.wait.max.ms", "10")
+            .set("isolation.level", "read_committed")
             .create()?,
     );
     reader.subscribe(&[&out])?;
@@ -139,9 +140,13 @@ pub(super) async fn run(args: &BenchArgs, echo: &Path, rate: f64) -> Result<()> 
                 let Some(at) = sent.lock().unwrap().remove(&n) else {
                     continue;
                 };
-                let appended = m.timestamp().to_millis().unwrap_or_default() as f64;
-                // The append time has millisecond resolution.
-                hist.record(((appended - at).max(0.0) * 1000.0) as u64)?;
+                let end = if visible {
+                    now_ms()
+                } else {
+                    // The append time has millisecond resolution.
+                    m.timestamp().to_millis().unwrap_or_default() as f64
+                };
+                hist.record(((end - at).max(0.0) * 1000.0) as u64)?;
                 seen.fetch_add(1, Ordering::Relaxed);
             }
             anyhow::Ok(hist)
@@ -155,6 +160,15 @@ pub(super) async fn run(args: &BenchArgs, echo: &Path, rate: f64) -> Result<()> 
     let _ = stop_tx.send(());
     weir.await??;
     let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
+    let quantiles = Quantiles {
+        p50_ms: ms(0.5),
+        p99_ms: ms(0.99),
+        max_ms: hist.max() as f64 / 1000.0,
+        events: hist.len(),
+    };
+    if visible {
+        return Ok(quantiles);
+    }
     println!(
         "\nend-to-end latency (input handed to the producer → output appended by the broker), \
          echo with the defaults at {rate:.0} events/s ({}) for {} s, {} events: \
@@ -170,5 +184,13 @@ pub(super) async fn run(args: &BenchArgs, echo: &Path, rate: f64) -> Result<()> 
         ms(0.99),
         hist.max() as f64 / 1000.0
     );
-    Ok(())
+    Ok(quantiles)
+}
+
+/// Latency quantiles of one paced run.
+pub(super) struct Quantiles {
+    pub(super) p50_ms: f64,
+    pub(super) p99_ms: f64,
+    pub(super) max_ms: f64,
+    pub(super) events: u64,
 }

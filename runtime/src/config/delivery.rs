@@ -4,6 +4,8 @@
 use anyhow::{bail, Result};
 use serde::Deserialize;
 
+use super::KafkaConfig;
+
 /// How the effects of an event reach Kafka.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -76,7 +78,26 @@ impl DeliveryConfig {
         )
     }
 
-    pub fn validate(&self, commit_interval_ms: u64) -> Result<()> {
+    /// Checks `[delivery]` and the raw Kafka options it owns, naming the key.
+    pub fn validate(&self, kafka: &KafkaConfig, commit_interval_ms: u64) -> Result<()> {
+        let tables = [
+            ("kafka.options", &kafka.options),
+            ("kafka.producer_options", &kafka.producer_options),
+            ("kafka.consumer_options", &kafka.consumer_options),
+        ];
+        for (table, options) in tables {
+            for (key, value) in options.iter() {
+                let why = match key.as_str() {
+                    "transactional.id" => "set delivery.transactional_id instead",
+                    "transaction.timeout.ms" => "set delivery.transaction_timeout_ms instead",
+                    "isolation.level" if self.exactly_once() && value != "read_committed" => {
+                        "exactly-once reads only committed records (the default, read_committed)"
+                    }
+                    _ => continue,
+                };
+                bail!("{table}.{key:?}: {why}");
+            }
+        }
         if !self.exactly_once() {
             if self.transactional_id.is_some() || self.transactional_id_env.is_some() {
                 bail!("delivery.transactional_id: only used with delivery.mode = \"exactly-once\"");
@@ -93,5 +114,54 @@ impl DeliveryConfig {
             );
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+
+    const BASE: &str = "[kafka]\nbrokers = \"b:9092\"\ngroup_id = \"g\"\n";
+
+    fn delivery_error(extra: &str) -> String {
+        let c = Config::parse(&format!("{BASE}{extra}")).expect("parses");
+        let pipeline = c.pipeline.commit_interval_ms;
+        match c.delivery.validate(&c.kafka, pipeline) {
+            Ok(()) => String::new(),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn exactly_once_needs_a_transactional_id_and_names_the_key() {
+        let e = delivery_error("[delivery]\nmode = \"exactly-once\"\n");
+        assert!(e.starts_with("delivery.transactional_id:"), "{e}");
+        let e = delivery_error(
+            "[delivery]\nmode = \"exactly-once\"\ntransactional_id_env = \"WEIR_TEST_NO_SUCH_VAR\"\n",
+        );
+        assert!(e.contains("WEIR_TEST_NO_SUCH_VAR"), "{e}");
+        assert_eq!(
+            delivery_error("[delivery]\nmode = \"exactly-once\"\ntransactional_id = \"pod-0\"\n"),
+            ""
+        );
+    }
+
+    #[test]
+    fn options_the_delivery_mode_owns_are_refused() {
+        let e = delivery_error("[kafka.producer_options]\n\"transactional.id\" = \"x\"\n");
+        assert!(
+            e.starts_with("kafka.producer_options.\"transactional.id\""),
+            "{e}"
+        );
+        let e = delivery_error(
+            "[kafka.consumer_options]\n\"isolation.level\" = \"read_uncommitted\"\n\n[delivery]\nmode = \"exactly-once\"\ntransactional_id = \"a\"\n",
+        );
+        assert!(e.contains("isolation.level"), "{e}");
+        let e = delivery_error(
+            "[pipeline]\ncommit_interval_ms = 20000\n\n[delivery]\nmode = \"exactly-once\"\ntransactional_id = \"a\"\n",
+        );
+        assert!(e.starts_with("delivery.transaction_timeout_ms"), "{e}");
+        let e = delivery_error("[delivery]\ntransactional_id = \"a\"\n");
+        assert!(e.contains("only used with"), "{e}");
     }
 }

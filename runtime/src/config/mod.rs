@@ -356,7 +356,8 @@ impl Config {
     /// Checks what the types cannot: names, topics, files, numbers.
     pub fn validate(&self) -> Result<()> {
         self.kafka.validate()?;
-        self.delivery.validate(self.pipeline.commit_interval_ms)?;
+        self.delivery
+            .validate(&self.kafka, self.pipeline.commit_interval_ms)?;
         if self.delivery.exactly_once()
             && self
                 .handlers

@@ -193,7 +193,7 @@ impl ConsumerContext for WeirContext {
             } else {
                 Instant::now() + self.drain_timeout
             };
-            drain(&mut revoked, deadline);
+            blocking(|| drain(&mut revoked, deadline));
             // From here nothing of theirs is published, marked or committed.
             for w in &revoked {
                 w.fence.close();
@@ -206,8 +206,8 @@ impl ConsumerContext for WeirContext {
             Some(txn) if lost => txn.fail("partitions were lost".into()),
             Some(txn) => {
                 // The transaction holding their events commits before
-                // they move (this blocks the poll, as the drain does).
-                txn.commit();
+                // they move (this holds the poll, as the drain does).
+                blocking(|| txn.commit());
                 let tps: Vec<_> = tpl
                     .elements()
                     .iter()
@@ -249,6 +249,17 @@ impl ConsumerContext for WeirContext {
         _offsets: &TopicPartitionList,
     ) {
         self.commits.record(result, &self.obs);
+    }
+}
+
+/// Runs blocking work in a rebalance callback, which runs inside the
+/// consumer's poll on one of the async runtime's worker threads: the
+/// runtime hands that thread's other tasks to another one meanwhile.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        _ => f(),
     }
 }
 

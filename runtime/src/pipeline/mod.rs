@@ -382,9 +382,11 @@ pub async fn run(
         ),
         Some(txn) => (None, Some(txn.spawn_committer(committer_stop.clone()))),
     };
+    // At-least-once never rewinds (its sender lives as long as the loop).
+    let (_never, no_rewind) = watch::channel(None);
     let mut rewound = match &txn {
         Some(txn) => txn.rewound(),
-        None => watch::channel(None).1,
+        None => no_rewind,
     };
 
     let mut resume_tick = tokio::time::interval(Duration::from_millis(20));
