@@ -68,8 +68,16 @@ pub fn classify(err: &KafkaError) -> ErrorClass {
     }
 }
 
+/// Whether a delivery that failed in a transaction was refused for good:
+/// a permanent error, or a topic still unknown after librdkafka's wait for
+/// its metadata (`topic.metadata.propagation.max.ms`).
+pub fn refused_in_transaction(err: &KafkaError) -> bool {
+    classify(err) == ErrorClass::Permanent
+        || err.rdkafka_error_code() == Some(RDKafkaErrorCode::UnknownTopicOrPartition)
+}
+
 /// Whether a permanent refusal may be the fault of the record's batch-mates.
-fn refused_for_size(err: &KafkaError) -> bool {
+pub fn refused_for_size(err: &KafkaError) -> bool {
     matches!(
         err.rdkafka_error_code(),
         Some(RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::MessageBatchTooLarge)
@@ -148,6 +156,8 @@ pub enum Acked {
     Failed {
         reason: String,
         permanent: bool,
+        /// Refused for its batch's size (maybe a batch-mate's fault).
+        size: bool,
     },
 }
 
@@ -169,11 +179,24 @@ impl Publisher {
         let create = |solo: bool| -> Result<Arc<FutureProducer<PublishContext>>> {
             let mut c = producer_config(config);
             if transactional {
+                let timeout = config.delivery.transaction_timeout_ms;
                 c.set("transactional.id", config.delivery.transactional_id()?)
-                    .set(
-                        "transaction.timeout.ms",
-                        config.delivery.transaction_timeout_ms.to_string(),
+                    .set("transaction.timeout.ms", timeout.to_string());
+                // A record for a topic that does not exist fails (for good)
+                // well before a commit gives up on it, so its event can be
+                // dead-lettered instead of aborting every transaction.
+                let user = &config.kafka.producer_options;
+                if !user.contains_key("topic.metadata.propagation.max.ms")
+                    && !config
+                        .kafka
+                        .options
+                        .contains_key("topic.metadata.propagation.max.ms")
+                {
+                    c.set(
+                        "topic.metadata.propagation.max.ms",
+                        (timeout / 4).max(1000).to_string(),
                     );
+                }
             }
             if solo {
                 // Rarely used: a small queue.
@@ -219,12 +242,13 @@ impl Publisher {
 
     /// Enqueues a record, waiting while the producer's queue is full,
     /// without a fence: for a caller that holds the partition's fence.
-    /// None once the runtime halts.
-    pub fn send_fenced(&self, p: &Produce) -> Option<Ack> {
+    /// None once the runtime halts or `give_up` says so (e.g. the
+    /// transaction aborted).
+    pub fn send_fenced(&self, p: &Produce, give_up: impl Fn() -> bool) -> Option<Ack> {
         loop {
             match self.enqueue(&self.producer, p) {
                 Ok(ack) => return Some(ack),
-                Err(_) if self.halt.reason().is_some() => return None,
+                Err(_) if self.halt.reason().is_some() || give_up() => return None,
                 Err(wait) => std::thread::sleep(wait),
             }
         }
@@ -406,7 +430,8 @@ impl Publisher {
                 }
                 return Acked::Failed {
                     reason: err.to_string(),
-                    permanent: class == ErrorClass::Permanent,
+                    permanent: refused_in_transaction(&err),
+                    size: refused_for_size(&err),
                 };
             }
             let producer = match class {

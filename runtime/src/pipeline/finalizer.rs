@@ -18,7 +18,7 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::producer::DeliveryFuture;
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
-use tracing::error;
+use tracing::{error, warn};
 
 use super::group::{partition_key, WeirContext};
 use super::observe::{event_log, EventFields};
@@ -155,11 +155,17 @@ impl Finalizer {
                             cut.get_or_insert((i, None));
                             break 'settle;
                         }
-                        Settled::Failed { reason, permanent } => {
+                        Settled::Failed {
+                            reason,
+                            permanent,
+                            size,
+                        } => {
                             if let Some(txn) = &self.shared.txn {
                                 if permanent && !std::mem::replace(&mut noted, true) {
-                                    txn.refused(&self.tp, p.offset, &reason);
-                                } else {
+                                    txn.refused(&self.tp, p.offset, &reason, size);
+                                } else if !permanent && cut.is_none() {
+                                    warn!(topic = %self.tp.0, partition = self.tp.1, offset = p.offset,
+                                        reason, "a record was not delivered: the transaction aborts");
                                     txn.fail(format!("a record was not delivered: {reason}"));
                                 }
                             }
@@ -333,11 +339,19 @@ impl Finalizer {
                 Settled::Done(None)
             }
             Acked::Abandoned => Settled::Abandoned,
-            Acked::Failed { reason, permanent } => {
+            Acked::Failed {
+                reason,
+                permanent,
+                size,
+            } => {
                 if let Some(span) = &delivery.span {
                     telemetry::end(span);
                 }
-                Settled::Failed { reason, permanent }
+                Settled::Failed {
+                    reason,
+                    permanent,
+                    size,
+                }
             }
             Acked::Refused(reason) => {
                 if let Some(span) = &delivery.span {
@@ -466,7 +480,11 @@ pub(super) enum Settled {
     /// Cancelled or halting.
     Abandoned,
     /// Exactly-once: the delivery failed, so its transaction aborts.
-    Failed { reason: String, permanent: bool },
+    Failed {
+        reason: String,
+        permanent: bool,
+        size: bool,
+    },
 }
 
 /// Offsets of one partition: handed over, final, and storable.

@@ -9,7 +9,7 @@ use super::finalizer::{produce_failed, Delivery, OnRefused, Pending};
 use super::transaction::{Transactions, Treatment};
 use super::worker::PartitionWorker;
 use crate::envelope::Produce;
-use crate::publish::{classify, Ack, ErrorClass};
+use crate::publish::{refused_for_size, refused_in_transaction, Ack};
 use crate::telemetry;
 
 impl PartitionWorker {
@@ -33,9 +33,15 @@ impl PartitionWorker {
                     .pass(|| self.send_records(&txn, &mut p, outbox, false))
                     .unwrap_or(false)
             }
-            Treatment::Alone | Treatment::DeadLetter => {
+            Treatment::DeadLetter => {
+                let _gate = txn.gate();
+                self.fence
+                    .pass(|| self.send_records(&txn, &mut p, outbox, true))
+                    .unwrap_or(false)
+            }
+            Treatment::Alone | Treatment::DeadLetterAlone => {
                 let tp = self.tp.clone();
-                let instead = treatment == Treatment::DeadLetter;
+                let instead = treatment == Treatment::DeadLetterAlone;
                 let mut sent = false;
                 let committed = txn.alone(&tp, p.offset, || {
                     sent = self
@@ -46,8 +52,8 @@ impl PartitionWorker {
                 });
                 if sent && !committed {
                     // Alone in its transaction: a refusal for good is its own.
-                    if let Some(reason) = refused_for_good(&mut p) {
-                        txn.note_refused(&tp, p.offset, &reason);
+                    if let Some((reason, size)) = refused_for_good(&mut p) {
+                        txn.note_refused(&tp, p.offset, &reason, size, true);
                     }
                 }
                 committed
@@ -88,7 +94,7 @@ impl PartitionWorker {
                 let reason = "the broker refused this event's records for good, even sent alone";
                 let (produce, span, topic) = produce_failed(&self.shared, f, reason);
                 p.marks.extend(f.mark.clone());
-                let Some(ack) = publisher.send_fenced(&produce) else {
+                let Some(ack) = publisher.send_fenced(&produce, || txn.ended()) else {
                     return false;
                 };
                 sent.push(Delivery {
@@ -100,7 +106,7 @@ impl PartitionWorker {
                 });
                 continue;
             }
-            let Some(ack) = publisher.send_fenced(&record) else {
+            let Some(ack) = publisher.send_fenced(&record, || txn.ended()) else {
                 return false;
             };
             d.ack = ack;
@@ -113,7 +119,8 @@ impl PartitionWorker {
             Ack::Refused(r) => Some(r.clone()),
             _ => None,
         }) {
-            txn.refused(&self.tp, p.offset, &reason);
+            // This record itself is at fault (not a batch-mate).
+            txn.refused(&self.tp, p.offset, &reason, false);
             return false;
         }
         txn.finished(&self.tp, p.offset, std::mem::take(&mut p.marks));
@@ -123,7 +130,7 @@ impl PartitionWorker {
 
 /// The reason a record of `p` was refused for good, once its deliveries
 /// ended (after its transaction's commit failed).
-fn refused_for_good(p: &mut Pending) -> Option<String> {
+fn refused_for_good(p: &mut Pending) -> Option<(String, bool)> {
     use futures::FutureExt;
     for d in &mut p.deliveries {
         let Ack::Pending(delivery) = &mut d.ack else {
@@ -134,8 +141,8 @@ fn refused_for_good(p: &mut Pending) -> Option<String> {
         for _ in 0..50 {
             match delivery.now_or_never() {
                 None => std::thread::sleep(std::time::Duration::from_millis(20)),
-                Some(Ok(Err((e, _)))) if classify(&e) == ErrorClass::Permanent => {
-                    return Some(e.to_string());
+                Some(Ok(Err((e, _)))) if refused_in_transaction(&e) => {
+                    return Some((e.to_string(), refused_for_size(&e)));
                 }
                 Some(_) => break,
             }

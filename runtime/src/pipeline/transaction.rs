@@ -76,22 +76,36 @@ struct State {
     ended: bool,
 }
 
-/// How many times an event's records were refused for good, kept across
-/// the pipeline's rewinds (see the module's notes).
+/// How each event whose records were refused for good is to be sent,
+/// kept across the pipeline's rewinds (see the module's notes).
 #[derive(Debug, Default)]
-pub struct Suspects(Mutex<HashMap<(String, i32, i64), u8>>);
+pub struct Suspects(Mutex<HashMap<(String, i32, i64), Treatment>>);
 
 impl Suspects {
-    fn stage(&self, tp: &TopicPartition, offset: i64) -> u8 {
+    fn get(&self, tp: &TopicPartition, offset: i64) -> Treatment {
         let map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        map.get(&(tp.0.clone(), tp.1, offset)).copied().unwrap_or(0)
+        map.get(&(tp.0.clone(), tp.1, offset))
+            .copied()
+            .unwrap_or(Treatment::Together)
     }
 
-    fn refused(&self, tp: &TopicPartition, offset: i64) -> u8 {
+    /// Notes a refusal of the event's records (`size`: for a record
+    /// batch's size, which may be a batch-mate's fault; `alone`: the event
+    /// was alone in its transaction): how it is sent next time.
+    fn refused(&self, tp: &TopicPartition, offset: i64, size: bool, alone: bool) -> Treatment {
+        use Treatment as T;
         let mut map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        let n = map.entry((tp.0.clone(), tp.1, offset)).or_default();
-        *n = n.saturating_add(1);
-        *n
+        let t = map
+            .entry((tp.0.clone(), tp.1, offset))
+            .or_insert(T::Together);
+        *t = match (*t, size, alone) {
+            (T::Together | T::Alone, true, false) => T::Alone,
+            (T::Together | T::Alone, false, _) => T::DeadLetter,
+            (T::Together | T::Alone, true, true) => T::DeadLetterAlone,
+            (T::DeadLetter, true, false) => T::DeadLetterAlone,
+            (T::DeadLetter | T::DeadLetterAlone | T::Stop, _, _) => T::Stop,
+        };
+        *t
     }
 
     fn cleared(&self, tp: &TopicPartition, offset: i64) {
@@ -100,17 +114,21 @@ impl Suspects {
     }
 }
 
-/// What the worker does with an event, by how often its records were
-/// refused for good.
+/// How the worker sends an event, by how its records were refused before.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Treatment {
     /// Sent with the others.
     Together,
-    /// Sent alone in a transaction of its own.
+    /// Refused for a batch's size: sent alone in a transaction of its own,
+    /// to tell whether it is at fault.
     Alone,
-    /// Refused alone: dead-lettered (`produce-failed`), alone.
+    /// Refused for itself: its handlers' outputs and retry records are
+    /// replaced by their `produce-failed` dead letters.
     DeadLetter,
-    /// Its dead letter was refused alone: the partition stops.
+    /// As `DeadLetter`, alone in a transaction of its own (refused alone,
+    /// or its dead letter refused for a batch's size).
+    DeadLetterAlone,
+    /// Its dead letter was refused for good too: the partition stops.
     Stop,
 }
 
@@ -134,6 +152,9 @@ pub(super) struct Transactions {
     parts: Mutex<HashMap<TopicPartition, Part>>,
     /// Records were sent since the last commit.
     sent: AtomicBool,
+    /// Aborted or halted (as `State::ended`, readable without the lock a
+    /// commit holds).
+    ended: AtomicBool,
     /// Why the open transaction must abort (a failed delivery, lost
     /// partitions); the committer thread aborts it.
     doomed: Mutex<Option<String>>,
@@ -171,6 +192,7 @@ impl Transactions {
             state: Mutex::new(State::default()),
             parts: Mutex::new(HashMap::new()),
             sent: AtomicBool::new(false),
+            ended: AtomicBool::new(false),
             doomed: Mutex::new(None),
             wake: (Mutex::new(false), Condvar::new()),
             rewind: watch::channel(None).0,
@@ -260,18 +282,14 @@ impl Transactions {
 
     /// How the worker sends the event at `offset`.
     pub(super) fn treatment(&self, tp: &TopicPartition, offset: i64) -> Treatment {
-        match self.suspects.stage(tp, offset) {
-            0 => Treatment::Together,
-            1 => Treatment::Alone,
-            2 => Treatment::DeadLetter,
-            _ => Treatment::Stop,
-        }
+        self.suspects.get(tp, offset)
     }
 
-    /// A record of the event at `offset` was refused for good: the open
-    /// transaction aborts and the event is treated as a suspect.
-    pub(super) fn refused(&self, tp: &TopicPartition, offset: i64, reason: &str) {
-        self.note_refused(tp, offset, reason);
+    /// A record of the event at `offset` was refused for good (`size`: for
+    /// its batch's size): the open transaction aborts and the event is
+    /// sent differently next time.
+    pub(super) fn refused(&self, tp: &TopicPartition, offset: i64, reason: &str, size: bool) {
+        self.note_refused(tp, offset, reason, size, false);
         self.fail(format!(
             "a record of {}/{} offset {offset} was refused: {reason}",
             tp.0, tp.1
@@ -279,10 +297,17 @@ impl Transactions {
     }
 
     /// Notes that a record of the event at `offset` was refused for good.
-    pub(super) fn note_refused(&self, tp: &TopicPartition, offset: i64, reason: &str) {
-        let n = self.suspects.refused(tp, offset);
-        warn!(topic = %tp.0, partition = tp.1, offset, refusals = n, reason,
-            "a record of this event was refused for good: the transaction aborts; next time the event is sent alone");
+    pub(super) fn note_refused(
+        &self,
+        tp: &TopicPartition,
+        offset: i64,
+        reason: &str,
+        size: bool,
+        alone: bool,
+    ) {
+        let next = self.suspects.refused(tp, offset, size, alone);
+        warn!(topic = %tp.0, partition = tp.1, offset, reason, next = ?next,
+            "a record of this event was refused for good: the transaction aborts, and the event is sent differently next time");
     }
 
     /// The open transaction cannot commit: the committer aborts it.
@@ -473,9 +498,15 @@ impl Transactions {
         }
     }
 
+    /// No transaction is open any more: what is sent now cannot commit.
+    pub(super) fn ended(&self) -> bool {
+        self.ended.load(Ordering::SeqCst)
+    }
+
     /// Aborts the open transaction; the pipeline rewinds.
     fn abort(&self, state: &mut State, reason: &str) {
         state.ended = true;
+        self.ended.store(true, Ordering::SeqCst);
         state.open = false;
         warn!(
             reason,
@@ -502,6 +533,7 @@ impl Transactions {
 
     fn fatal(&self, state: &mut State, reason: String) {
         state.ended = true;
+        self.ended.store(true, Ordering::SeqCst);
         state.open = false;
         if let Some(m) = &self.metrics {
             m.transactions.with_label_values(&["aborted"]).inc();
@@ -539,5 +571,29 @@ impl Transactions {
     pub(super) fn stop_committer(&self, stop: &AtomicBool) {
         stop.store(true, Ordering::SeqCst);
         self.poke();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_event_is_isolated_then_dead_lettered_then_stops_its_partition() {
+        use Treatment as T;
+        let s = Suspects::default();
+        let tp = ("t".to_owned(), 0);
+        // Refused for a batch's size: maybe a batch-mate's fault.
+        assert_eq!(s.refused(&tp, 7, true, false), T::Alone);
+        // Refused again, alone: its own fault.
+        assert_eq!(s.refused(&tp, 7, true, true), T::DeadLetterAlone);
+        // Its dead letter refused alone too.
+        assert_eq!(s.refused(&tp, 7, true, true), T::Stop);
+        // Refused for itself (e.g. its topic does not exist): dead-lettered
+        // at once, with the others.
+        assert_eq!(s.refused(&tp, 8, false, false), T::DeadLetter);
+        assert_eq!(s.get(&tp, 9), T::Together);
+        s.cleared(&tp, 8);
+        assert_eq!(s.get(&tp, 8), T::Together);
     }
 }
