@@ -171,7 +171,13 @@ pub struct Publisher {
     solo: Option<Arc<FutureProducer<PublishContext>>>,
     halt: Halt,
     metrics: Option<Arc<Metrics>>,
+    /// Exactly-once: the producer refused a record because its transaction
+    /// cannot take more (an abortable error, or no transaction open).
+    unusable: Arc<std::sync::atomic::AtomicBool>,
 }
+
+/// How long to wait before enqueueing again into a full producer queue.
+pub const QUEUE_FULL_WAIT: Duration = Duration::from_millis(5);
 
 impl Publisher {
     pub fn new(config: &Config, halt: Halt, metrics: Option<Arc<Metrics>>) -> Result<Self> {
@@ -228,6 +234,7 @@ impl Publisher {
             solo,
             halt,
             metrics,
+            unusable: Default::default(),
         })
     }
 
@@ -240,18 +247,25 @@ impl Publisher {
         &self.halt
     }
 
-    /// Enqueues a record, waiting while the producer's queue is full,
-    /// without a fence: for a caller that holds the partition's fence.
-    /// None once the runtime halts or `give_up` says so (e.g. the
-    /// transaction aborted).
-    pub fn send_fenced(&self, p: &Produce, give_up: impl Fn() -> bool) -> Option<Ack> {
+    /// Enqueues a record into the open transaction, waiting while the
+    /// producer's queue is full, without a fence: for a caller that holds
+    /// the partition's fence. None once the transaction cannot take it
+    /// (ended, aborting, or the runtime halts).
+    pub fn send_fenced(&self, p: &Produce, ended: impl Fn() -> bool) -> Option<Ack> {
         loop {
             match self.enqueue(&self.producer, p) {
                 Ok(ack) => return Some(ack),
-                Err(_) if self.halt.reason().is_some() || give_up() => return None,
+                Err(_) if self.halt.reason().is_some() || self.unusable() || ended() => {
+                    return None
+                }
                 Err(wait) => std::thread::sleep(wait),
             }
         }
+    }
+
+    /// Exactly-once: the producer said its transaction takes no more records.
+    pub fn unusable(&self) -> bool {
+        self.unusable.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     fn produce_error(&self) {
@@ -309,7 +323,7 @@ impl Publisher {
         match self.producer.send_result(record) {
             Ok(d) => Ok(Some(d)),
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                Err(Duration::from_millis(5))
+                Err(QUEUE_FULL_WAIT)
             }
             Err((e, _)) => {
                 self.produce_error();
@@ -353,7 +367,7 @@ impl Publisher {
             Ok(d) => Ok(Ack::Pending(d)),
             // The producer's queue drains as the broker acknowledges.
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                Err(Duration::from_millis(5))
+                Err(QUEUE_FULL_WAIT)
             }
             Err((e, _)) => {
                 self.produce_error();
@@ -362,6 +376,15 @@ impl Publisher {
                     ErrorClass::Fatal => {
                         self.halt
                             .halt_now(format!("the Kafka producer hit a fatal error: {e}"));
+                        Err(Duration::from_millis(100))
+                    }
+                    ErrorClass::Retriable
+                        if self.solo.is_none()
+                            && e.rdkafka_error_code() == Some(RDKafkaErrorCode::State) =>
+                    {
+                        // The transaction cannot take records: it aborts.
+                        self.unusable
+                            .store(true, std::sync::atomic::Ordering::SeqCst);
                         Err(Duration::from_millis(100))
                     }
                     ErrorClass::Retriable => {

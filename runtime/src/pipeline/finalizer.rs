@@ -249,8 +249,11 @@ impl Finalizer {
             return true;
         }
         if self.shared.txn.is_some() {
-            // Exactly-once: marks and offsets go with the transaction.
-            self.final_count(batch);
+            // Exactly-once: marks and offsets go with the transaction, and
+            // its commit counts the events final.
+            self.in_flight
+                .fetch_sub(batch.len() as i64, Ordering::Relaxed);
+            batch.clear();
             return true;
         }
         if let Some(dedup) = &self.shared.dedup {

@@ -255,7 +255,7 @@ impl ConsumerContext for WeirContext {
 /// Runs blocking work in a rebalance callback, which runs inside the
 /// consumer's poll on one of the async runtime's worker threads: the
 /// runtime hands that thread's other tasks to another one meanwhile.
-fn blocking<T>(f: impl FnOnce() -> T) -> T {
+pub(super) fn blocking<T>(f: impl FnOnce() -> T) -> T {
     use tokio::runtime::{Handle, RuntimeFlavor};
     match Handle::try_current() {
         Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),

@@ -40,7 +40,7 @@ use anyhow::{Context as _, Result};
 use futures::FutureExt;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use tokio::sync::{mpsc, watch};
-use tracing::{debug, error, info};
+use tracing::{debug, error, info, warn};
 
 use crate::changelog::Changelog;
 use crate::config::Config;
@@ -255,7 +255,7 @@ pub async fn run(
             dedup.clone(),
             obs.metrics.clone(),
             obs.health.clone(),
-            stats.suspects.clone(),
+            stats.clone(),
         ));
         // A broker away at start is waited for (not ready meanwhile).
         let mut backoff = Duration::from_millis(500);
@@ -444,13 +444,13 @@ pub async fn run(
         // The transaction aborted: nothing of the events in hand is sent
         // any more, and the partitions start again from their committed
         // offsets in the rebuilt pipeline.
-        for w in &all {
-            w.fence.close();
-        }
-        drain(
-            &mut all,
-            Instant::now() + shared.config.pipeline.drain_timeout(),
-        );
+        let deadline = Instant::now() + shared.config.pipeline.drain_timeout();
+        group::blocking(|| {
+            for w in &all {
+                w.fence.close();
+            }
+            drain(&mut all, deadline)
+        });
         return Err(Rewound(reason).into());
     }
     // A broken producer finishes nothing more: what is final is committed,
@@ -462,23 +462,35 @@ pub async fn run(
         Instant::now() + shared.config.pipeline.drain_timeout()
     };
     let abandoned = drain(&mut all, deadline);
-    match &txn {
-        None => commit_sync(consumer.as_ref()),
-        Some(txn) if !shared.halt.is_immediate() => {
-            for w in &all {
-                w.fence.close();
-            }
-            let txn = txn.clone();
-            let _ = tokio::task::spawn_blocking(move || txn.commit()).await;
+    let committed = match &txn {
+        None => {
+            commit_sync(consumer.as_ref());
+            true
         }
-        Some(_) => {}
-    }
+        Some(txn) if !shared.halt.is_immediate() => {
+            let txn = txn.clone();
+            let fences: Vec<Arc<Fence>> = all.iter().map(|w| w.fence.clone()).collect();
+            tokio::task::spawn_blocking(move || {
+                for f in fences {
+                    f.close();
+                }
+                txn.commit()
+            })
+            .await
+            .unwrap_or(false)
+        }
+        Some(_) => false,
+    };
     shared.stats.log_progress();
     if let Some(reason) = halt_reason {
         anyhow::bail!("stopped: {reason}");
     }
     if abandoned > 0 {
         return Err(Unfinished(abandoned).into());
+    }
+    if !committed {
+        warn!("the last transaction did not commit: its events are handled again after a restart");
+        return Ok(());
     }
     info!("offsets committed; stopped");
     Ok(())

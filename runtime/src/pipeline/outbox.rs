@@ -95,7 +95,7 @@ impl PartitionWorker {
                 let (produce, span, topic) = produce_failed(&self.shared, f, reason);
                 p.marks.extend(f.mark.clone());
                 let Some(ack) = publisher.send_fenced(&produce, || txn.ended()) else {
-                    return false;
+                    return cannot_send(txn);
                 };
                 sent.push(Delivery {
                     ack,
@@ -107,7 +107,7 @@ impl PartitionWorker {
                 continue;
             }
             let Some(ack) = publisher.send_fenced(&record, || txn.ended()) else {
-                return false;
+                return cannot_send(txn);
             };
             d.ack = ack;
             sent.push(d);
@@ -149,4 +149,12 @@ fn refused_for_good(p: &mut Pending) -> Option<(String, bool)> {
         }
     }
     None
+}
+
+/// A record of the event could not be sent (the transaction takes no more,
+/// or the runtime halts): some of its records may be in the transaction
+/// already, so it must not commit. False, for `send_records`.
+fn cannot_send(txn: &Transactions) -> bool {
+    txn.fail("the transaction takes no more records".into());
+    false
 }

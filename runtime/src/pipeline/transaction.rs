@@ -40,17 +40,22 @@ use tracing::{debug, error, info, warn};
 
 use super::finalizer::Offsets;
 use super::group::WeirContext;
+use super::Stats;
 use super::TopicPartition;
 use crate::changelog::Changelog;
 use crate::dedup::Dedup;
 use crate::metrics::{Health, Metrics};
-use crate::publish::{fenced_hint, Publisher};
+use crate::publish::{fenced_hint, Publisher, QUEUE_FULL_WAIT};
 
 /// The `/readyz` problem of a failing transaction.
 const PROBLEM: &str = "transaction";
 
 /// Marks per changelog record (as the finalizer batches them).
 const MARKS_PER_RECORD: usize = 512;
+
+/// Times a transactional call that failed with a retriable error is tried
+/// again.
+const RETRIES: u32 = 5;
 
 /// How a transactional call failed.
 enum Failure {
@@ -66,6 +71,8 @@ struct Part {
     offsets: Offsets,
     /// Idempotency keys of the events finished in the open transaction.
     marks: HashSet<Vec<u8>>,
+    /// Events finished in the open transaction.
+    events: u64,
 }
 
 #[derive(Default)]
@@ -147,6 +154,8 @@ pub(super) struct Transactions {
     metrics: Option<Arc<Metrics>>,
     health: Arc<Health>,
     suspects: Arc<Suspects>,
+    /// Counts the events of each committed transaction as final.
+    stats: Arc<Stats>,
     gate: RwLock<()>,
     state: Mutex<State>,
     parts: Mutex<HashMap<TopicPartition, Part>>,
@@ -175,7 +184,7 @@ impl Transactions {
         dedup: Option<Arc<Dedup>>,
         metrics: Option<Arc<Metrics>>,
         health: Arc<Health>,
-        suspects: Arc<Suspects>,
+        stats: Arc<Stats>,
     ) -> Self {
         Self {
             publisher,
@@ -187,7 +196,8 @@ impl Transactions {
             consumer: OnceLock::new(),
             metrics,
             health,
-            suspects,
+            suspects: stats.suspects.clone(),
+            stats,
             gate: RwLock::new(()),
             state: Mutex::new(State::default()),
             parts: Mutex::new(HashMap::new()),
@@ -262,6 +272,7 @@ impl Transactions {
         let part = parts.entry(tp.clone()).or_default();
         part.offsets.finish(offset);
         part.marks.extend(marks);
+        part.events += 1;
         self.sent.store(true, Ordering::Relaxed);
     }
 
@@ -336,15 +347,17 @@ impl Transactions {
         offset: i64,
         send: impl FnOnce() -> bool,
     ) -> bool {
+        // Taken before the locks: the consumer is never dropped under them.
+        let cgm = self.group_metadata();
         let mut state = self.lock_state();
         let _gate = self.gate.write().unwrap_or_else(PoisonError::into_inner);
-        if !self.commit_locked(&mut state) {
+        if !self.commit_locked(&mut state, cgm.as_ref()) {
             return false;
         }
         if !send() {
             return false;
         }
-        let ok = self.commit_locked(&mut state);
+        let ok = self.commit_locked(&mut state, cgm.as_ref());
         if ok {
             self.suspects.cleared(tp, offset);
         }
@@ -354,12 +367,14 @@ impl Transactions {
     /// Commits the open transaction (nothing to do: true at once). False
     /// when it aborted or the runtime halts.
     pub(super) fn commit(&self) -> bool {
+        // Taken before the locks: the consumer is never dropped under them.
+        let cgm = self.group_metadata();
         let mut state = self.lock_state();
         let _gate = self.gate.write().unwrap_or_else(PoisonError::into_inner);
-        self.commit_locked(&mut state)
+        self.commit_locked(&mut state, cgm.as_ref())
     }
 
-    fn commit_locked(&self, state: &mut State) -> bool {
+    fn commit_locked(&self, state: &mut State, cgm: Option<&ConsumerGroupMetadata>) -> bool {
         if state.ended || !state.open {
             return false;
         }
@@ -376,9 +391,11 @@ impl Transactions {
         // The gate is held: nothing is added to the parts meanwhile.
         let mut offsets = TopicPartitionList::new();
         let mut marks: Vec<(i32, Vec<Vec<u8>>)> = Vec::new();
+        let mut events = 0;
         {
             let mut parts = self.lock_parts();
             for ((topic, partition), part) in parts.iter_mut() {
+                events += part.events;
                 if let Some(o) = part.offsets.storable() {
                     if let Err(e) =
                         offsets.add_partition_offset(topic, *partition, Offset::Offset(o + 1))
@@ -396,30 +413,17 @@ impl Transactions {
             return true;
         }
         let at = crate::dedup::now_ms();
-        if let Some(changelog) = self.changelog.get() {
-            for (partition, keys) in &marks {
-                for chunk in keys.chunks(MARKS_PER_RECORD) {
-                    loop {
-                        let keys = chunk.iter().map(Vec::as_slice);
-                        match changelog.write(&self.publisher, *partition, keys, at) {
-                            // Its delivery is part of the commit.
-                            Ok(_) => break,
-                            Err(wait) => std::thread::sleep(wait),
-                        }
-                    }
-                }
-            }
-        }
         let producer = self.publisher.producer();
         let result = (|| {
+            self.write_changelog(&marks, at)?;
             if offsets.count() > 0 {
-                let Some(cgm) = self.group_metadata() else {
+                let Some(cgm) = cgm else {
                     return Err(Failure::Abort(
                         "the consumer has no group metadata (not in the group)".into(),
                     ));
                 };
                 self.call("send the offsets to the transaction", || {
-                    producer.send_offsets_to_transaction(&offsets, &cgm, self.timeout)
+                    producer.send_offsets_to_transaction(&offsets, cgm, self.timeout)
                 })?;
             }
             self.call("commit the transaction", || {
@@ -456,14 +460,51 @@ impl Transactions {
         }
         for part in self.lock_parts().values_mut() {
             part.marks.clear();
+            part.events = 0;
         }
-        if let Err(e) = self.call("begin a transaction", || producer.begin_transaction()) {
-            match e {
-                Failure::Abort(reason) | Failure::Fatal(reason) => self.fatal(state, reason),
+        self.stats.events_final.fetch_add(events, Ordering::Relaxed);
+        match self.call("begin a transaction", || producer.begin_transaction()) {
+            Ok(()) => true,
+            Err(Failure::Abort(reason)) => {
+                self.abort(state, &reason);
+                false
             }
-            return false;
+            Err(Failure::Fatal(reason)) => {
+                self.fatal(state, reason);
+                false
+            }
         }
-        true
+    }
+
+    /// Enqueues the marks of the transaction's events to the changelog
+    /// (their deliveries are part of the commit).
+    fn write_changelog(&self, marks: &[(i32, Vec<Vec<u8>>)], at: u64) -> Result<(), Failure> {
+        let Some(changelog) = self.changelog.get() else {
+            return Ok(());
+        };
+        for (partition, keys) in marks {
+            for chunk in keys.chunks(MARKS_PER_RECORD) {
+                loop {
+                    let keys = chunk.iter().map(Vec::as_slice);
+                    match changelog.write(&self.publisher, *partition, keys, at) {
+                        // Refused for good: logged and counted; the marks
+                        // stay in this instance's store.
+                        Ok(_) => break,
+                        Err(_) if self.publisher.halt().reason().is_some() => {
+                            return Err(Failure::Fatal("halting".into()));
+                        }
+                        // The producer's queue drains as the broker answers.
+                        Err(wait) if wait == QUEUE_FULL_WAIT => std::thread::sleep(wait),
+                        Err(_) => {
+                            return Err(Failure::Abort(
+                                "cannot write the idempotency changelog".into(),
+                            ))
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Runs one transactional call, again while it fails with a retriable
@@ -487,7 +528,7 @@ impl Transactions {
                     .unwrap_or_default();
                 return Err(Failure::Fatal(format!("cannot {what}: {err}{hint}")));
             }
-            if retriable && attempt < 5 {
+            if retriable && attempt <= RETRIES {
                 warn!(error = %err, attempt, "cannot {what}; retrying");
                 std::thread::sleep(backoff);
                 backoff *= 2;
@@ -535,9 +576,6 @@ impl Transactions {
         state.ended = true;
         self.ended.store(true, Ordering::SeqCst);
         state.open = false;
-        if let Some(m) = &self.metrics {
-            m.transactions.with_label_values(&["aborted"]).inc();
-        }
         self.publisher.halt().halt_now(reason);
     }
 
