@@ -191,17 +191,24 @@ impl Publisher {
                 // A record for a topic that does not exist fails (for good)
                 // well before a commit gives up on it, so its event can be
                 // dead-lettered instead of aborting every transaction.
-                let user = &config.kafka.producer_options;
-                if !user.contains_key("topic.metadata.propagation.max.ms")
-                    && !config
-                        .kafka
-                        .options
-                        .contains_key("topic.metadata.propagation.max.ms")
-                {
+                let user = |key: &str| {
+                    config.kafka.producer_options.contains_key(key)
+                        || config.kafka.options.contains_key(key)
+                };
+                if !user("topic.metadata.propagation.max.ms") {
                     c.set(
                         "topic.metadata.propagation.max.ms",
                         (timeout / 4).max(1000).to_string(),
                     );
+                }
+                // After a commit the coordinator answers "concurrent
+                // transactions" until the markers are written; librdkafka
+                // waits `retry.backoff.ms` (100 ms) before asking again,
+                // which made every commit take ~110 ms here; 10 ms: ~4 ms
+                // (docs/benchmarks.md). Later retries still back off
+                // exponentially (up to `retry.backoff.max.ms`).
+                if !user("retry.backoff.ms") {
+                    c.set("retry.backoff.ms", "10");
                 }
             }
             if solo {

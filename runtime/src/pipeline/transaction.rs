@@ -370,7 +370,12 @@ impl Transactions {
         // Taken before the locks: the consumer is never dropped under them.
         let cgm = self.group_metadata();
         let mut state = self.lock_state();
+        let waited = Instant::now();
         let _gate = self.gate.write().unwrap_or_else(PoisonError::into_inner);
+        debug!(
+            ms = waited.elapsed().as_millis() as u64,
+            "transaction gate taken"
+        );
         self.commit_locked(&mut state, cgm.as_ref())
     }
 
@@ -426,9 +431,16 @@ impl Transactions {
                     producer.send_offsets_to_transaction(&offsets, cgm, self.timeout)
                 })?;
             }
+            let offsets_ms = started.elapsed().as_millis() as u64;
             self.call("commit the transaction", || {
                 producer.commit_transaction(self.timeout)
-            })
+            })?;
+            debug!(
+                offsets_ms,
+                commit_ms = started.elapsed().as_millis() as u64 - offsets_ms,
+                "transaction steps"
+            );
+            Ok(())
         })();
         match result {
             Ok(()) => {}
