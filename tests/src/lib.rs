@@ -147,7 +147,7 @@ pub fn read_isolated(topic: &str, isolation: &str) -> Result<Vec<OwnedMessage>> 
         .set("enable.partition.eof", "true")
         .set("isolation.level", isolation)
         .create()?;
-    let md = c.fetch_metadata(Some(topic), Duration::from_secs(5))?;
+    let md = c.fetch_metadata(Some(topic), Duration::from_secs(30))?;
     let partitions = md
         .topics()
         .first()

@@ -5,12 +5,17 @@
 
 use std::sync::atomic::Ordering;
 
-use super::finalizer::{produce_failed, Delivery, OnRefused, Pending};
+use tokio::sync::mpsc;
+
+use super::finalizer::{produce_failed, Delivery, OnRefused, Pending, Step};
 use super::transaction::{Transactions, Treatment};
 use super::worker::PartitionWorker;
 use crate::envelope::Produce;
 use crate::publish::{refused_for_size, refused_in_transaction, Ack};
 use crate::telemetry;
+
+/// Events a worker handles ahead while a commit holds the gate.
+pub(super) const BACKLOG: usize = 2048;
 
 impl PartitionWorker {
     /// Holds a record of the event in hand: sent with the others once the
@@ -21,11 +26,74 @@ impl PartitionWorker {
         Ack::Held(outbox.len() - 1)
     }
 
+    /// Takes a handled event: sent with the events handled before it as
+    /// soon as no commit is under way (one that is keeps the gate: the
+    /// worker goes on with its next events meanwhile, up to
+    /// [`BACKLOG`] of them), or on its own as `treatment` says. False when
+    /// the worker must stop (fenced off, or its transaction fails).
+    pub(super) fn take_handled(
+        &mut self,
+        p: Pending,
+        treatment: Treatment,
+        steps: &mpsc::Sender<Step>,
+    ) -> bool {
+        let outbox = std::mem::take(self.outbox.get_mut());
+        if treatment == Treatment::Together {
+            self.backlog.push((p, outbox));
+            return self.send_backlog(self.backlog.len() >= BACKLOG, steps);
+        }
+        // An event sent differently goes after those before it.
+        if !self.send_backlog(true, steps) {
+            return false;
+        }
+        match self.send_held(p, outbox, treatment) {
+            Some(p) => steps.blocking_send(Step::Done(p)).is_ok(),
+            None => false,
+        }
+    }
+
+    /// Sends the backlog's events in order and hands them to the
+    /// finalizer; without `wait`, only if no commit holds the gate. False
+    /// when the worker must stop.
+    pub(super) fn send_backlog(&mut self, wait: bool, steps: &mpsc::Sender<Step>) -> bool {
+        let Some(txn) = self.shared.txn.clone() else {
+            return true;
+        };
+        if self.backlog.is_empty() {
+            return true;
+        }
+        let gate = if wait {
+            Some(txn.gate())
+        } else {
+            txn.try_gate()
+        };
+        let Some(gate) = gate else {
+            return true;
+        };
+        let mut backlog = std::mem::take(&mut self.backlog);
+        let sent = self.fence.pass(|| {
+            backlog
+                .iter_mut()
+                .all(|(p, outbox)| self.send_records(&txn, p, std::mem::take(outbox), false))
+        });
+        drop(gate);
+        if sent != Some(true) {
+            return false;
+        }
+        backlog
+            .into_iter()
+            .all(|(p, _)| steps.blocking_send(Step::Done(p)).is_ok())
+    }
+
     /// Sends the held records of a handled event, as `treatment` says: None
     /// when fenced off or when its transaction fails (the pipeline rewinds).
-    pub(super) fn send_held(&mut self, mut p: Pending, treatment: Treatment) -> Option<Pending> {
+    fn send_held(
+        &mut self,
+        mut p: Pending,
+        outbox: Vec<Produce>,
+        treatment: Treatment,
+    ) -> Option<Pending> {
         let txn = self.shared.txn.clone()?;
-        let outbox = std::mem::take(self.outbox.get_mut());
         let sent = match treatment {
             Treatment::Together => {
                 let _gate = txn.gate();

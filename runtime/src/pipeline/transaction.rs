@@ -256,6 +256,15 @@ impl Transactions {
         self.gate.read().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// The gate, unless a commit holds it or waits for it.
+    pub(super) fn try_gate(&self) -> Option<RwLockReadGuard<'_, ()>> {
+        match self.gate.try_read() {
+            Ok(g) => Some(g),
+            Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
+    }
+
     /// A retry record held until due: its offset is final later.
     pub(super) fn defer(&self, tp: &TopicPartition, offset: i64) {
         self.lock_parts()

@@ -13,7 +13,7 @@ use tracing::{error, info};
 
 use std::cell::RefCell;
 
-use super::finalizer::Step;
+use super::finalizer::{Pending, Step};
 use super::transaction::Treatment;
 use super::{Shared, TopicPartition};
 use crate::deploy::Slot;
@@ -48,6 +48,9 @@ pub(super) struct PartitionWorker {
     /// Exactly-once: the records of the event in hand, sent together once
     /// it is handled.
     pub(super) outbox: RefCell<Vec<Produce>>,
+    /// Exactly-once: events handled while a commit held the gate, with
+    /// their records, sent in order once it is free.
+    pub(super) backlog: Vec<(Pending, Vec<Produce>)>,
 }
 
 /// A bounded set of recently handled idempotency keys, oldest evicted
@@ -135,6 +138,7 @@ impl PartitionWorker {
             delayed: DelayQueue::default(),
             tp,
             outbox: RefCell::new(Vec::new()),
+            backlog: Vec::new(),
         }
     }
 
@@ -157,11 +161,27 @@ impl PartitionWorker {
                 due
             } else {
                 let record = match self.delayed.next_due() {
-                    None => match rx.blocking_recv() {
-                        Some(r) => r,
-                        None => break,
-                    },
+                    None => {
+                        // Nothing to handle next: what was handled ahead
+                        // is sent now, not when the next record comes.
+                        let next = match rx.try_recv() {
+                            Ok(r) => Some(r),
+                            Err(_) => {
+                                if !self.send_backlog(true, &pending) {
+                                    break;
+                                }
+                                rx.blocking_recv()
+                            }
+                        };
+                        match next {
+                            Some(r) => r,
+                            None => break,
+                        }
+                    }
                     Some(due) => {
+                        if !self.send_backlog(true, &pending) {
+                            break;
+                        }
                         let wait = due.saturating_duration_since(now);
                         if self.delayed.len() >= max_delayed {
                             self.sleep(wait.min(Duration::from_millis(100)));
@@ -209,25 +229,32 @@ impl PartitionWorker {
                 .as_ref()
                 .map(|t| t.treatment(&self.tp, offset));
             if treatment == Some(Treatment::Stop) {
-                let reason =
-                    "its records and its dead letter were refused for good, each sent alone";
-                let _ = pending.blocking_send(Step::Stop(offset, reason.into()));
+                if self.send_backlog(true, &pending) {
+                    let reason =
+                        "its records and its dead letter were refused for good, each sent alone";
+                    let _ = pending.blocking_send(Step::Stop(offset, reason.into()));
+                }
                 break;
             }
-            let p = self.process(record).and_then(|p| match treatment {
-                Some(t) => self.send_held(p, t),
-                None => Some(p),
-            });
-            let Some(p) = p else {
+            let Some(p) = self.process(record) else {
                 if self.fence.is_closed() {
                     info!(partition, offset,
                         "partition fenced off (revoked or abandoned): the event in hand is not published, marked or committed here");
                 }
                 break;
             };
-            if pending.blocking_send(Step::Done(p)).is_err() {
+            let taken = match treatment {
+                Some(t) => self.take_handled(p, t, &pending),
+                None => pending.blocking_send(Step::Done(p)).is_ok(),
+            };
+            if !taken {
                 break;
             }
+        }
+        // Stopping (a revoke's drain, a shutdown): what was handled ahead
+        // is sent, unless the partition is fenced off.
+        if !self.fence.is_closed() {
+            self.send_backlog(true, &pending);
         }
     }
 
