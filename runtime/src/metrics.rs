@@ -79,6 +79,13 @@ fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntC
     c
 }
 
+fn histogram(registry: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
+    let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+        .expect("a valid metric");
+    registry.register(Box::new(h.clone())).expect("unique name");
+    h
+}
+
 fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
     let g = IntGauge::new(name, help).expect("a valid metric");
     registry.register(Box::new(g.clone())).expect("unique name");
@@ -227,18 +234,12 @@ impl Metrics {
                 "weir_partitions_owned",
                 "Partitions assigned to this instance",
             ),
-            restore_seconds: {
-                let h = Histogram::with_opts(
-                    HistogramOpts::new(
-                        "weir_idempotency_restore_seconds",
-                        "Time to restore the idempotency marks of a changelog partition before its first event",
-                    )
-                    .buckets(vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0]),
-                )
-                .expect("a valid metric");
-                r.register(Box::new(h.clone())).expect("unique name");
-                h
-            },
+            restore_seconds: histogram(
+                &r,
+                "weir_idempotency_restore_seconds",
+                "Time to restore the idempotency marks of a changelog partition before its first event",
+                vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0],
+            ),
             restored_marks: gauge_counter(
                 &r,
                 "weir_idempotency_restored_marks_total",
@@ -250,18 +251,12 @@ impl Metrics {
                 "Exactly-once transactions, by result (committed; aborted: its events are handled again)",
                 &["result"],
             ),
-            transaction_seconds: {
-                let h = Histogram::with_opts(
-                    HistogramOpts::new(
-                        "weir_transaction_commit_seconds",
-                        "Time to commit one exactly-once transaction (offsets, flush of its records, commit)",
-                    )
-                    .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
-                )
-                .expect("a valid metric");
-                r.register(Box::new(h.clone())).expect("unique name");
-                h
-            },
+            transaction_seconds: histogram(
+                &r,
+                "weir_transaction_commit_seconds",
+                "Time to commit one exactly-once transaction (offsets, flush of its records, commit)",
+                vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0],
+            ),
             registry: r,
         }
     }

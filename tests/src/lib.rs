@@ -147,17 +147,7 @@ pub fn read_isolated(topic: &str, isolation: &str) -> Result<Vec<OwnedMessage>> 
         .set("enable.partition.eof", "true")
         .set("isolation.level", isolation)
         .create()?;
-    let md = c.fetch_metadata(Some(topic), Duration::from_secs(30))?;
-    let partitions = md
-        .topics()
-        .first()
-        .map(|t| t.partitions().len())
-        .unwrap_or(0) as i32;
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..partitions {
-        tpl.add_partition_offset(topic, p, Offset::Beginning)?;
-    }
-    c.assign(&tpl)?;
+    let partitions = assign_from_start(&c, topic)?;
     let mut out = Vec::new();
     let mut at_end = std::collections::HashSet::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
@@ -278,22 +268,28 @@ pub async fn await_committed_to_end(
     }
 }
 
-/// Every record now in `topic`, read from the beginning to the end offsets.
-pub fn read_all(topic: &str) -> Result<Vec<OwnedMessage>> {
-    let c = base_consumer(None);
-    let md = c.fetch_metadata(Some(topic), Duration::from_secs(5))?;
+/// Assigns every partition of `topic` from its beginning: how many.
+fn assign_from_start(c: &BaseConsumer, topic: &str) -> Result<i32> {
+    let md = c.fetch_metadata(Some(topic), Duration::from_secs(30))?;
     let partitions = md
         .topics()
         .first()
         .map(|t| t.partitions().len())
         .unwrap_or(0) as i32;
-    let ends = end_offsets(topic, partitions)?;
-    let expected: i64 = ends.iter().sum();
     let mut tpl = TopicPartitionList::new();
     for p in 0..partitions {
         tpl.add_partition_offset(topic, p, Offset::Beginning)?;
     }
     c.assign(&tpl)?;
+    Ok(partitions)
+}
+
+/// Every record now in `topic`, read from the beginning to the end offsets.
+pub fn read_all(topic: &str) -> Result<Vec<OwnedMessage>> {
+    let c = base_consumer(None);
+    let partitions = assign_from_start(&c, topic)?;
+    let ends = end_offsets(topic, partitions)?;
+    let expected: i64 = ends.iter().sum();
     let mut out = Vec::with_capacity(expected as usize);
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while (out.len() as i64) < expected {

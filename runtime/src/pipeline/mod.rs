@@ -25,10 +25,11 @@ mod invoke;
 mod observe;
 mod outbox;
 mod source;
+mod suspects;
 mod transaction;
 mod worker;
 
-pub use transaction::Suspects;
+pub use suspects::Suspects;
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;

@@ -8,7 +8,8 @@ use std::sync::atomic::Ordering;
 use tokio::sync::mpsc;
 
 use super::finalizer::{produce_failed, Delivery, OnRefused, Pending, Step};
-use super::transaction::{Transactions, Treatment};
+use super::suspects::Treatment;
+use super::transaction::Transactions;
 use super::worker::PartitionWorker;
 use crate::envelope::Produce;
 use crate::publish::{refused_for_size, refused_in_transaction, Ack};

@@ -14,7 +14,7 @@ use tracing::{error, info};
 use std::cell::RefCell;
 
 use super::finalizer::{Pending, Step};
-use super::transaction::Treatment;
+use super::suspects::Treatment;
 use super::{Shared, TopicPartition};
 use crate::deploy::Slot;
 use crate::envelope::Produce;
