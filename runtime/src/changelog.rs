@@ -63,6 +63,10 @@ pub struct Changelog {
     /// one restore it once.
     restoring: Vec<Mutex<()>>,
     metrics: Option<Arc<Metrics>>,
+    /// How long a restore waits at the end of the committed records for
+    /// the rest (exactly-once: an open transaction's timeout and a second;
+    /// at-least-once: not at all).
+    open_transaction_wait: Duration,
 }
 
 /// The changelog topic's name for `config`.
@@ -113,6 +117,11 @@ impl Changelog {
             client: restore,
             restoring: (0..partitions).map(|_| Mutex::new(())).collect(),
             metrics,
+            open_transaction_wait: if config.delivery.exactly_once() {
+                Duration::from_millis(config.delivery.transaction_timeout_ms + 1000)
+            } else {
+                Duration::ZERO
+            },
         })
     }
 
@@ -260,7 +269,25 @@ impl Changelog {
         let mut marks = 0u64;
         let mut idle = Instant::now();
         let mut last_checkpoint = Instant::now();
+        // Reading committed records only, the end is where committed ones
+        // stop: below another instance's open transaction (exactly-once)
+        // the committed records after it wait for it to end, which takes
+        // at most its timeout.
+        let mut end_since: Option<Instant> = None;
         while next < high {
+            if let Some(t) = end_since {
+                let at = consumer
+                    .position()
+                    .ok()
+                    .and_then(|tpl| {
+                        tpl.find_partition(&self.topic, target)
+                            .and_then(|e| e.offset().to_raw())
+                    })
+                    .unwrap_or(next);
+                if at >= high || t.elapsed() >= self.open_transaction_wait {
+                    break;
+                }
+            }
             if fence.is_closed() || stop.load(Ordering::SeqCst) {
                 // Kept for the next restore of this partition, here.
                 dedup.set_checkpoint(&self.topic, target, next)?;
@@ -272,7 +299,9 @@ impl Changelog {
                         bail!("no changelog record for 30 s at offset {next} (end {high})");
                     }
                 }
-                Some(Err(KafkaError::PartitionEOF(_))) => break,
+                Some(Err(KafkaError::PartitionEOF(_))) => {
+                    end_since.get_or_insert_with(Instant::now);
+                }
                 Some(Err(e)) => return Err(e.into()),
                 Some(Ok(m)) => {
                     idle = Instant::now();

@@ -207,13 +207,15 @@ impl ConsumerContext for WeirContext {
             Some(txn) => {
                 // The transaction holding their events commits before
                 // they move (this holds the poll, as the drain does).
-                blocking(|| txn.commit());
-                let tps: Vec<_> = tpl
-                    .elements()
-                    .iter()
-                    .map(|e| (e.topic().to_owned(), e.partition()))
-                    .collect();
-                txn.forget(&tps);
+                // (Not after an abort: the rewind keeps what it learnt.)
+                if blocking(|| txn.commit()) {
+                    let tps: Vec<_> = tpl
+                        .elements()
+                        .iter()
+                        .map(|e| (e.topic().to_owned(), e.partition()))
+                        .collect();
+                    txn.forget(&tps);
+                }
             }
         }
     }

@@ -48,6 +48,12 @@ impl Suspects {
         *t
     }
 
+    /// Forgets the events of a partition given up.
+    pub(super) fn forget_partition(&self, tp: &TopicPartition) {
+        let mut map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        map.retain(|(t, p, _), _| !(t == &tp.0 && *p == tp.1));
+    }
+
     pub(super) fn cleared(&self, tp: &TopicPartition, offset: i64) {
         let mut map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         map.remove(&(tp.0.clone(), tp.1, offset));

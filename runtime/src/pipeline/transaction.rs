@@ -106,6 +106,8 @@ pub(super) struct Transactions {
     parts: Mutex<HashMap<TopicPartition, Part>>,
     /// Records were sent since the last commit.
     sent: AtomicBool,
+    /// `init_transactions` succeeded.
+    registered: AtomicBool,
     /// Aborted or halted (as `State::ended`, readable without the lock a
     /// commit holds).
     ended: AtomicBool,
@@ -147,6 +149,7 @@ impl Transactions {
             state: Mutex::new(State::default()),
             parts: Mutex::new(HashMap::new()),
             sent: AtomicBool::new(false),
+            registered: AtomicBool::new(false),
             ended: AtomicBool::new(false),
             doomed: Mutex::new(None),
             wake: (Mutex::new(false), Condvar::new()),
@@ -176,8 +179,13 @@ impl Transactions {
     /// the first transaction. Blocking.
     pub(super) fn init(&self) -> Result<()> {
         let producer = self.publisher.producer();
-        if let Err(e) = producer.init_transactions(self.timeout) {
-            bail!("cannot start the transactional producer {:?}: {e}", self.id);
+        // Once registered, a retry only begins (librdkafka refuses a second
+        // registration).
+        if !self.registered.load(Ordering::SeqCst) {
+            if let Err(e) = producer.init_transactions(self.timeout) {
+                bail!("cannot start the transactional producer {:?}: {e}", self.id);
+            }
+            self.registered.store(true, Ordering::SeqCst);
         }
         if let Err(e) = producer.begin_transaction() {
             bail!("cannot begin a transaction: {e}");
@@ -242,6 +250,8 @@ impl Transactions {
         let mut parts = self.lock_parts();
         for tp in tps {
             parts.remove(tp);
+            // Should it come back, a stopped partition is tried again.
+            self.suspects.forget_partition(tp);
         }
     }
 
@@ -347,7 +357,8 @@ impl Transactions {
             return false;
         }
         let started = Instant::now();
-        // The gate is held: nothing is added to the parts meanwhile.
+        // The gate is held: no event is finished meanwhile (an offset
+        // deferred meanwhile is above every finished one).
         let mut offsets = TopicPartitionList::new();
         let mut marks: Vec<(i32, Vec<Vec<u8>>)> = Vec::new();
         let mut events = 0;
@@ -427,9 +438,15 @@ impl Transactions {
         );
         if let Some(dedup) = &self.dedup {
             let keys = marks.iter().flat_map(|(_, k)| k.iter().map(Vec::as_slice));
-            if let Err(e) = dedup.mark_at(keys, at) {
+            let mut backoff = Duration::from_millis(50);
+            for attempt in 1..=5 {
+                let Err(e) = dedup.mark_at(keys.clone(), at) else {
+                    break;
+                };
                 // They are in the changelog, restored with the partition.
-                error!(error = %format!("{e:#}"), "committed marks not written to the local store");
+                error!(error = %format!("{e:#}"), attempt, "committed marks not written to the local store");
+                std::thread::sleep(backoff);
+                backoff *= 2;
             }
         }
         for part in self.lock_parts().values_mut() {
@@ -543,7 +560,7 @@ impl Transactions {
             PROBLEM,
             format!("a transaction aborted ({reason}); rewinding to the committed offsets"),
         );
-        let _ = self.rewind.send(Some(reason.to_owned()));
+        self.rewind.send_replace(Some(reason.to_owned()));
     }
 
     fn fatal(&self, state: &mut State, reason: String) {
@@ -562,21 +579,35 @@ impl Transactions {
         let txn = self.clone();
         std::thread::Builder::new()
             .name("weir-transactions".into())
-            .spawn(move || loop {
-                {
-                    let (lock, cvar) = &txn.wake;
-                    let woken = lock.lock().unwrap_or_else(PoisonError::into_inner);
-                    let (mut woken, _) = cvar
-                        .wait_timeout_while(woken, txn.interval, |w| !*w)
-                        .unwrap_or_else(PoisonError::into_inner);
-                    *woken = false;
+            .spawn(move || {
+                let halt = txn.publisher.halt().clone();
+                let run = std::panic::AssertUnwindSafe(|| txn.commit_every(&stop));
+                if let Err(panic) = std::panic::catch_unwind(run) {
+                    halt.halt(format!(
+                        "the transaction committer panicked: {}",
+                        crate::halt::panic_text(panic.as_ref())
+                    ));
                 }
-                if stop.load(Ordering::SeqCst) || txn.lock_state().ended {
-                    return;
-                }
-                txn.commit();
             })
             .expect("spawning the committer thread")
+    }
+
+    fn commit_every(&self, stop: &AtomicBool) {
+        let txn = self;
+        loop {
+            {
+                let (lock, cvar) = &txn.wake;
+                let woken = lock.lock().unwrap_or_else(PoisonError::into_inner);
+                let (mut woken, _) = cvar
+                    .wait_timeout_while(woken, txn.interval, |w| !*w)
+                    .unwrap_or_else(PoisonError::into_inner);
+                *woken = false;
+            }
+            if stop.load(Ordering::SeqCst) || txn.lock_state().ended {
+                return;
+            }
+            txn.commit();
+        }
     }
 
     /// Stops the committer thread.

@@ -127,8 +127,16 @@ impl PartitionWorker {
                 .collect(),
             // What the finalizer may hold unmarked: its queue and one batch
             // of events (512), each with a key per handler, and a margin.
+            // Exactly-once adds the events handled ahead during a commit.
             recent: RecentKeys::new(
-                (shared.config.pipeline.max_in_flight_per_partition + 1024) * keys_per_event,
+                (shared.config.pipeline.max_in_flight_per_partition
+                    + 1024
+                    + if shared.txn.is_some() {
+                        super::outbox::BACKLOG
+                    } else {
+                        0
+                    })
+                    * keys_per_event,
             ),
             max_record_bytes: crate::kafka::max_message_bytes(&shared.config),
             shared,
@@ -202,11 +210,11 @@ impl PartitionWorker {
                     break;
                 }
                 if let Some(due) = self.not_due(&record) {
+                    // Later records that are due sooner go first; its offset
+                    // is final later (exactly-once: in a later transaction).
                     if let Some(txn) = &self.shared.txn {
                         txn.defer(&self.tp, record.offset);
-                    }
-                    // Later records that are due sooner go first.
-                    if pending
+                    } else if pending
                         .blocking_send(Step::Deferred(record.offset))
                         .is_err()
                     {
