@@ -81,8 +81,8 @@ async fn a_crash_storm_in_exactly_once_mode_shows_each_output_once() -> anyhow::
     let duplicates = visible.len() - count.len();
     println!(
         "exactly-once crash storm: seed={seed} instances=2 kills={KILLS} inputs={N} outputs={} \
-         lost={lost} duplicates={duplicates} aborted: {} output records of the killed \
-         instances' open transactions (in the log, never seen by read_committed)",
+         lost={lost} duplicates={duplicates} aborted transactions: at most one per kill ({KILLS}), \
+         holding {} output records (in the log, never seen by read_committed)",
         visible.len(),
         written.len() - visible.len(),
     );
