@@ -320,6 +320,9 @@ async fn an_oversize_output_mid_stream_is_dead_lettered_and_the_rest_seen_once(
     let aborted = scrape
         .value("weir_transactions_total", &[("result", "aborted")])
         .unwrap_or(0.0);
+    let published = scrape
+        .value("weir_outputs_published_total", &[("handler", "echo")])
+        .unwrap_or(0.0);
     assert!(weir.running(), "the instance keeps going");
     assert!(weir.terminate(Duration::from_secs(30)).await?.success());
     let count = per_event(&read_isolated(&output, "read_committed")?);
@@ -343,6 +346,8 @@ async fn an_oversize_output_mid_stream_is_dead_lettered_and_the_rest_seen_once(
         Some("produce-failed")
     );
     assert!(aborted >= 1.0);
+    // Counted when their transaction commits: aborted attempts are not.
+    assert_eq!(published, (N - 1) as f64, "outputs published");
     assert_eq!(status, 200, "{body}");
     Ok(())
 }

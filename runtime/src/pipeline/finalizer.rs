@@ -330,11 +330,14 @@ impl Finalizer {
             .await
         {
             Acked::Yes => {
-                if delivery.output {
-                    shared.stats.outputs.fetch_add(1, Ordering::Relaxed);
-                }
-                if let Some(c) = delivery.counter {
-                    c.inc();
+                // Exactly-once counts them when their transaction commits.
+                if shared.txn.is_none() {
+                    if delivery.output {
+                        shared.stats.outputs.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if let Some(c) = delivery.counter {
+                        c.inc();
+                    }
                 }
                 if let Some(span) = delivery.span {
                     telemetry::end(&span);

@@ -192,7 +192,20 @@ impl PartitionWorker {
             txn.refused(&self.tp, p.offset, &reason, false);
             return false;
         }
-        txn.finished(&self.tp, p.offset, std::mem::take(&mut p.marks));
+        // Counted (outputs, dead letters) once their transaction commits.
+        let counted = p
+            .deliveries
+            .iter()
+            .filter_map(|d| d.counter.clone())
+            .collect();
+        let outputs = p.deliveries.iter().filter(|d| d.output).count() as u64;
+        txn.finished(
+            &self.tp,
+            p.offset,
+            std::mem::take(&mut p.marks),
+            counted,
+            outputs,
+        );
         true
     }
 }

@@ -31,6 +31,7 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError, RwLock, RwLockReadGu
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
+use prometheus::IntCounter;
 use rdkafka::consumer::{Consumer, ConsumerGroupMetadata, StreamConsumer};
 use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::producer::Producer;
@@ -74,6 +75,11 @@ struct Part {
     marks: HashSet<Vec<u8>>,
     /// Events finished in the open transaction.
     events: u64,
+    /// The handlers' output and dead-letter counters of their records,
+    /// counted when the transaction commits.
+    counted: Vec<IntCounter>,
+    /// Outputs in the open transaction (the pipeline's progress count).
+    outputs: u64,
 }
 
 #[derive(Default)]
@@ -229,12 +235,21 @@ impl Transactions {
 
     /// An event's records are in the open transaction (called with the
     /// gate held).
-    pub(super) fn finished(&self, tp: &TopicPartition, offset: i64, marks: Vec<Vec<u8>>) {
+    pub(super) fn finished(
+        &self,
+        tp: &TopicPartition,
+        offset: i64,
+        marks: Vec<Vec<u8>>,
+        counted: Vec<IntCounter>,
+        outputs: u64,
+    ) {
         let mut parts = self.lock_parts();
         let part = parts.entry(tp.clone()).or_default();
         part.offsets.finish(offset);
         part.marks.extend(marks);
         part.events += 1;
+        part.counted.extend(counted);
+        part.outputs += outputs;
         self.sent.store(true, Ordering::Relaxed);
     }
 
@@ -449,11 +464,17 @@ impl Transactions {
                 backoff *= 2;
             }
         }
+        let mut outputs = 0;
         for part in self.lock_parts().values_mut() {
             part.marks.clear();
             part.events = 0;
+            for c in part.counted.drain(..) {
+                c.inc();
+            }
+            outputs += std::mem::take(&mut part.outputs);
         }
         self.stats.events_final.fetch_add(events, Ordering::Relaxed);
+        self.stats.outputs.fetch_add(outputs, Ordering::Relaxed);
         match self.call("begin a transaction", || producer.begin_transaction()) {
             Ok(()) => true,
             Err(Failure::Abort(reason)) => {
