@@ -23,6 +23,7 @@ mod finalizer;
 mod group;
 mod invoke;
 mod observe;
+mod offsets;
 mod outbox;
 mod source;
 mod suspects;

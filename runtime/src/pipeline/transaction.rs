@@ -39,8 +39,8 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
-use super::finalizer::Offsets;
 use super::group::WeirContext;
+use super::offsets::Offsets;
 use super::suspects::{Suspects, Treatment};
 use super::Stats;
 use super::TopicPartition;
