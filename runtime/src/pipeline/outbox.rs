@@ -96,16 +96,11 @@ impl PartitionWorker {
     ) -> Option<Pending> {
         let txn = self.shared.txn.clone()?;
         let sent = match treatment {
-            Treatment::Together => {
+            Treatment::Together | Treatment::DeadLetter => {
+                let instead = treatment == Treatment::DeadLetter;
                 let _gate = txn.gate();
                 self.fence
-                    .pass(|| self.send_records(&txn, &mut p, outbox, false))
-                    .unwrap_or(false)
-            }
-            Treatment::DeadLetter => {
-                let _gate = txn.gate();
-                self.fence
-                    .pass(|| self.send_records(&txn, &mut p, outbox, true))
+                    .pass(|| self.send_records(&txn, &mut p, outbox, instead))
                     .unwrap_or(false)
             }
             Treatment::Alone | Treatment::DeadLetterAlone => {
