@@ -15,7 +15,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use rocksdb::compaction_filter::Decision;
-use rocksdb::{IteratorMode, Options, WriteBatch, WriteOptions, DB};
+use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, IteratorMode, Options, WriteBatch, WriteOptions, DB};
+
+/// The column family of the handlers' state (`crate::state`), in the same
+/// store so an event's mark and its state writes are one write batch.
+pub const STATE_CF: &str = "state";
 
 /// The store, shared by every partition worker of the process.
 pub struct Dedup {
@@ -83,7 +87,9 @@ impl Dedup {
         // Files untouched for a retention period get compacted, so expired
         // marks leave the disk even when little is written.
         opts.set_periodic_compaction_seconds(retention.as_secs().max(60));
-        let db = DB::open(&opts, path).map_err(|e| {
+        opts.create_missing_column_families(true);
+        let state = ColumnFamilyDescriptor::new(STATE_CF, crate::state::column_options());
+        let db = DB::open_cf_descriptors(&opts, path, [state]).map_err(|e| {
             let hint = if e.to_string().contains("lock") {
                 " (is another weir process using it? each instance needs its own store)"
             } else {
@@ -110,19 +116,29 @@ impl Dedup {
         Ok(value.is_some_and(|v| marked_at(&v).saturating_add(self.retention_ms) >= now_ms()))
     }
 
-    /// Marks keys now, in one write (WAL on, no fsync).
-    pub fn mark<'a>(&self, keys: impl IntoIterator<Item = &'a [u8]>) -> Result<()> {
-        self.mark_at(keys, now_ms())
+    /// The state column family.
+    pub(crate) fn state_cf(&self) -> &ColumnFamily {
+        self.db.cf_handle(STATE_CF).expect("opened with the state column family")
     }
 
-    /// Marks keys as of `at` (ms since the epoch; a restored mark keeps
-    /// its time, so it expires when the original does), in one write.
-    pub fn mark_at<'a>(&self, keys: impl IntoIterator<Item = &'a [u8]>, at: u64) -> Result<()> {
+    pub(crate) fn db(&self) -> &DB {
+        &self.db
+    }
+
+    /// Adds marks of `keys` as of `at` to `batch`.
+    pub(crate) fn put_marks<'a>(
+        batch: &mut WriteBatch,
+        keys: impl IntoIterator<Item = &'a [u8]>,
+        at: u64,
+    ) {
         let at = at.to_be_bytes();
-        let mut batch = WriteBatch::default();
         for k in keys {
             batch.put(k, at);
         }
+    }
+
+    /// Writes `batch` (WAL on, no fsync).
+    pub(crate) fn write(&self, batch: WriteBatch) -> Result<()> {
         if batch.is_empty() {
             return Ok(());
         }
@@ -131,6 +147,19 @@ impl Dedup {
         self.db
             .write_opt(batch, &opts)
             .with_context(|| format!("writing the idempotency store at {}", self.path.display()))
+    }
+
+    /// Marks keys now, in one write (WAL on, no fsync).
+    pub fn mark<'a>(&self, keys: impl IntoIterator<Item = &'a [u8]>) -> Result<()> {
+        self.mark_at(keys, now_ms())
+    }
+
+    /// Marks keys as of `at` (ms since the epoch; a restored mark keeps
+    /// its time, so it expires when the original does), in one write.
+    pub fn mark_at<'a>(&self, keys: impl IntoIterator<Item = &'a [u8]>, at: u64) -> Result<()> {
+        let mut batch = WriteBatch::default();
+        Self::put_marks(&mut batch, keys, at);
+        self.write(batch)
     }
 
     /// The next offset of `topic`/`partition` (the changelog) whose marks
@@ -144,6 +173,19 @@ impl Dedup {
             .filter(|v| marked_at(v).saturating_add(self.retention_ms) >= now_ms())
             .and_then(|v| v.get(8..16)?.try_into().ok())
             .map(i64::from_be_bytes))
+    }
+
+    /// The checkpoint of `topic`/`partition` with when it was set (ms since
+    /// the epoch), however old.
+    pub fn checkpoint_at(&self, topic: &str, partition: i32) -> Result<Option<(i64, u64)>> {
+        let value = self
+            .db
+            .get_pinned(checkpoint_key(topic, partition))
+            .with_context(|| format!("reading the idempotency store at {}", self.path.display()))?;
+        Ok(value.and_then(|v| {
+            let next = i64::from_be_bytes(v.get(8..16)?.try_into().ok()?);
+            Some((next, marked_at(&v)))
+        }))
     }
 
     /// Records that the marks of `topic`/`partition` below `next` are here.

@@ -23,6 +23,12 @@ pub enum FailureKind {
     /// The broker refused an output (or retry record) for good: too large,
     /// no such topic, not allowed to write it.
     ProduceFailed,
+    /// The call's state writes went past the handler's value or total size
+    /// limit (`state.max_value_bytes`, `state.max_total_bytes`).
+    StateLimit,
+    /// The handler used its state where there is none: no idempotency
+    /// store, or an event of a retry topic (state needs partition order).
+    StateUnavailable,
 }
 
 impl FailureKind {
@@ -38,11 +44,13 @@ impl FailureKind {
             FailureKind::MemoryLimit => "memory-limit",
             FailureKind::DeadlineExceeded => "deadline-exceeded",
             FailureKind::ProduceFailed => "produce-failed",
+            FailureKind::StateLimit => "state-limit",
+            FailureKind::StateUnavailable => "state-unavailable",
         }
     }
 
     /// Every class, for documentation and metrics.
-    pub const ALL: [FailureKind; 9] = [
+    pub const ALL: [FailureKind; 11] = [
         FailureKind::Fatal,
         FailureKind::RetriesExhausted,
         FailureKind::Undecodable,
@@ -52,6 +60,8 @@ impl FailureKind {
         FailureKind::MemoryLimit,
         FailureKind::DeadlineExceeded,
         FailureKind::ProduceFailed,
+        FailureKind::StateLimit,
+        FailureKind::StateUnavailable,
     ];
 }
 

@@ -29,6 +29,7 @@ pub mod runner;
 pub mod samples;
 pub mod scaffold;
 pub mod service;
+pub mod state;
 pub mod telemetry;
 
 use std::sync::Arc;

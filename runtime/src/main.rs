@@ -43,6 +43,11 @@ enum Command {
         #[command(subcommand)]
         command: IdempotencyCommand,
     },
+    /// Read a handler's state (from the state changelog), or reset it.
+    State {
+        #[command(subcommand)]
+        command: weir::state::cli::StateCommand,
+    },
     /// Work with dead-letter topics.
     Dlq {
         #[command(subcommand)]
@@ -174,6 +179,12 @@ fn real_main(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Dlq { command } => runtime.block_on(weir::replay::run(command)),
+        Command::State { command } => {
+            if !weir::state::cli::run(command)? {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         Command::New(args) => {
             let dir = weir::scaffold::run(&args)?;
             println!("created {} (see its README.md)", dir.display());

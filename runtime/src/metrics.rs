@@ -71,6 +71,18 @@ pub struct Metrics {
     pub transactions: IntCounterVec,
     /// Time to commit one transaction (offsets, flush, commit).
     pub transaction_seconds: Histogram,
+    /// Keys of each handler's state in this instance's store.
+    pub state_keys: IntGaugeVec,
+    /// Bytes (keys and values) of each handler's state in this store.
+    pub state_bytes: IntGaugeVec,
+    /// Time to restore one input partition's state from its changelog.
+    pub state_restore_seconds: Histogram,
+}
+
+fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+    registry.register(Box::new(g.clone())).expect("unique name");
+    g
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -244,6 +256,24 @@ impl Metrics {
                 &r,
                 "weir_idempotency_restored_marks_total",
                 "Idempotency marks restored from the changelog topic",
+            ),
+            state_keys: gauge_vec(
+                &r,
+                "weir_state_keys",
+                "Keys of each handler's state in this instance's store",
+                &["handler"],
+            ),
+            state_bytes: gauge_vec(
+                &r,
+                "weir_state_bytes",
+                "Bytes (keys and values) of each handler's state in this instance's store",
+                &["handler"],
+            ),
+            state_restore_seconds: histogram(
+                &r,
+                "weir_state_restore_seconds",
+                "Time to restore an input partition's handler state from the state changelog before its first event",
+                vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0],
             ),
             transactions: counter(
                 &r,

@@ -313,7 +313,7 @@ impl Publisher {
     }
 
     /// One attempt to enqueue a record to a given partition, without a
-    /// trace or a fallback (the idempotency changelog): its delivery, None
+    /// trace or a fallback (the changelogs; no payload: a tombstone): its delivery, None
     /// when refused for good (logged and counted), or how long to wait
     /// before the next attempt.
     pub fn enqueue_to_partition(
@@ -321,12 +321,14 @@ impl Publisher {
         topic: &str,
         partition: i32,
         key: &[u8],
-        payload: &[u8],
+        payload: Option<&[u8]>,
     ) -> Result<Option<DeliveryFuture>, Duration> {
-        let record = FutureRecord::to(topic)
+        let mut record = FutureRecord::<[u8], [u8]>::to(topic)
             .partition(partition)
-            .key(key)
-            .payload(payload);
+            .key(key);
+        if let Some(payload) = payload {
+            record = record.payload(payload);
+        }
         match self.producer.send_result(record) {
             Ok(d) => Ok(Some(d)),
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {

@@ -123,10 +123,24 @@ pub fn run(args: &TryArgs) -> Result<bool> {
     )?;
     let mut failed = 0;
     let mut instance = None;
+    // State is kept from event to event of the run, as `weir run` keeps it.
+    let state = crate::state::Scratch::new()?;
     for record in &records {
-        if !try_event(&handler, &mut instance, record, max_bytes, &mut out)? {
+        if !try_event(&handler, &mut instance, &state, record, max_bytes, &mut out)? {
             failed += 1;
         }
+    }
+    let entries = state.entries(&handler.name)?;
+    if !entries.is_empty() {
+        writeln!(out, "state after the run ({} keys):", entries.len())?;
+        for (topic, partition, key, value) in entries {
+            writeln!(
+                out,
+                "  {topic}/{partition} {key:?} = {}",
+                String::from_utf8_lossy(&value)
+            )?;
+        }
+        writeln!(out)?;
     }
     writeln!(
         out,
@@ -141,6 +155,7 @@ pub fn run(args: &TryArgs) -> Result<bool> {
 fn try_event(
     handler: &LoadedHandler,
     instance: &mut Option<crate::handler::HandlerInstance>,
+    state: &crate::state::Scratch,
     record: &Record,
     max_bytes: usize,
     out: &mut impl Write,
@@ -168,7 +183,13 @@ fn try_event(
         }
         let inst = instance.as_mut().expect("an instance");
         let started = Instant::now();
-        let outcome = inst.call(&event, record, attempt, "");
+        let call_state = state.call(
+            &handler.name,
+            &handler.config_entry.state,
+            &record.topic,
+            record.partition,
+        );
+        let outcome = inst.call(&event, record, attempt, "", call_state);
         let took = started.elapsed().as_secs_f64() * 1000.0;
         let fuel = inst.last_fuel_used();
         if inst.is_poisoned() {
@@ -179,7 +200,7 @@ fn try_event(
             event.id
         );
         match outcome {
-            CallOutcome::Ok(outputs) => {
+            CallOutcome::Ok(outputs, writes) => {
                 // All or nothing, as `weir run` publishes them.
                 let encoded: Result<Vec<Produce>, String> = outputs
                     .into_iter()
@@ -187,7 +208,13 @@ fn try_event(
                     .collect();
                 match encoded {
                     Ok(produced) => {
-                        writeln!(out, "{head}: ok, {} output(s)", produced.len())?;
+                        state.keep(&writes)?;
+                        let wrote = if writes.is_empty() {
+                            String::new()
+                        } else {
+                            format!(", {} state write(s)", writes.len())
+                        };
+                        writeln!(out, "{head}: ok, {} output(s){wrote}", produced.len())?;
                         for p in &produced {
                             print_output(p, out)?;
                         }

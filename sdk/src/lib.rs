@@ -6,7 +6,7 @@
 //! runtime loads.
 //!
 //! The crate ships the WIT contract it is built against (`wit/plugin.wit`,
-//! world `weir:plugin/handler@0.1.0`), so a handler crate anywhere on disk
+//! world `weir:plugin/handler@0.1.1`), so a handler crate anywhere on disk
 //! can depend on it by path or version:
 //!
 //! ```toml
@@ -637,7 +637,10 @@ pub fn config(key: &str) -> Option<String> {
 /// ```
 pub mod log;
 
-/// Native test support: set the handler's config, read what it logged.
+pub mod state;
+
+/// Native test support: set the handler's config, read what it logged,
+/// run it with its state.
 ///
 /// State is per thread. The test harness runs each test on its own thread,
 /// so tests do not see each other's config or log lines; a handler that

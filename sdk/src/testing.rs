@@ -7,6 +7,8 @@ use std::fmt;
 use crate::log::Level;
 
 thread_local! {
+    pub(crate) static STATE: RefCell<std::collections::BTreeMap<String, Vec<u8>>> =
+        const { RefCell::new(std::collections::BTreeMap::new()) };
     pub(crate) static CONFIG: RefCell<HashMap<String, String>> = RefCell::new(HashMap::new());
     pub(crate) static LOGS: RefCell<Vec<LogLine>> = const { RefCell::new(Vec::new()) };
 }
@@ -80,4 +82,40 @@ pub fn logs() -> Vec<LogLine> {
 /// ```
 pub fn take_logs() -> Vec<LogLine> {
     LOGS.with(|l| std::mem::take(&mut *l.borrow_mut()))
+}
+
+/// Calls `handle` on `event` the way the runtime does with the handler's
+/// state: its writes are kept only when it returns `Ok` (a failed call
+/// leaves the state as it was).
+///
+/// ```
+/// use weir_sdk::{state, testing, Event, HandlerError, HandlerResult};
+///
+/// fn handle(_: Event) -> HandlerResult {
+///     state::set("k", &1)?;
+///     Err(HandlerError::retriable("not now"))
+/// }
+/// assert!(testing::call(handle, Event::raw("t", "x")).is_err());
+/// assert_eq!(state::get::<u32>("k").unwrap(), None);
+/// ```
+pub fn call(
+    handle: impl FnOnce(crate::Event) -> crate::HandlerResult,
+    event: crate::Event,
+) -> crate::HandlerResult {
+    let before = state();
+    let result = handle(event);
+    if result.is_err() {
+        STATE.with(|s| *s.borrow_mut() = before);
+    }
+    result
+}
+
+/// The handler's state on this thread (key → bytes), for assertions.
+pub fn state() -> std::collections::BTreeMap<String, Vec<u8>> {
+    STATE.with(|s| s.borrow().clone())
+}
+
+/// Empties the handler's state on this thread.
+pub fn clear_state() {
+    STATE.with(|s| s.borrow_mut().clear());
 }

@@ -114,7 +114,13 @@ fn call_cost(
     };
     let started = Instant::now();
     for _ in 0..calls {
-        if let crate::handler::CallOutcome::Failed(kind, m) = instance.call(&event, &record, 1, "")
+        if let crate::handler::CallOutcome::Failed(kind, m) = instance.call(
+            &event,
+            &record,
+            1,
+            "",
+            crate::state::CallState::new(None, "is not available in this benchmark"),
+        )
         {
             bail!("benchmark call failed: {kind}: {m}");
         }

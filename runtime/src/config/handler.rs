@@ -74,6 +74,46 @@ pub struct HandlerConfig {
     /// Automatic rollback of a new version that fails too often.
     #[serde(default)]
     pub rollout: Option<RolloutConfig>,
+    /// Limits of the handler's state (`weir:plugin/state`).
+    #[serde(default)]
+    pub state: StateConfig,
+}
+
+/// `[handler.state]`: limits of a handler's key-value state.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateConfig {
+    /// The largest value one key may hold, in bytes.
+    #[serde(default = "default_state_max_value_bytes")]
+    pub max_value_bytes: u64,
+    /// The most the handler's state (keys and values) may take in an
+    /// instance's store, in bytes.
+    #[serde(default = "default_state_max_total_bytes")]
+    pub max_total_bytes: u64,
+    /// Values expire this many seconds after they were last written; none
+    /// by default.
+    #[serde(default)]
+    pub ttl_secs: Option<u64>,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        Self {
+            max_value_bytes: default_state_max_value_bytes(),
+            max_total_bytes: default_state_max_total_bytes(),
+            ttl_secs: None,
+        }
+    }
+}
+
+/// A value must fit one changelog record, below the default 1 MB limit.
+pub const MAX_STATE_VALUE_BYTES: u64 = 512 * 1024;
+
+const fn default_state_max_value_bytes() -> u64 {
+    64 * 1024
+}
+const fn default_state_max_total_bytes() -> u64 {
+    1 << 30
 }
 
 /// How `retriable` failures are retried.

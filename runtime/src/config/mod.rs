@@ -16,7 +16,7 @@ mod handler;
 mod kafka;
 pub use delivery::{DeliveryConfig, DeliveryMode};
 pub use deploy::{read_token_file, AdminConfig, PluginsConfig, RolloutConfig};
-pub use handler::{HandlerConfig, RetryMode};
+pub use handler::{HandlerConfig, RetryMode, StateConfig, MAX_STATE_VALUE_BYTES};
 pub use kafka::{GroupProtocol, KafkaConfig};
 
 /// The whole configuration file.
@@ -102,6 +102,10 @@ pub struct IdempotencyConfig {
     /// when missing).
     #[serde(default)]
     pub changelog_topic: Option<String>,
+    /// The handlers' state changelog (compacted); default
+    /// `<group_id>.weir-state` (created when missing).
+    #[serde(default)]
+    pub state_topic: Option<String>,
 }
 
 /// OpenTelemetry traces. Trace context is always read from and written to
@@ -233,6 +237,7 @@ impl Default for IdempotencyConfig {
             retention_secs: default_retention_secs(),
             changelog: true,
             changelog_topic: None,
+            state_topic: None,
         }
     }
 }
@@ -336,6 +341,15 @@ impl Config {
             .unwrap_or_else(|| format!("{}.weir-idempotency", self.kafka.group_id))
     }
 
+    /// The handlers' state changelog topic: `idempotency.state_topic`, else
+    /// `<group_id>.weir-state`.
+    pub fn state_topic(&self) -> String {
+        self.idempotency
+            .state_topic
+            .clone()
+            .unwrap_or_else(|| format!("{}.weir-state", self.kafka.group_id))
+    }
+
     /// Settings that are allowed but probably not meant, as log lines.
     pub fn warnings(&self) -> Vec<String> {
         self.handlers
@@ -377,6 +391,15 @@ impl Config {
             && self.topics().contains(&changelog)
         {
             bail!("idempotency.changelog_topic: {changelog:?} is also a topic handlers consume");
+        }
+        let state = self.state_topic();
+        if self.idempotency.enabled && self.idempotency.changelog {
+            if self.topics().contains(&state) {
+                bail!("idempotency.state_topic: {state:?} is also a topic handlers consume");
+            }
+            if state == changelog {
+                bail!("idempotency.state_topic: {state:?} is also idempotency.changelog_topic");
+            }
         }
         if self.pipeline.max_in_flight_per_partition == 0 {
             bail!("pipeline.max_in_flight_per_partition: must be at least 1");
@@ -458,6 +481,23 @@ impl Config {
             }
             if h.fuel_per_second == Some(0) {
                 bail!("{at}.fuel_per_second: must be above 0 (omit it for no budget)");
+            }
+            if !(1..=MAX_STATE_VALUE_BYTES).contains(&h.state.max_value_bytes) {
+                bail!(
+                    "{at}.state.max_value_bytes: must be between 1 and {MAX_STATE_VALUE_BYTES} \
+                     (a value is one changelog record), not {}",
+                    h.state.max_value_bytes
+                );
+            }
+            if h.state.max_total_bytes < h.state.max_value_bytes {
+                bail!(
+                    "{at}.state.max_total_bytes ({}) is below {at}.state.max_value_bytes ({})",
+                    h.state.max_total_bytes,
+                    h.state.max_value_bytes
+                );
+            }
+            if h.state.ttl_secs == Some(0) {
+                bail!("{at}.state.ttl_secs: must be above 0 (omit it for no expiry)");
             }
             if !(1..=16).contains(&h.max_memories) {
                 bail!(

@@ -362,6 +362,7 @@ fn try_samples(h: &LoadedHandler, file: &std::path::Path) -> Result<()> {
     let records = crate::samples::load(file, &h.topics()[0])?;
     let mut instance = h.instantiate()?;
     let max_bytes = usize::MAX;
+    let state = crate::state::Scratch::new()?;
     for record in &records {
         let at = format!("{}/{}/{}", record.topic, record.partition, record.offset);
         let event =
@@ -369,12 +370,19 @@ fn try_samples(h: &LoadedHandler, file: &std::path::Path) -> Result<()> {
         if !h.config_entry.accepts(&event.event_type) {
             continue;
         }
-        match instance.call(&event, record, 1, "") {
-            CallOutcome::Ok(outputs) => {
+        let call_state = state.call(
+            &h.name,
+            &h.config_entry.state,
+            &record.topic,
+            record.partition,
+        );
+        match instance.call(&event, record, 1, "", call_state) {
+            CallOutcome::Ok(outputs, writes) => {
                 for o in outputs {
                     envelope::encode_output(o, &event, max_bytes)
                         .map_err(|e| anyhow!("sample {at}: invalid output: {e}"))?;
                 }
+                state.keep(&writes)?;
             }
             CallOutcome::Retriable(_) | CallOutcome::Failed(FailureKind::Fatal, _) => {}
             CallOutcome::Failed(kind, message) => {

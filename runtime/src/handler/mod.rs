@@ -37,6 +37,8 @@ mod bindings {
 }
 
 use bindings::weir::plugin::host::{self, Level};
+use bindings::weir::plugin::state as wit_state;
+use crate::state::{CallState, Write};
 use bindings::weir::plugin::types as wit;
 use bindings::{Handler, HandlerPre};
 
@@ -54,6 +56,8 @@ pub struct LoadedHandler {
     pub compiled: Compiled,
     /// How long compiling (or reading the cache) and checking took.
     pub load_time: Duration,
+    /// The component imports `weir:plugin/state`.
+    pub stateful: bool,
     initial_backoff: Duration,
     max_backoff: Duration,
     fuel_per_event: u64,
@@ -190,7 +194,12 @@ impl LoadedHandler {
                     cfg.name
                 )
             })?;
+        let stateful = component
+            .component_type()
+            .imports(&engine.engine)
+            .any(|(name, _)| name.starts_with("weir:plugin/state"));
         let mut handler = Self::assemble(cfg, digest, compiled, engine.clone(), pre);
+        handler.stateful = stateful;
         // Instantiating once proves the start-up code runs within the limits.
         if let Err(e) = handler.instantiate() {
             // What `resources_required` could not count (a component that
@@ -220,6 +229,7 @@ impl LoadedHandler {
             digest,
             compiled,
             load_time: Duration::ZERO,
+            stateful: false,
             initial_backoff: Duration::from_millis(cfg.initial_backoff_ms),
             max_backoff: Duration::from_millis(cfg.max_backoff_ms),
             fuel_per_event: cfg.fuel_per_event,
@@ -236,13 +246,16 @@ impl LoadedHandler {
     /// The same compiled version under the settings of `cfg` (a rollback
     /// changes the component, not the settings in force).
     pub fn with_settings(&self, cfg: &HandlerConfig) -> LoadedHandler {
-        Self::assemble(
+        let mut h = Self::assemble(
             cfg,
             self.digest.clone(),
             self.compiled,
             self.engine.clone(),
             self.pre.clone(),
-        )
+        );
+        h.stateful = self.stateful;
+        h.load_time = self.load_time;
+        h
     }
 
     /// The fuel budget, when the handler has one.
@@ -290,6 +303,7 @@ impl LoadedHandler {
             handler: self.name.clone(),
             current: CurrentEvent::default(),
             config: self.config.clone(),
+            state: None,
         };
         let mut store = Store::new(&self.engine.engine, state);
         store.limiter(|s| &mut s.limiter);
@@ -316,7 +330,8 @@ impl LoadedHandler {
 /// What one call came to.
 #[derive(Debug)]
 pub enum CallOutcome {
-    Ok(Vec<envelope::Output>),
+    /// The outputs, and the state writes to make with them.
+    Ok(Vec<envelope::Output>, Vec<Write>),
     Retriable(String),
     Failed(FailureKind, String),
 }
@@ -333,15 +348,37 @@ pub struct HandlerInstance {
 }
 
 impl HandlerInstance {
-    /// Calls `handle` with fresh fuel and deadline; the handler's log lines
-    /// name the event and `trace_id`.
+    /// Calls `handle` with fresh fuel and deadline, and `state` as the
+    /// handler's state; the handler's log lines name the event and
+    /// `trace_id`.
     pub fn call(
         &mut self,
         event: &envelope::Event,
         record: &Record,
         attempt: u32,
         trace_id: &str,
+        state: CallState,
     ) -> CallOutcome {
+        let outcome = self.call_inner(event, record, attempt, trace_id, state);
+        let state = self.store.data_mut().state.take();
+        match (outcome, state) {
+            (CallOutcome::Ok(outputs, _), Some(state)) => match state.finish() {
+                Ok(writes) => CallOutcome::Ok(outputs, writes),
+                Err((kind, message)) => CallOutcome::Failed(kind, message),
+            },
+            (outcome, _) => outcome,
+        }
+    }
+
+    fn call_inner(
+        &mut self,
+        event: &envelope::Event,
+        record: &Record,
+        attempt: u32,
+        trace_id: &str,
+        state: CallState,
+    ) -> CallOutcome {
+        self.store.data_mut().state = Some(state);
         self.store.data_mut().current.set(event, record, trace_id);
         if self.metering.fuel {
             if let Err(e) = self.store.set_fuel(self.fuel_per_event) {
@@ -396,6 +433,7 @@ impl HandlerInstance {
                         headers: o.headers.into_iter().map(|h| (h.key, h.value)).collect(),
                     })
                     .collect(),
+                Vec::new(),
             ),
             Ok(Err(wit::HandlerError::Retriable(m))) => CallOutcome::Retriable(m),
             Ok(Err(wit::HandlerError::Fatal(m))) => CallOutcome::Failed(FailureKind::Fatal, m),
@@ -439,6 +477,8 @@ pub struct HostState {
     config: Arc<BTreeMap<String, String>>,
     /// The event being handled, for the handler's log lines.
     current: CurrentEvent,
+    /// The handler's state as the call in progress sees it.
+    state: Option<CallState>,
 }
 
 /// What a handler's log line says about the event it is handling. The
@@ -515,6 +555,36 @@ impl host::Host for HostState {
 
 impl wit::Host for HostState {}
 
+impl wit_state::Host for HostState {
+    fn get(&mut self, key: String) -> Option<Vec<u8>> {
+        self.state.as_mut()?.get(&key)
+    }
+
+    fn set(&mut self, key: String, value: Vec<u8>) {
+        if let Some(s) = self.state.as_mut() {
+            s.set(key, value)
+        }
+    }
+
+    fn delete(&mut self, key: String) {
+        if let Some(s) = self.state.as_mut() {
+            s.delete(key)
+        }
+    }
+
+    fn scan(
+        &mut self,
+        prefix: String,
+        start_after: Option<String>,
+        limit: u32,
+    ) -> Vec<(String, Vec<u8>)> {
+        match self.state.as_mut() {
+            Some(s) => s.scan(&prefix, start_after.as_deref(), limit),
+            None => Vec::new(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -527,6 +597,42 @@ mod tests {
         0x05, 0x05, 0x02, 0x00, 0x01, 0x00, 0x01, // memory section: 2 memories, min 1 page
         0x02, 0x04, 0x01, 0x00, 0x00, 0x00, // core instance section: instantiate module 0
     ];
+
+    /// The echo handler as built against `weir:plugin@0.1.0` (before the
+    /// `state` interface): it still loads and runs.
+    #[test]
+    fn a_component_built_against_0_1_0_loads_and_runs() {
+        let root = std::env::var("CARGO_MANIFEST_DIR").expect("run by cargo");
+        let wasm = std::path::Path::new(&root).join("fixtures/echo-wit-0.1.0.wasm");
+        let cfg: HandlerConfig = toml::from_str(&format!(
+            "name = \"old\"\nwasm = {:?}\ntopics = [\"t\"]\n",
+            wasm.display().to_string()
+        ))
+        .unwrap();
+        let engine = PluginEngine::new().unwrap();
+        let h = LoadedHandler::load(&engine, &cfg).unwrap();
+        assert!(!h.stateful, "a 0.1.0 component has no state import");
+        let record = Record {
+            topic: "t".into(),
+            partition: 0,
+            offset: 0,
+            timestamp_ms: 0,
+            key: Some(b"k".to_vec()),
+            value: b"hello".to_vec(),
+            headers: Vec::new(),
+        };
+        let event = envelope::decode(&record).unwrap();
+        let mut inst = h.instantiate().unwrap();
+        let state = CallState::new(None, "is not available here");
+        match inst.call(&event, &record, 1, "", state) {
+            CallOutcome::Ok(outputs, writes) => {
+                assert_eq!(outputs[0].payload, b"hello");
+                assert_eq!(outputs[0].topic, "t.out");
+                assert!(writes.is_empty());
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 
     #[test]
     fn a_component_with_more_memories_than_allowed_is_refused_at_load() {

@@ -48,6 +48,7 @@ impl PartitionWorker {
                 offset,
                 deliveries: vec![d],
                 marks: Vec::new(),
+                state: Vec::new(),
             });
         }
         let (record_arc, retry, consumed) = match retry {
@@ -61,14 +62,16 @@ impl PartitionWorker {
         let parent = self.shared.tracing().extract(&record.headers);
         let mut deliveries = Vec::new();
         let mut marks = Vec::new();
+        let mut state = Vec::new();
         let shared = self.shared.clone();
         let group = shared.config.kafka.group_id.as_str();
         let dedup_on = shared.dedup.is_some();
-        let done = |deliveries, marks| {
+        let done = |deliveries, marks, state| {
             Some(Pending {
                 offset,
                 deliveries,
                 marks,
+                state,
             })
         };
         let mut event = match envelope::decode(record) {
@@ -88,7 +91,7 @@ impl PartitionWorker {
                         if let Some((_, _, m)) = self.handlers.first() {
                             m.duplicate();
                         }
-                        return done(deliveries, marks);
+                        return done(deliveries, marks, state);
                     }
                     for k in &keys {
                         self.recent.insert(k);
@@ -159,7 +162,7 @@ impl PartitionWorker {
                     &correlation,
                 )?);
                 telemetry::end(&cx);
-                return done(deliveries, marks);
+                return done(deliveries, marks, state);
             }
         };
         if record.header(replay::REPLAY_HEADER).is_some() && event.id == record.position_id() {
@@ -238,7 +241,7 @@ impl PartitionWorker {
             // between attempts) is the one the outcome names.
             let handler = self.handlers[i].0.clone();
             match &verdict {
-                Verdict::Outputs(_) => self.outcome(i, true),
+                Verdict::Outputs(..) => self.outcome(i, true),
                 Verdict::Failed { .. } => self.outcome(i, false),
                 Verdict::Retry { .. } => {}
             }
@@ -271,7 +274,11 @@ impl PartitionWorker {
                 _ => {}
             }
             match verdict {
-                Verdict::Outputs(outputs) => {
+                Verdict::Outputs(outputs, writes) => {
+                    // Visible to the partition's next events at once; in the
+                    // store with the event's mark.
+                    self.overlay.put(&writes, offset);
+                    state.extend(writes);
                     event_log!(
                         debug,
                         EventFields::of(&cx, &handler, &event, record),
@@ -395,7 +402,7 @@ impl PartitionWorker {
         if let Some(cx) = receive {
             telemetry::end(&cx);
         }
-        done(deliveries, marks)
+        done(deliveries, marks, state)
     }
 
     /// Dead-letters a record no handler can take.

@@ -30,6 +30,7 @@ use crate::fence::Fence;
 use crate::handler::LoadedHandler;
 use crate::metrics::HandlerMetrics;
 use crate::publish::{publish_span, Ack, Acked};
+use crate::state::{Overlay, Write};
 use crate::telemetry;
 
 /// Deliveries of the partition's marks to the changelog, not ended yet.
@@ -52,6 +53,8 @@ pub(super) struct Pending {
     pub(super) deliveries: Vec<Delivery>,
     /// Idempotency keys to mark once the deliveries are acknowledged.
     pub(super) marks: Vec<Vec<u8>>,
+    /// The handlers' state writes, made with the marks.
+    pub(super) state: Vec<Write>,
 }
 
 /// A record sent for an event, awaited before the event is final.
@@ -111,6 +114,8 @@ pub(super) struct Finalizer {
     pub(super) stopped: Arc<AtomicBool>,
     /// Set when the partition is revoked or the instance shuts down.
     pub(super) closing: Arc<AtomicBool>,
+    /// The partition's state writes not in the store yet.
+    pub(super) overlay: Arc<Overlay>,
 }
 
 impl Finalizer {
@@ -259,10 +264,18 @@ impl Finalizer {
         if let Some(dedup) = &self.shared.dedup {
             let keys = batch.iter().flat_map(|p| p.marks.iter().map(Vec::as_slice));
             let at = crate::dedup::now_ms();
+            let writes: Vec<&Write> = batch.iter().flat_map(|p| &p.state).collect();
             let mut backoff = Duration::from_millis(100);
             loop {
-                // Nothing is marked once the partition is fenced off.
-                let Some(written) = self.fence.pass(|| dedup.mark_at(keys.clone(), at)) else {
+                // Nothing is marked once the partition is fenced off. The
+                // state writes go in the same write batch as the marks.
+                let write = || match &self.shared.state {
+                    Some(state) if !writes.is_empty() => {
+                        state.persist(keys.clone(), at, &writes)
+                    }
+                    _ => dedup.mark_at(keys.clone(), at),
+                };
+                let Some(written) = self.fence.pass(write) else {
                     return false;
                 };
                 let Err(e) = written else { break };
@@ -271,6 +284,15 @@ impl Finalizer {
                 error!(error = %format!("{e:#}"), "cannot mark events as processed; retrying");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+            if let Some(last) = batch.last() {
+                self.overlay.persisted(last.offset);
+            }
+            // The state writes are in the changelog before the marks and
+            // the offsets: an instance that takes the partition over either
+            // finds an event's mark and its writes, or handles it again.
+            if !writes.is_empty() && !self.write_state(&writes).await {
+                return false;
             }
             if let Some(changelog) = &self.shared.changelog {
                 loop {
@@ -309,6 +331,46 @@ impl Finalizer {
         }
         self.final_count(batch);
         true
+    }
+
+    /// Publishes state writes to the state changelog (the last of each
+    /// key) and awaits them. False when fenced off meanwhile.
+    async fn write_state(&self, writes: &[&Write]) -> bool {
+        let Some(changelog) = &self.shared.changelog else {
+            return true;
+        };
+        let mut last: std::collections::HashMap<&[u8], &Write> = Default::default();
+        for w in writes {
+            last.insert(&w.key, w);
+        }
+        let mut acks = ChangelogAcks::new();
+        for w in last.into_values() {
+            loop {
+                let write = || changelog.write_state(&self.shared.publisher, self.tp.1, w);
+                match self.fence.pass(write) {
+                    None => return false,
+                    Some(Ok(delivery)) => {
+                        acks.extend(delivery);
+                        break;
+                    }
+                    Some(Err(wait)) => tokio::time::sleep(wait).await,
+                }
+            }
+        }
+        loop {
+            tokio::select! {
+                r = acks.next() => match r {
+                    Some(Ok(result)) => changelog.state_delivered(&result),
+                    Some(Err(_)) => {}
+                    None => return true,
+                },
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {
+                    if self.fence.is_closed() {
+                        return false;
+                    }
+                }
+            }
+        }
     }
 
     fn final_count(&self, batch: &mut Vec<Pending>) {

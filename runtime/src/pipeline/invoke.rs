@@ -20,7 +20,8 @@ use crate::telemetry::{self, attr};
 
 /// What became of one handler's call for one event.
 pub(super) enum Verdict {
-    Outputs(Vec<Produce>),
+    /// The outputs, and the call's state writes.
+    Outputs(Vec<Produce>, Vec<crate::state::Write>),
     /// Retriable in `topic` mode: send to the retry topic for `attempt`.
     Retry {
         attempt: u32,
@@ -54,10 +55,9 @@ impl PartitionWorker {
         let trace_id = telemetry::trace_id(cx);
         loop {
             let handler = self.handlers[i].0.clone();
-            let instance = match &mut self.handlers[i].1 {
-                Some(inst) => inst,
-                slot => match handler.instantiate() {
-                    Ok(inst) => slot.insert(inst),
+            if self.handlers[i].1.is_none() {
+                match handler.instantiate() {
+                    Ok(inst) => self.handlers[i].1 = Some(inst),
                     Err(e) => {
                         // Instantiation was checked at load; failing now is a
                         // resource problem: treat like a trap of this event.
@@ -68,8 +68,8 @@ impl PartitionWorker {
                             first_failure: OffsetDateTime::now_utc(),
                         });
                     }
-                },
-            };
+                }
+            }
             if let Some(budget) = handler.budget() {
                 // Spent budget: this partition waits (and, its queue full,
                 // pauses), so an expensive handler slows only its own input.
@@ -100,7 +100,9 @@ impl PartitionWorker {
                 )
             });
             let started = Instant::now();
-            let outcome = instance.call(event, record, attempt, &trace_id);
+            let state = self.call_state(i);
+            let instance = self.handlers[i].1.as_mut().expect("instantiated above");
+            let outcome = instance.call(event, record, attempt, &trace_id, state);
             self.shared.stats.record_handle(started.elapsed());
             let fuel = instance.last_fuel_used();
             self.shared
@@ -110,7 +112,7 @@ impl PartitionWorker {
             metrics.fuel(fuel);
             telemetry::set(&call_cx, || KeyValue::new(attr::FUEL, fuel as i64));
             match &outcome {
-                CallOutcome::Ok(_) => {}
+                CallOutcome::Ok(..) => {}
                 CallOutcome::Failed(kind, message) => {
                     telemetry::fail(&call_cx, kind.name(), message)
                 }
@@ -125,7 +127,7 @@ impl PartitionWorker {
             }
             let failed_at = *first_failure.get_or_insert_with(OffsetDateTime::now_utc);
             match outcome {
-                CallOutcome::Ok(outputs) => {
+                CallOutcome::Ok(outputs, writes) => {
                     let mut produced = Vec::with_capacity(outputs.len());
                     for o in outputs {
                         match envelope::encode_output(o, event, self.max_record_bytes) {
@@ -140,7 +142,7 @@ impl PartitionWorker {
                             }
                         }
                     }
-                    return Some(Verdict::Outputs(produced));
+                    return Some(Verdict::Outputs(produced, writes));
                 }
                 CallOutcome::Failed(kind, message) => {
                     return Some(Verdict::Failed {

@@ -45,6 +45,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
 
 use crate::changelog::Changelog;
+use crate::state::{Overlay, StateStore};
 use crate::config::Config;
 use crate::dedup::Dedup;
 use crate::deploy::Slot;
@@ -160,6 +161,8 @@ struct Shared {
     /// (where a record it cannot route goes).
     retry_topics: HashMap<String, String>,
     dedup: Option<Arc<Dedup>>,
+    /// The handlers' state (in the idempotency store).
+    state: Option<Arc<StateStore>>,
     /// Where marks are published for the group's other instances.
     changelog: Option<Arc<Changelog>>,
     /// Exactly-once mode's transactions.
@@ -333,6 +336,25 @@ pub async fn run(
     if let (Some(txn), Some(changelog)) = (&txn, &changelog) {
         txn.set_changelog(changelog.clone());
     }
+    let state = match &dedup {
+        Some(d) => Some(Arc::new(
+            StateStore::open(d.clone(), obs.metrics.clone())
+                .context("cannot open the handlers' state")?,
+        )),
+        None => None,
+    };
+    if let (Some(txn), Some(state)) = (&txn, &state) {
+        txn.set_state(state.clone());
+    }
+    for h in handlers.iter().filter(|h| h.stateful) {
+        if state.is_none() {
+            warn!(handler = %h.name, "the handler imports weir:plugin/state, but there is no state without the idempotency store (idempotency.enabled = false): events whose call uses it fail as state-unavailable");
+        } else if h.config_entry.retry_mode == crate::config::RetryMode::Topic {
+            warn!(handler = %h.name, "the handler imports weir:plugin/state and retries through a retry topic: events handled from the retry topic have no state (they fail as state-unavailable if they use it); use retry_mode = \"blocking\"");
+        } else if changelog.is_none() {
+            warn!(handler = %h.name, "the handler's state stays in this instance's store (idempotency.changelog = false): it does not move with its partitions");
+        }
+    }
     let topics = config.topics();
     let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
     let _ = stats.subscribed.set(Instant::now());
@@ -361,6 +383,7 @@ pub async fn run(
                 })
             })
             .collect(),
+        state,
         dedup,
         changelog,
         txn: txn.clone(),
@@ -513,6 +536,7 @@ fn spawn_worker(
     let stopped = Arc::new(AtomicBool::new(false));
     let handlers = shared.by_topic.get(&tp.0).cloned().unwrap_or_default();
     let in_flight = Arc::new(AtomicI64::new(0));
+    let overlay = Arc::new(Overlay::new(shared.state.clone()));
     debug!(topic = %tp.0, partition = tp.1, first_offset, "starting partition worker");
 
     let finalizer = Finalizer {
@@ -523,6 +547,7 @@ fn spawn_worker(
         fence: fence.clone(),
         stopped: stopped.clone(),
         closing: stop.clone(),
+        overlay: overlay.clone(),
     };
     {
         let halt = shared.halt.clone();
@@ -551,11 +576,14 @@ fn spawn_worker(
             .spawn(move || {
                 let halt = shared.halt.clone();
                 // The marks of the partition's previous owners first.
-                if let (Some(changelog), Some(dedup)) = (&shared.changelog, &shared.dedup) {
-                    changelog.restore(dedup, tp.1, &fence, &stop, &shared.obs.health);
-                }
                 let is_retry = shared.retry_topics.contains_key(&tp.0);
-                let worker = PartitionWorker::new(shared, handlers, fence, is_retry, tp.clone());
+                if let (Some(changelog), Some(dedup)) = (&shared.changelog, &shared.dedup) {
+                    // A retry topic's events have no state.
+                    let state = shared.state.as_deref().filter(|_| !is_retry);
+                    changelog.restore(dedup, state, &tp.0, tp.1, &fence, &stop, &shared.obs.health);
+                }
+                let worker =
+                    PartitionWorker::new(shared, handlers, fence, is_retry, tp.clone(), overlay);
                 let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     worker.run(rx, pending_tx, &stop, runtime)
                 }));

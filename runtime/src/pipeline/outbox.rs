@@ -198,6 +198,7 @@ impl PartitionWorker {
             &self.tp,
             p.offset,
             std::mem::take(&mut p.marks),
+            (std::mem::take(&mut p.state), &self.overlay),
             counted,
             outputs,
         );

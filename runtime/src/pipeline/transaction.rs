@@ -48,6 +48,7 @@ use crate::changelog::Changelog;
 use crate::dedup::Dedup;
 use crate::metrics::{Health, Metrics};
 use crate::publish::{fenced_hint, Publisher, QUEUE_FULL_WAIT};
+use crate::state::{Overlay, StateStore, Write};
 
 /// The `/readyz` problem of a failing transaction.
 const PROBLEM: &str = "transaction";
@@ -80,6 +81,12 @@ struct Part {
     counted: Vec<IntCounter>,
     /// Outputs in the open transaction (the pipeline's progress count).
     outputs: u64,
+    /// The handlers' state writes of those events, in order.
+    state: Vec<Write>,
+    /// The partition's writes in flight, dropped once in the store.
+    overlay: Option<Arc<Overlay>>,
+    /// The last event finished in the open transaction.
+    last: i64,
 }
 
 #[derive(Default)]
@@ -98,6 +105,7 @@ pub(super) struct Transactions {
     timeout: Duration,
     interval: Duration,
     dedup: Option<Arc<Dedup>>,
+    state_store: OnceLock<Arc<StateStore>>,
     changelog: OnceLock<Arc<Changelog>>,
     /// The consumer whose group metadata goes with the offsets (weak: the
     /// consumer's context holds this).
@@ -145,6 +153,7 @@ impl Transactions {
             timeout,
             interval,
             dedup,
+            state_store: OnceLock::new(),
             changelog: OnceLock::new(),
             consumer: OnceLock::new(),
             metrics,
@@ -161,6 +170,10 @@ impl Transactions {
             wake: (Mutex::new(false), Condvar::new()),
             rewind: watch::channel(None).0,
         }
+    }
+
+    pub(super) fn set_state(&self, state: Arc<StateStore>) {
+        let _ = self.state_store.set(state);
     }
 
     pub(super) fn set_changelog(&self, changelog: Arc<Changelog>) {
@@ -240,6 +253,7 @@ impl Transactions {
         tp: &TopicPartition,
         offset: i64,
         marks: Vec<Vec<u8>>,
+        (state, overlay): (Vec<Write>, &Arc<Overlay>),
         counted: Vec<IntCounter>,
         outputs: u64,
     ) {
@@ -247,6 +261,11 @@ impl Transactions {
         let part = parts.entry(tp.clone()).or_default();
         part.offsets.finish(offset);
         part.marks.extend(marks);
+        if !state.is_empty() {
+            part.state.extend(state);
+            part.overlay.get_or_insert_with(|| overlay.clone());
+        }
+        part.last = offset;
         part.events += 1;
         part.counted.extend(counted);
         part.outputs += outputs;
@@ -376,11 +395,21 @@ impl Transactions {
         // deferred meanwhile is above every finished one).
         let mut offsets = TopicPartitionList::new();
         let mut marks: Vec<(i32, Vec<Vec<u8>>)> = Vec::new();
+        // Per partition: its state writes, its overlay, its last event.
+        let mut writes_of: Vec<(i32, Vec<Write>, Option<Arc<Overlay>>, i64)> = Vec::new();
         let mut events = 0;
         {
             let mut parts = self.lock_parts();
             for ((topic, partition), part) in parts.iter_mut() {
                 events += part.events;
+                if !part.state.is_empty() {
+                    writes_of.push((
+                        *partition,
+                        std::mem::take(&mut part.state),
+                        part.overlay.clone(),
+                        part.last,
+                    ));
+                }
                 if let Some(o) = part.offsets.storable() {
                     if let Err(e) =
                         offsets.add_partition_offset(topic, *partition, Offset::Offset(o + 1))
@@ -394,13 +423,14 @@ impl Transactions {
             }
         }
         let sent = self.sent.swap(false, Ordering::Relaxed);
-        if !sent && offsets.count() == 0 && marks.is_empty() {
+        if !sent && offsets.count() == 0 && marks.is_empty() && writes_of.is_empty() {
             return true;
         }
         let at = crate::dedup::now_ms();
         let producer = self.publisher.producer();
         let result = (|| {
             self.write_changelog(&marks, at)?;
+            self.write_state_changelog(&writes_of)?;
             if offsets.count() > 0 {
                 let Some(cgm) = cgm else {
                     return Err(Failure::Abort(
@@ -453,15 +483,26 @@ impl Transactions {
         );
         if let Some(dedup) = &self.dedup {
             let keys = marks.iter().flat_map(|(_, k)| k.iter().map(Vec::as_slice));
+            let writes: Vec<&Write> = writes_of.iter().flat_map(|(_, w, _, _)| w).collect();
             let mut backoff = Duration::from_millis(50);
             for attempt in 1..=5 {
-                let Err(e) = dedup.mark_at(keys.clone(), at) else {
+                // The state writes in the same write batch as the marks.
+                let written = match self.state_store.get() {
+                    Some(s) if !writes.is_empty() => s.persist(keys.clone(), at, &writes),
+                    _ => dedup.mark_at(keys.clone(), at),
+                };
+                let Err(e) = written else {
                     break;
                 };
                 // They are in the changelog, restored with the partition.
                 error!(error = %format!("{e:#}"), attempt, "committed marks not written to the local store");
                 std::thread::sleep(backoff);
                 backoff *= 2;
+            }
+        }
+        for (_, _, overlay, last) in &writes_of {
+            if let Some(o) = overlay {
+                o.persisted(*last);
             }
         }
         let mut outputs = 0;
@@ -510,6 +551,40 @@ impl Transactions {
                         Err(_) => {
                             return Err(Failure::Abort(
                                 "cannot write the idempotency changelog".into(),
+                            ))
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Enqueues the state writes of the transaction's events to the state
+    /// changelog, the last of each key (part of the commit).
+    fn write_state_changelog(
+        &self,
+        state: &[(i32, Vec<Write>, Option<Arc<Overlay>>, i64)],
+    ) -> Result<(), Failure> {
+        let Some(changelog) = self.changelog.get() else {
+            return Ok(());
+        };
+        for (partition, writes, _, _) in state {
+            let mut last: HashMap<&[u8], &Write> = HashMap::new();
+            for w in writes {
+                last.insert(&w.key, w);
+            }
+            for w in last.into_values() {
+                loop {
+                    match changelog.write_state(&self.publisher, *partition, w) {
+                        Ok(_) => break,
+                        Err(_) if self.publisher.halt().reason().is_some() => {
+                            return Err(Failure::Fatal("halting".into()));
+                        }
+                        Err(wait) if wait == QUEUE_FULL_WAIT => std::thread::sleep(wait),
+                        Err(_) => {
+                            return Err(Failure::Abort(
+                                "cannot write the state changelog".into(),
                             ))
                         }
                     }

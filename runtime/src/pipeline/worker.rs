@@ -23,6 +23,7 @@ use crate::fence::Fence;
 use crate::handler::{HandlerInstance, LoadedHandler};
 use crate::metrics::HandlerMetrics;
 use crate::retry_topic::{self, DelayQueue};
+use crate::state::{CallState, Overlay, Scope};
 
 /// Handles one partition's events, in order, on its own thread.
 pub(super) struct PartitionWorker {
@@ -51,6 +52,11 @@ pub(super) struct PartitionWorker {
     /// Exactly-once: events handled while a commit held the gate, with
     /// their records, sent in order once it is free.
     pub(super) backlog: Vec<(Pending, Vec<Produce>)>,
+    /// The partition's state writes not in the store yet.
+    pub(super) overlay: Arc<Overlay>,
+    /// Each handler's state scope for this partition (made at its first
+    /// call, again after a deploy).
+    scopes: Vec<Option<Arc<Scope>>>,
 }
 
 /// A bounded set of recently handled idempotency keys, oldest evicted
@@ -103,8 +109,10 @@ impl PartitionWorker {
         fence: Arc<Fence>,
         is_retry: bool,
         tp: TopicPartition,
+        overlay: Arc<Overlay>,
     ) -> Self {
         let keys_per_event = slots.len().max(1);
+        let handlers = slots.len();
         let slots: Vec<(Arc<Slot>, Arc<LoadedHandler>, u64)> = slots
             .into_iter()
             .map(|s| {
@@ -147,7 +155,37 @@ impl PartitionWorker {
             tp,
             outbox: RefCell::new(Vec::new()),
             backlog: Vec::new(),
+            overlay,
+            scopes: vec![None; handlers],
         }
+    }
+
+    /// The state a call of handler `i` sees.
+    pub(super) fn call_state(&mut self, i: usize) -> CallState {
+        let Some(store) = &self.shared.state else {
+            return CallState::new(
+                None,
+                "needs the idempotency store (idempotency.enabled = true)",
+            );
+        };
+        if self.is_retry {
+            return CallState::new(
+                None,
+                "is not available to events of a retry topic (state needs partition order: \
+                 use retry_mode = \"blocking\")",
+            );
+        }
+        let h = &self.handlers[i].0;
+        let scope = self.scopes[i].get_or_insert_with(|| {
+            Arc::new(Scope {
+                store: store.clone(),
+                overlay: self.overlay.clone(),
+                handler: h.name.clone(),
+                prefix: crate::state::scope_prefix(&h.name, &self.tp.0, self.tp.1),
+                limits: h.config_entry.state.clone(),
+            })
+        });
+        CallState::new(Some(scope.clone()), "")
     }
 
     pub(super) fn run(
@@ -278,6 +316,8 @@ impl PartitionWorker {
         if !Arc::ptr_eq(&self.handlers[i].0, &current) {
             self.handlers[i].0 = current;
             self.handlers[i].1 = None;
+            // The new version's limits.
+            self.scopes[i] = None;
         }
     }
 

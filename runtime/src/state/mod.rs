@@ -1,0 +1,680 @@
+//! Handler state: a key-value store per handler and source partition, in
+//! the instance's RocksDB store (column family `state`, beside the
+//! idempotency marks), published to the group's compacted state changelog
+//! so it moves with its partition.
+//!
+//! A call's writes are buffered in its [`CallState`]; when the call
+//! succeeds they go to the partition's [`Overlay`] (visible to the
+//! partition's next events at once) and travel with the event to its
+//! finalizer (at-least-once) or its transaction (exactly-once), which
+//! writes them to the store in the same write batch as the event's
+//! idempotency mark, and to the changelog, then drops them from the
+//! overlay. A failed attempt's buffer is dropped.
+//!
+//! Keys in the store are `handler \0 topic \0 partition (4 bytes, big
+//! endian) key`; values are `expires at (ms since the epoch, 8 bytes big
+//! endian; 0: never) value`.
+
+pub mod cli;
+mod overlay;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use rocksdb::compaction_filter::Decision;
+use rocksdb::{Direction, IteratorMode, Options, WriteBatch};
+
+pub use overlay::Overlay;
+
+use crate::config::StateConfig;
+use crate::dedup::{now_ms, Dedup};
+use crate::metrics::Metrics;
+
+/// Entries one `scan` returns at most.
+pub const MAX_SCAN: u32 = 1000;
+/// The longest key, in bytes.
+pub const MAX_KEY_BYTES: usize = 1024;
+
+/// The options of the state column family: expired values are dropped by
+/// compaction.
+pub(crate) fn column_options() -> Options {
+    let mut opts = Options::default();
+    opts.set_compaction_filter("weir-expired-state", |_level, _key: &[u8], value: &[u8]| {
+        if expired(value, now_ms()) {
+            Decision::Remove
+        } else {
+            Decision::Keep
+        }
+    });
+    let mut table = rocksdb::BlockBasedOptions::default();
+    table.set_bloom_filter(10.0, false);
+    opts.set_block_based_table_factory(&table);
+    // Expired values leave the disk within a day even when little is written.
+    opts.set_periodic_compaction_seconds(86_400);
+    opts
+}
+
+/// `handler \0 topic \0 partition`: the prefix of a scope's keys.
+pub fn scope_prefix(handler: &str, topic: &str, partition: i32) -> Vec<u8> {
+    let mut k = Vec::with_capacity(handler.len() + topic.len() + 6);
+    k.extend_from_slice(handler.as_bytes());
+    k.push(0);
+    k.extend_from_slice(topic.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&partition.to_be_bytes());
+    k
+}
+
+/// A store key split into (handler, topic, partition, key).
+pub fn split_key(k: &[u8]) -> Option<(&str, &str, i32, &str)> {
+    let a = k.iter().position(|b| *b == 0)?;
+    let rest = &k[a + 1..];
+    let b = rest.iter().position(|b| *b == 0)?;
+    let partition = i32::from_be_bytes(rest.get(b + 1..b + 5)?.try_into().ok()?);
+    Some((
+        std::str::from_utf8(&k[..a]).ok()?,
+        std::str::from_utf8(&rest[..b]).ok()?,
+        partition,
+        std::str::from_utf8(rest.get(b + 5..)?).ok()?,
+    ))
+}
+
+/// A value as stored: when it expires (0: never), then the bytes.
+pub fn encode_value(value: &[u8], ttl: Option<Duration>) -> Vec<u8> {
+    let expires = ttl.map_or(0, |t| now_ms().saturating_add(t.as_millis() as u64).max(1));
+    let mut v = Vec::with_capacity(8 + value.len());
+    v.extend_from_slice(&expires.to_be_bytes());
+    v.extend_from_slice(value);
+    v
+}
+
+fn expired(stored: &[u8], now: u64) -> bool {
+    let expires = stored
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_be_bytes)
+        .unwrap_or(0);
+    expires != 0 && expires < now
+}
+
+/// The bytes of a stored value; None once it expired.
+pub fn decode_value(stored: &[u8]) -> Option<&[u8]> {
+    (!expired(stored, now_ms())).then(|| stored.get(8..).unwrap_or_default())
+}
+
+/// One write of a successful call: a store key and its stored value (None:
+/// deleted).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Write {
+    pub key: Vec<u8>,
+    pub value: Option<Vec<u8>>,
+    /// What it adds to its handler's bytes (negative: frees), against the
+    /// value it replaces (for the total limit while it is in flight).
+    pub delta: i64,
+}
+
+/// What a handler's state holds in this instance's store.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct Totals {
+    pub keys: i64,
+    /// Keys and values, in bytes.
+    pub bytes: i64,
+}
+
+/// The state of every handler, in the instance's store.
+pub struct StateStore {
+    dedup: Arc<Dedup>,
+    totals: Mutex<HashMap<String, Totals>>,
+    /// Bytes of each handler's writes in flight (in overlays).
+    pending: Mutex<HashMap<String, i64>>,
+    metrics: Option<Arc<Metrics>>,
+}
+
+impl StateStore {
+    /// The state in `dedup`'s store, its totals counted.
+    pub fn open(dedup: Arc<Dedup>, metrics: Option<Arc<Metrics>>) -> Result<StateStore> {
+        let mut totals: HashMap<String, Totals> = HashMap::new();
+        for item in dedup.db().iterator_cf(dedup.state_cf(), IteratorMode::Start) {
+            let (k, v) = item.context("reading the state store")?;
+            let handler = split_key(&k).map_or("", |s| s.0);
+            let t = totals.entry(handler.to_owned()).or_default();
+            t.keys += 1;
+            t.bytes += (k.len() + v.len()) as i64;
+        }
+        let store = StateStore {
+            dedup,
+            totals: Mutex::new(totals),
+            pending: Mutex::new(HashMap::new()),
+            metrics,
+        };
+        store.publish_totals();
+        Ok(store)
+    }
+
+    /// The store the state lives in (with the marks).
+    pub fn dedup(&self) -> &Arc<Dedup> {
+        &self.dedup
+    }
+
+    /// The stored value of a store key, None when absent or expired.
+    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        let db = self.dedup.db();
+        let v = db
+            .get_pinned_cf(self.dedup.state_cf(), key)
+            .context("reading the state store")?;
+        Ok(v.filter(|v| decode_value(v).is_some()).map(|v| v.to_vec()))
+    }
+
+    /// Up to `limit` unexpired (store key, stored value) pairs under
+    /// `prefix`, from the first key after `after`, in key order.
+    pub fn scan(
+        &self,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let db = self.dedup.db();
+        let from = after.unwrap_or(prefix);
+        let mut out = Vec::new();
+        for item in db.iterator_cf(
+            self.dedup.state_cf(),
+            IteratorMode::From(from, Direction::Forward),
+        ) {
+            let (k, v) = item.context("reading the state store")?;
+            if !k.starts_with(prefix) || out.len() >= limit {
+                break;
+            }
+            if after.is_some_and(|a| &*k == a) || decode_value(&v).is_none() {
+                continue;
+            }
+            out.push((k.to_vec(), v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// A handler's totals in this store.
+    pub fn totals(&self, handler: &str) -> Totals {
+        self.lock().get(handler).copied().unwrap_or_default()
+    }
+
+    /// A handler's bytes in this store and in flight to it.
+    pub fn visible_bytes(&self, handler: &str) -> i64 {
+        let pending = self
+            .pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(handler)
+            .copied()
+            .unwrap_or(0);
+        self.totals(handler).bytes + pending
+    }
+
+    pub(crate) fn add_pending(&self, handler: &str, delta: i64) {
+        *self
+            .pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(handler.to_owned())
+            .or_default() += delta;
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Totals>> {
+        self.totals.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Writes idempotency marks and state writes in one batch (the writes
+    /// in order: a later write of a key wins), and counts the totals.
+    pub fn persist<'a>(
+        &self,
+        marks: impl IntoIterator<Item = &'a [u8]>,
+        at: u64,
+        writes: &[&Write],
+    ) -> Result<()> {
+        let mut batch = WriteBatch::default();
+        Dedup::put_marks(&mut batch, marks, at);
+        // The last write of each key, and what it replaces (for the totals).
+        let last: BTreeMap<&[u8], Option<&[u8]>> = writes
+            .iter()
+            .map(|w| (w.key.as_slice(), w.value.as_deref()))
+            .collect();
+        let cf = self.dedup.state_cf();
+        let olds = self
+            .dedup
+            .db()
+            .batched_multi_get_cf(cf, last.keys().copied(), false);
+        let mut deltas: HashMap<&str, Totals> = HashMap::new();
+        for ((key, value), old) in last.iter().zip(olds) {
+            let old = old.context("reading the state store")?;
+            let d = deltas
+                .entry(split_key(key).map_or("", |s| s.0))
+                .or_default();
+            if let Some(old) = old {
+                d.keys -= 1;
+                d.bytes -= (key.len() + old.len()) as i64;
+            }
+            match value {
+                Some(v) => {
+                    batch.put_cf(cf, key, v);
+                    d.keys += 1;
+                    d.bytes += (key.len() + v.len()) as i64;
+                }
+                None => batch.delete_cf(cf, key),
+            }
+        }
+        self.dedup.write(batch)?;
+        if !deltas.is_empty() {
+            let mut totals = self.lock();
+            for (handler, d) in deltas {
+                let t = totals.entry(handler.to_owned()).or_default();
+                t.keys += d.keys;
+                t.bytes += d.bytes;
+            }
+            drop(totals);
+            self.publish_totals();
+        }
+        Ok(())
+    }
+
+    /// Sets the state gauges from the totals.
+    fn publish_totals(&self) {
+        let Some(m) = &self.metrics else { return };
+        for (handler, t) in self.lock().iter() {
+            m.state_keys.with_label_values(&[handler]).set(t.keys);
+            m.state_bytes.with_label_values(&[handler]).set(t.bytes);
+        }
+    }
+}
+
+/// A handler's state for one source partition, as its calls reach it.
+pub struct Scope {
+    pub store: Arc<StateStore>,
+    pub overlay: Arc<Overlay>,
+    pub handler: String,
+    pub prefix: Vec<u8>,
+    pub limits: StateConfig,
+}
+
+impl Scope {
+    fn store_key(&self, key: &str) -> Vec<u8> {
+        let mut k = Vec::with_capacity(self.prefix.len() + key.len());
+        k.extend_from_slice(&self.prefix);
+        k.extend_from_slice(key.as_bytes());
+        k
+    }
+
+    /// The stored value of `key` as the partition's next event sees it:
+    /// the overlay of handled events, then the store.
+    fn visible(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        match self.overlay.get(key) {
+            Some(v) => Ok(v.filter(|v| decode_value(v).is_some())),
+            None => self.store.get(key),
+        }
+    }
+}
+
+/// One call's view of its scope: reads see its own writes, which are
+/// buffered until the call ends.
+pub struct CallState {
+    scope: Option<Arc<Scope>>,
+    /// Why there is no scope, for the failure.
+    unavailable: &'static str,
+    /// The call's writes, by key (None: deleted).
+    buffer: BTreeMap<String, Option<Vec<u8>>>,
+    /// The first limit the call went past, or a store error.
+    failed: Option<(crate::failure::FailureKind, String)>,
+}
+
+impl CallState {
+    pub fn new(scope: Option<Arc<Scope>>, unavailable: &'static str) -> CallState {
+        CallState {
+            scope,
+            unavailable,
+            buffer: BTreeMap::new(),
+            failed: None,
+        }
+    }
+
+    fn scope(&mut self) -> Option<&Arc<Scope>> {
+        if self.scope.is_none() && self.failed.is_none() {
+            self.failed = Some((
+                crate::failure::FailureKind::StateUnavailable,
+                format!("the handler used its state, which {}", self.unavailable),
+            ));
+        }
+        self.scope.as_ref()
+    }
+
+    pub fn get(&mut self, key: &str) -> Option<Vec<u8>> {
+        if let Some(v) = self.buffer.get(key) {
+            return v.clone();
+        }
+        let scope = self.scope()?.clone();
+        match scope.visible(&scope.store_key(key)) {
+            Ok(v) => v.and_then(|v| decode_value(&v).map(<[u8]>::to_vec)),
+            Err(e) => {
+                self.store_error(e);
+                None
+            }
+        }
+    }
+
+    pub fn set(&mut self, key: String, value: Vec<u8>) {
+        let Some(scope) = self.scope() else { return };
+        let max = scope.limits.max_value_bytes;
+        if value.len() as u64 > max {
+            self.limit(format!(
+                "a value of {} bytes for key {key:?} is above state.max_value_bytes ({max})",
+                value.len()
+            ));
+            return;
+        }
+        if self.key_ok(&key) {
+            self.buffer.insert(key, Some(value));
+        }
+    }
+
+    pub fn delete(&mut self, key: String) {
+        if self.scope().is_some() && self.key_ok(&key) {
+            self.buffer.insert(key, None);
+        }
+    }
+
+    fn key_ok(&mut self, key: &str) -> bool {
+        if key.len() > MAX_KEY_BYTES {
+            self.limit(format!(
+                "a key of {} bytes is above the {MAX_KEY_BYTES}-byte limit",
+                key.len()
+            ));
+            return false;
+        }
+        true
+    }
+
+    pub fn scan(&mut self, prefix: &str, after: Option<&str>, limit: u32) -> Vec<(String, Vec<u8>)> {
+        let Some(scope) = self.scope().cloned() else {
+            return Vec::new();
+        };
+        let limit = limit.min(MAX_SCAN) as usize;
+        let full_prefix = scope.store_key(prefix);
+        let full_after = after.map(|a| scope.store_key(a));
+        // Stored entries, then the overlay's and this call's writes on top:
+        // as many stored ones as could be hidden by them, and the page.
+        let overlaid = scope.overlay.with_prefix(&full_prefix);
+        let mut merged: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+        let want = limit + overlaid.len() + self.buffer.len();
+        let stored = match scope
+            .store
+            .scan(&full_prefix, full_after.as_deref(), want)
+        {
+            Ok(s) => s,
+            Err(e) => {
+                self.store_error(e);
+                return Vec::new();
+            }
+        };
+        let user_key = |k: &[u8]| String::from_utf8_lossy(&k[scope.prefix.len()..]).into_owned();
+        for (k, v) in stored {
+            merged.insert(user_key(&k), v[8..].to_vec());
+        }
+        for (k, v) in overlaid {
+            let key = user_key(&k);
+            match v.as_deref().and_then(decode_value) {
+                Some(v) => merged.insert(key, v.to_vec()),
+                None => merged.remove(&key),
+            };
+        }
+        for (k, v) in self.buffer.range(prefix.to_owned()..) {
+            if !k.starts_with(prefix) {
+                break;
+            }
+            match v {
+                Some(v) => merged.insert(k.clone(), v.clone()),
+                None => merged.remove(k),
+            };
+        }
+        merged
+            .into_iter()
+            .filter(|(k, _)| after.is_none_or(|a| k.as_str() > a))
+            .take(limit)
+            .collect()
+    }
+
+    fn limit(&mut self, message: String) {
+        self.failed
+            .get_or_insert((crate::failure::FailureKind::StateLimit, message));
+    }
+
+    fn store_error(&mut self, e: anyhow::Error) {
+        self.failed.get_or_insert((
+            crate::failure::FailureKind::StateUnavailable,
+            format!("cannot read the state store: {e:#}"),
+        ));
+    }
+
+    /// The call's writes, if it may make them: its failure otherwise (a
+    /// limit it went past, or its state was unavailable).
+    pub fn finish(mut self) -> Result<Vec<Write>, (crate::failure::FailureKind, String)> {
+        if let Some(f) = self.failed.take() {
+            return Err(f);
+        }
+        let Some(scope) = self.scope.clone() else {
+            return Ok(Vec::new());
+        };
+        if self.buffer.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ttl = scope.limits.ttl_secs.map(Duration::from_secs);
+        let mut delta: i64 = 0;
+        let mut writes = Vec::with_capacity(self.buffer.len());
+        for (key, value) in std::mem::take(&mut self.buffer) {
+            let key = scope.store_key(&key);
+            let old = match scope.visible(&key) {
+                Ok(old) => old.map_or(0, |v| (key.len() + v.len()) as i64),
+                Err(e) => {
+                    return Err((
+                        crate::failure::FailureKind::StateUnavailable,
+                        format!("cannot read the state store: {e:#}"),
+                    ))
+                }
+            };
+            let value = value.map(|v| encode_value(&v, ttl));
+            let d = value.as_ref().map_or(0, |v| (key.len() + v.len()) as i64) - old;
+            delta += d;
+            writes.push(Write {
+                key,
+                value,
+                delta: d,
+            });
+        }
+        let max = scope.limits.max_total_bytes;
+        let total = scope.store.visible_bytes(&scope.handler);
+        if delta > 0 && (total + delta) as u64 > max {
+            return Err((
+                crate::failure::FailureKind::StateLimit,
+                format!(
+                    "the call's writes would take the handler's state to {} bytes, above \
+                     state.max_total_bytes ({max})",
+                    total + delta
+                ),
+            ));
+        }
+        Ok(writes)
+    }
+}
+
+/// A throwaway state store for runs outside the pipeline (`weir try`, a
+/// new version's sample events): state is kept across the calls of one
+/// run and gone after it.
+pub struct Scratch {
+    _dir: tempfile::TempDir,
+    store: Arc<StateStore>,
+    overlay: Arc<Overlay>,
+}
+
+impl Scratch {
+    pub fn new() -> Result<Scratch> {
+        let dir = tempfile::tempdir().context("cannot make a folder for a scratch state store")?;
+        let dedup = Arc::new(Dedup::open(dir.path(), Duration::from_secs(3600))?);
+        Ok(Scratch {
+            _dir: dir,
+            store: Arc::new(StateStore::open(dedup, None)?),
+            overlay: Arc::new(Overlay::new(None)),
+        })
+    }
+
+    /// The state a call of `handler` on an event of `topic`/`partition` sees.
+    pub fn call(&self, handler: &str, limits: &StateConfig, topic: &str, partition: i32) -> CallState {
+        CallState::new(
+            Some(Arc::new(Scope {
+                store: self.store.clone(),
+                overlay: self.overlay.clone(),
+                handler: handler.to_owned(),
+                prefix: scope_prefix(handler, topic, partition),
+                limits: limits.clone(),
+            })),
+            "",
+        )
+    }
+
+    /// Keeps a successful call's writes.
+    pub fn keep(&self, writes: &[Write]) -> Result<()> {
+        self.store.persist([], 0, &writes.iter().collect::<Vec<_>>())
+    }
+
+    /// Every (key, value) of `handler`'s state, for printing.
+    pub fn entries(&self, handler: &str) -> Result<Vec<(String, i32, String, Vec<u8>)>> {
+        let mut prefix = handler.as_bytes().to_vec();
+        prefix.push(0);
+        Ok(self
+            .store
+            .scan(&prefix, None, usize::MAX)?
+            .into_iter()
+            .filter_map(|(k, v)| {
+                let (_, topic, partition, key) = split_key(&k)?;
+                Some((topic.to_owned(), partition, key.to_owned(), v[8..].to_vec()))
+            })
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, Arc<StateStore>) {
+        let dir = tempfile::tempdir().unwrap();
+        let dedup = Arc::new(Dedup::open(dir.path(), Duration::from_secs(3600)).unwrap());
+        (dir, Arc::new(StateStore::open(dedup, None).unwrap()))
+    }
+
+    fn scope(store: &Arc<StateStore>, limits: StateConfig) -> Arc<Scope> {
+        Arc::new(Scope {
+            store: store.clone(),
+            overlay: Arc::new(Overlay::default()),
+            handler: "h".into(),
+            prefix: scope_prefix("h", "t", 3),
+            limits,
+        })
+    }
+
+    #[test]
+    fn keys_split_back() {
+        let mut k = scope_prefix("h", "orders", 7);
+        k.extend_from_slice(b"c-1");
+        assert_eq!(split_key(&k), Some(("h", "orders", 7, "c-1")));
+    }
+
+    #[test]
+    fn a_call_sees_its_writes_and_the_overlay_then_the_store() {
+        let (_dir, store) = store();
+        let s = scope(&store, StateConfig::default());
+        let mut call = CallState::new(Some(s.clone()), "");
+        assert_eq!(call.get("a"), None);
+        call.set("a".into(), b"1".to_vec());
+        assert_eq!(call.get("a"), Some(b"1".to_vec()));
+        let writes = call.finish().unwrap();
+        s.overlay.put(&writes, 10);
+        let mut next = CallState::new(Some(s.clone()), "");
+        assert_eq!(next.get("a"), Some(b"1".to_vec()), "the overlay");
+        next.delete("a".into());
+        assert_eq!(next.get("a"), None);
+        drop(next); // a failed call: its delete is dropped
+        store.persist([], 0, &writes.iter().collect::<Vec<_>>()).unwrap();
+        s.overlay.persisted(10);
+        assert!(s.overlay.is_empty());
+        let mut later = CallState::new(Some(s.clone()), "");
+        assert_eq!(later.get("a"), Some(b"1".to_vec()), "the store");
+        assert_eq!(store.totals("h").keys, 1);
+    }
+
+    #[test]
+    fn scans_merge_store_overlay_and_buffer_in_key_order() {
+        let (_dir, store) = store();
+        let s = scope(&store, StateConfig::default());
+        let mut call = CallState::new(Some(s.clone()), "");
+        for k in ["c:1", "c:2", "c:3", "d:1"] {
+            call.set(k.into(), k.as_bytes().to_vec());
+        }
+        let w = call.finish().unwrap();
+        store.persist([], 0, &w.iter().collect::<Vec<_>>()).unwrap();
+        let mut call = CallState::new(Some(s.clone()), "");
+        call.delete("c:2".into());
+        call.set("c:0".into(), b"x".to_vec());
+        let page: Vec<String> = call.scan("c:", None, 2).into_iter().map(|e| e.0).collect();
+        assert_eq!(page, ["c:0", "c:1"]);
+        let page: Vec<String> = call
+            .scan("c:", Some("c:1"), 10)
+            .into_iter()
+            .map(|e| e.0)
+            .collect();
+        assert_eq!(page, ["c:3"]);
+    }
+
+    #[test]
+    fn limits_fail_the_call_with_their_class() {
+        let (_dir, store) = store();
+        let limits = StateConfig {
+            max_value_bytes: 4,
+            max_total_bytes: 40,
+            ttl_secs: None,
+        };
+        let s = scope(&store, limits);
+        let mut call = CallState::new(Some(s.clone()), "");
+        call.set("k".into(), b"12345".to_vec());
+        let (kind, message) = call.finish().unwrap_err();
+        assert_eq!(kind, crate::failure::FailureKind::StateLimit);
+        assert!(message.contains("state.max_value_bytes"), "{message}");
+        let mut call = CallState::new(Some(s.clone()), "");
+        for i in 0..5 {
+            call.set(format!("k{i}"), b"1234".to_vec());
+        }
+        let (kind, message) = call.finish().unwrap_err();
+        assert_eq!(kind, crate::failure::FailureKind::StateLimit);
+        assert!(message.contains("state.max_total_bytes"), "{message}");
+        let mut none = CallState::new(None, "is not available to events of a retry topic");
+        none.set("k".into(), b"1".to_vec());
+        assert_eq!(
+            none.finish().unwrap_err().0,
+            crate::failure::FailureKind::StateUnavailable
+        );
+    }
+
+    #[test]
+    fn expired_values_are_not_seen() {
+        let (_dir, store) = store();
+        let mut k = scope_prefix("h", "t", 0);
+        k.push(b'a');
+        let mut v = 1u64.to_be_bytes().to_vec(); // expired long ago
+        v.push(b'x');
+        let w = Write {
+            key: k.clone(),
+            value: Some(v),
+            delta: 0,
+        };
+        store.persist([], 0, &[&w]).unwrap();
+        assert_eq!(store.get(&k).unwrap(), None);
+        assert!(decode_value(&encode_value(b"y", Some(Duration::from_secs(60)))).is_some());
+    }
+}
