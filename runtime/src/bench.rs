@@ -71,6 +71,14 @@ pub struct BenchArgs {
     /// passthrough, then each mode's end-to-end latency; 0: none.
     #[arg(long, default_value_t = 0)]
     delivery_rounds: usize,
+    /// Rounds of the handler-state measure: a stateless trivial handler vs
+    /// `state-counter` (one get and one set per event); 0: none.
+    #[arg(long, default_value_t = 0)]
+    state_rounds: usize,
+    /// Restore time of one partition's handler state holding this many
+    /// keys (comma-separated counts, e.g. 10000,100000).
+    #[arg(long, value_delimiter = ',')]
+    restore_state: Vec<usize>,
 }
 
 mod baselines;
@@ -80,6 +88,7 @@ mod fleet;
 mod latency;
 mod load;
 mod micro;
+mod state;
 use baselines::{baseline, passthrough};
 use load::{create_topics, produce, sample};
 use micro::OtlpSink;
@@ -286,7 +295,16 @@ pub async fn run(args: BenchArgs) -> Result<()> {
                 Variant::ConsumeOnly => baseline(&args.brokers, &topic, args.events).await?,
                 Variant::Passthrough => passthrough(&args.brokers, &topic, args.events).await?,
                 Variant::Weir { .. } => {
-                    weir(&args, &topic, &echo, v, &sink, args.extra_config.as_deref()).await?
+                    weir(
+                        &args,
+                        &topic,
+                        &echo,
+                        v,
+                        &sink,
+                        args.extra_config.as_deref(),
+                        &[],
+                    )
+                    .await?
                 }
             };
             let run = match v {
@@ -365,6 +383,12 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     }
     if args.delivery_rounds > 0 {
         delivery::run(&args, &topic, &echo, &sink).await?;
+    }
+    if args.state_rounds > 0 {
+        state::run(&args, &topic, &echo, &sink, args.state_rounds).await?;
+    }
+    if !args.restore_state.is_empty() {
+        state::restore(&args, &args.restore_state).await?;
     }
 
     micro::print(&args, &echo, &sink).await
@@ -496,9 +520,15 @@ async fn weir(
     v: Variant,
     sink: &OtlpSink,
     extra: Option<&str>,
+    handler_config: &[(&str, &str)],
 ) -> Result<Run> {
     let dir = tempfile::tempdir()?;
-    let config = echo_config(&args.brokers, topic, echo, v, &sink.url, extra, dir.path())?;
+    let mut config = echo_config(&args.brokers, topic, echo, v, &sink.url, extra, dir.path())?;
+    for (k, v) in handler_config {
+        config.handlers[0]
+            .config
+            .insert(k.to_string(), v.to_string());
+    }
     let stats = Arc::new(Stats {
         handle_micros: Some(Mutex::new(hdrhistogram::Histogram::new(3)?)),
         ..Stats::default()

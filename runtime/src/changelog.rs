@@ -213,7 +213,10 @@ impl Changelog {
     }
 
     /// Counts a state delivery that failed.
-    pub fn state_delivered(&self, result: &rdkafka::producer::future_producer::OwnedDeliveryResult) {
+    pub fn state_delivered(
+        &self,
+        result: &rdkafka::producer::future_producer::OwnedDeliveryResult,
+    ) {
         if let Err((e, m)) = result {
             error!(topic = %self.state_topic, partition = m.partition(), error = %e,
                 "a state write was not written to the changelog; another instance taking the partition would not see it");
@@ -281,9 +284,10 @@ impl Changelog {
         if let Some(state) = state {
             let started = Instant::now();
             let target = self.state_partition_of(partition);
-            r.state_writes = self.retrying(&self.state_topic, target, fence, stop, health, || {
-                self.try_restore_state(state, topic, partition, fence, stop)
-            })?;
+            r.state_writes =
+                self.retrying(&self.state_topic, target, fence, stop, health, || {
+                    self.try_restore_state(state, topic, partition, fence, stop)
+                })?;
             r.state_took = started.elapsed();
             if let Some(m) = &self.metrics {
                 m.state_restore_seconds.observe(r.state_took.as_secs_f64());
@@ -445,7 +449,16 @@ impl Changelog {
             }
             Ok(())
         };
-        let done = self.replay(dedup, (topic, target), (&mark, partition), fence, stop, from, apply, &flush)?;
+        let done = self.replay(
+            dedup,
+            (topic, target),
+            (&mark, partition),
+            fence,
+            stop,
+            from,
+            apply,
+            &flush,
+        )?;
         Ok(done.map(|()| applied))
     }
 
@@ -468,8 +481,12 @@ impl Changelog {
                 });
             }
         }
-        warn!(topic = input, partition, keys = deletes.len(),
-            "the local state of this partition is restored from the changelog's start");
+        warn!(
+            topic = input,
+            partition,
+            keys = deletes.len(),
+            "the local state of this partition is restored from the changelog's start"
+        );
         state.persist([], 0, &deletes.iter().collect::<Vec<_>>())
     }
 

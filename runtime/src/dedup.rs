@@ -15,7 +15,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use rocksdb::compaction_filter::Decision;
-use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, IteratorMode, Options, WriteBatch, WriteOptions, DB};
+use rocksdb::{
+    ColumnFamily, ColumnFamilyDescriptor, IteratorMode, Options, WriteBatch, WriteOptions, DB,
+};
 
 /// The column family of the handlers' state (`crate::state`), in the same
 /// store so an event's mark and its state writes are one write batch.
@@ -118,7 +120,9 @@ impl Dedup {
 
     /// The state column family.
     pub(crate) fn state_cf(&self) -> &ColumnFamily {
-        self.db.cf_handle(STATE_CF).expect("opened with the state column family")
+        self.db
+            .cf_handle(STATE_CF)
+            .expect("opened with the state column family")
     }
 
     pub(crate) fn db(&self) -> &DB {

@@ -218,8 +218,9 @@ pub async fn run(args: DevArgs) -> Result<()> {
         ],
     );
     config.validate()?;
-    // The mock cluster cannot create topics: the changelog is made here.
+    // The mock cluster cannot create topics: the changelogs are made here.
     mock.create_topic(&crate::changelog::topic_name(&config), PARTITIONS, 1)?;
+    mock.create_topic(&config.state_topic(), PARTITIONS, 1)?;
     let engine = PluginEngine::new()?;
     let handlers = crate::load_handlers(&engine, &config)?;
     for h in &handlers {
@@ -335,6 +336,7 @@ async fn run_own(args: &DevArgs, wasm: &Path) -> Result<()> {
     config.validate()?;
     let most = inputs.iter().map(|(_, p)| *p).max().unwrap_or(1);
     mock.create_topic(&crate::changelog::topic_name(&config), most, 1)?;
+    mock.create_topic(&config.state_topic(), most, 1)?;
     let engine = PluginEngine::new()?;
     let handlers = crate::load_handlers(&engine, &config)?;
     let h = &handlers[0];

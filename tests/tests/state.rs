@@ -25,8 +25,14 @@ fn count_of(m: &OwnedMessage) -> (String, u64, String) {
 /// The handler's state as `weir state list` prints it from the changelog:
 /// key → count.
 fn state_list(config_path: &str, handler: &str) -> BTreeMap<String, u64> {
-    let (ok, out, err) =
-        run_weir_output(&["state", "list", "--config", config_path, "--handler", handler]);
+    let (ok, out, err) = run_weir_output(&[
+        "state",
+        "list",
+        "--config",
+        config_path,
+        "--handler",
+        handler,
+    ]);
     assert!(ok, "weir state list: {err}");
     out.lines()
         .filter(|l| !l.is_empty())
@@ -77,7 +83,7 @@ async fn counts_through_a_crash_storm(exactly_once: bool) -> anyhow::Result<()> 
     let group = unique("state-storm-group");
     let base = config_toml(
         &group,
-        &[HandlerSpec::new("counter", "state-counter", &input)],
+        &[HandlerSpec::new("counter", "state-counter", &input).config("delay_ms", "1")],
     )
     .replace("commit_interval_ms = 200", "commit_interval_ms = 100");
     let configs: Vec<String> = (0..2)
@@ -133,9 +139,15 @@ async fn counts_through_a_crash_storm(exactly_once: bool) -> anyhow::Result<()> 
         visible.len()
     );
     assert_eq!(got.len(), want.len(), "every key has a count");
-    assert!(below.is_empty(), "seed={seed}: counts below their events: {below:?}");
+    assert!(
+        below.is_empty(),
+        "seed={seed}: counts below their events: {below:?}"
+    );
     if exactly_once {
-        assert!(above.is_empty(), "seed={seed}: counts above their events: {above:?}");
+        assert!(
+            above.is_empty(),
+            "seed={seed}: counts above their events: {above:?}"
+        );
         // Each event's output once, with the count it made.
         assert_eq!(visible.len(), N, "seed={seed}");
         let mut last: HashMap<String, u64> = HashMap::new();
@@ -165,7 +177,8 @@ async fn counts_are_never_below_their_events_through_a_crash_storm_at_least_once
 /// A key's events: a success, an attempt that writes then fails (retried
 /// in place), an event that writes then fails fatally (dead-lettered),
 /// a success. The retry sees the state before the failed attempt; the dead
-/// letter changes nothing.
+/// letter changes nothing. `weir state get` reads the count, `weir state
+/// reset` empties it.
 #[tokio::test(flavor = "multi_thread")]
 async fn failed_attempts_and_dead_letters_leave_the_state_unchanged() -> anyhow::Result<()> {
     let _one = ONE_AT_A_TIME.lock().await;
@@ -203,13 +216,47 @@ async fn failed_attempts_and_dead_letters_leave_the_state_unchanged() -> anyhow:
     );
     let dead = read_all(&dlq)?;
     assert_eq!(dead.len(), 1);
-    assert_eq!(header(&dead[0], "weir-error-kind").as_deref(), Some("fatal"));
+    assert_eq!(
+        header(&dead[0], "weir-error-kind").as_deref(),
+        Some("fatal")
+    );
     assert_eq!(state_list(&config_path, "counter").get("a"), Some(&3));
     let (ok, out, err) = run_weir_output(&[
-        "state", "get", "--config", &config_path, "--handler", "counter", "--key", "a",
+        "state",
+        "get",
+        "--config",
+        &config_path,
+        "--handler",
+        "counter",
+        "--key",
+        "a",
     ]);
     assert!(ok, "{err}");
     assert_eq!(out.trim(), "3");
+    // A deliberate reset (every instance stopped): the state starts empty,
+    // and the next event counts from 1.
+    let (ok, out, err) = run_weir_output(&[
+        "state",
+        "reset",
+        "--config",
+        &config_path,
+        "--handler",
+        "counter",
+        "--yes",
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("deleted 1 keys"), "{out}");
+    assert!(state_list(&config_path, "counter").is_empty());
+    produce(&input, &events[..1]).await?;
+    let weir = Weir::start(&config)?;
+    await_committed_to_end(&group, &input, 1, Duration::from_secs(60)).await?;
+    assert!(weir.terminate(Duration::from_secs(30)).await?.success());
+    let counts: Vec<u64> = read_all(&output)?.iter().map(|m| count_of(m).1).collect();
+    assert_eq!(
+        counts,
+        [1, 2, 3, 1],
+        "counted from an empty state after the reset"
+    );
     Ok(())
 }
 
@@ -280,8 +327,7 @@ async fn state_follows_its_partition_to_another_instance() -> anyhow::Result<()>
 /// `state-limit` (dead-lettered); the events around them count on as if
 /// the failed ones had never written.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_handler_over_its_state_limits_fails_with_the_state_limit_class() -> anyhow::Result<()>
-{
+async fn a_handler_over_its_state_limits_fails_with_the_state_limit_class() -> anyhow::Result<()> {
     let _one = ONE_AT_A_TIME.lock().await;
     let input = unique("state-limit-in");
     let output = format!("{input}.counts");
@@ -333,7 +379,10 @@ async fn a_handler_over_its_state_limits_fails_with_the_state_limit_class() -> a
         .collect();
     println!("dead letters: {kinds:?}\n{messages:#?}\nstate bytes: {bytes}");
     assert!(kinds.iter().all(|k| k == "state-limit"), "{kinds:?}");
-    assert!(messages[0].contains("state.max_value_bytes"), "{messages:?}");
+    assert!(
+        messages[0].contains("state.max_value_bytes"),
+        "{messages:?}"
+    );
     assert!(
         messages[1..]
             .iter()

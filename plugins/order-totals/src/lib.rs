@@ -67,7 +67,11 @@ pub fn handle(event: Event) -> HandlerResult {
     let refund = match event.event_type.as_str() {
         "order.placed" => false,
         "order.refunded" => true,
-        other => return Err(HandlerError::fatal(format!("unexpected event type {other:?}"))),
+        other => {
+            return Err(HandlerError::fatal(format!(
+                "unexpected event type {other:?}"
+            )))
+        }
     };
     let order: OrderEvent = event.decode()?;
     let key = format!("customer:{}", order.customer_id);
@@ -100,9 +104,12 @@ pub fn handle(event: Event) -> HandlerResult {
         to: after.into(),
         total_cents: customer.total_cents,
     };
-    Ok(vec![
-        Output::json(&topic, "customer.tier-changed", &changed)?.with_key(order.customer_id)
-    ])
+    Ok(vec![Output::json(
+        &topic,
+        "customer.tier-changed",
+        &changed,
+    )?
+    .with_key(order.customer_id)])
 }
 
 weir_sdk::handler!(handle);
@@ -124,13 +131,20 @@ mod tests {
 
     #[test]
     fn a_total_crossing_a_threshold_changes_the_tier_once() {
-        assert!(testing::call(handle, order("order.placed", "o-1", 6_000)).unwrap().is_empty());
+        assert!(testing::call(handle, order("order.placed", "o-1", 6_000))
+            .unwrap()
+            .is_empty());
         let out = testing::call(handle, order("order.placed", "o-2", 6_000)).unwrap();
         let changed: TierChanged = serde_json::from_slice(&out[0].payload).unwrap();
-        assert_eq!((changed.from.as_str(), changed.to.as_str()), ("standard", "silver"));
+        assert_eq!(
+            (changed.from.as_str(), changed.to.as_str()),
+            ("standard", "silver")
+        );
         assert_eq!(out[0].event_type, "customer.tier-changed");
         // The same order again (a new envelope id) is not counted twice.
-        assert!(testing::call(handle, order("order.placed", "o-2", 6_000)).unwrap().is_empty());
+        assert!(testing::call(handle, order("order.placed", "o-2", 6_000))
+            .unwrap()
+            .is_empty());
         let c: Customer = state::get("customer:c-1").unwrap().unwrap();
         assert_eq!((c.total_cents, c.orders), (12_000, 2));
         // A refund takes it back below.

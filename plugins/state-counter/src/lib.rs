@@ -7,7 +7,7 @@
 //! its first attempt; `fatal` writes, then fails fatally (dead-lettered);
 //! `big` writes a value of `big_bytes` bytes (config, default 100,000);
 //! `grow` writes a new key of 1,000 bytes named after the event id. Config
-//! `raw = "true"` skips JSON: one get and one set of an 8-byte counter (the
+//! `delay_ms` sleeps per event (a slow handler); `raw = "true"` skips JSON: one get and one set of an 8-byte counter (the
 //! benchmark's small value).
 
 use serde::{Deserialize, Serialize};
@@ -24,6 +24,9 @@ pub struct Count {
 /// Counts one event.
 pub fn handle(event: Event) -> HandlerResult {
     let key = String::from_utf8_lossy(event.key.as_deref().unwrap_or(b"-")).into_owned();
+    if let Some(ms) = weir_sdk::config("delay_ms").and_then(|v| v.parse().ok()) {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
     if weir_sdk::config("raw").as_deref() == Some("true") {
         let n = state::get_raw(&key)
             .and_then(|v| v.try_into().ok())
@@ -59,7 +62,11 @@ pub fn handle(event: Event) -> HandlerResult {
         count,
         id: event.id,
     };
-    Ok(vec![Output::raw(&topic, serde_json::to_vec(&out).map_err(HandlerError::fatal)?).with_key(key)])
+    Ok(vec![Output::raw(
+        &topic,
+        serde_json::to_vec(&out).map_err(HandlerError::fatal)?,
+    )
+    .with_key(key)])
 }
 
 weir_sdk::handler!(handle);
@@ -70,7 +77,9 @@ mod tests {
     use weir_sdk::testing;
 
     fn count(out: &[Output]) -> u64 {
-        serde_json::from_slice::<Count>(&out[0].payload).unwrap().count
+        serde_json::from_slice::<Count>(&out[0].payload)
+            .unwrap()
+            .count
     }
 
     #[test]

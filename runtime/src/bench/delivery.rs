@@ -76,7 +76,7 @@ pub(super) async fn run(args: &BenchArgs, topic: &str, echo: &Path, sink: &OtlpS
                 }
                 Some(i) => {
                     let extra = modes[i].config();
-                    let run = weir(args, topic, echo, ECHO, sink, Some(&extra)).await?;
+                    let run = weir(args, topic, echo, ECHO, sink, Some(&extra), &[]).await?;
                     rates[i] = run.rate();
                     eprintln!(
                         "delivery round {}: {} {:.0} events/s",

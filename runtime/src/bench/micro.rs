@@ -120,8 +120,7 @@ fn call_cost(
             1,
             "",
             crate::state::CallState::new(None, "is not available in this benchmark"),
-        )
-        {
+        ) {
             bail!("benchmark call failed: {kind}: {m}");
         }
     }

@@ -36,9 +36,9 @@ mod bindings {
     wasmtime::component::bindgen!({ world: "handler", path: "../wit" });
 }
 
+use crate::state::{CallState, Write};
 use bindings::weir::plugin::host::{self, Level};
 use bindings::weir::plugin::state as wit_state;
-use crate::state::{CallState, Write};
 use bindings::weir::plugin::types as wit;
 use bindings::{Handler, HandlerPre};
 

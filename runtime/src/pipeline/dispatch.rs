@@ -277,7 +277,9 @@ impl PartitionWorker {
                 Verdict::Outputs(outputs, writes) => {
                     // Visible to the partition's next events at once; in the
                     // store with the event's mark.
-                    self.overlay.put(&writes, offset);
+                    if let Some(scope) = &self.scopes[i] {
+                        self.overlay.put(&scope.handler, &writes, offset);
+                    }
                     state.extend(writes);
                     event_log!(
                         debug,

@@ -270,9 +270,7 @@ impl Finalizer {
                 // Nothing is marked once the partition is fenced off. The
                 // state writes go in the same write batch as the marks.
                 let write = || match &self.shared.state {
-                    Some(state) if !writes.is_empty() => {
-                        state.persist(keys.clone(), at, &writes)
-                    }
+                    Some(state) if !writes.is_empty() => state.persist(keys.clone(), at, &writes),
                     _ => dedup.mark_at(keys.clone(), at),
                 };
                 let Some(written) = self.fence.pass(write) else {

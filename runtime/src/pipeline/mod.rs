@@ -45,7 +45,6 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
 
 use crate::changelog::Changelog;
-use crate::state::{Overlay, StateStore};
 use crate::config::Config;
 use crate::dedup::Dedup;
 use crate::deploy::Slot;
@@ -56,6 +55,7 @@ use crate::handler::LoadedHandler;
 use crate::kafka::{consumer_config, ensure_topics};
 use crate::metrics::{HandlerMetrics, Health, Metrics};
 use crate::publish::Publisher;
+use crate::state::{Overlay, StateStore};
 use crate::telemetry::Tracing;
 use commit::commit_sync;
 use finalizer::{Finalizer, Step};

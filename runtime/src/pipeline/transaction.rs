@@ -583,9 +583,7 @@ impl Transactions {
                         }
                         Err(wait) if wait == QUEUE_FULL_WAIT => std::thread::sleep(wait),
                         Err(_) => {
-                            return Err(Failure::Abort(
-                                "cannot write the state changelog".into(),
-                            ))
+                            return Err(Failure::Abort("cannot write the state changelog".into()))
                         }
                     }
                 }

@@ -56,7 +56,7 @@ pub(super) struct PartitionWorker {
     pub(super) overlay: Arc<Overlay>,
     /// Each handler's state scope for this partition (made at its first
     /// call, again after a deploy).
-    scopes: Vec<Option<Arc<Scope>>>,
+    pub(super) scopes: Vec<Option<Arc<Scope>>>,
 }
 
 /// A bounded set of recently handled idempotency keys, oldest evicted
@@ -180,7 +180,7 @@ impl PartitionWorker {
             Arc::new(Scope {
                 store: store.clone(),
                 overlay: self.overlay.clone(),
-                handler: h.name.clone(),
+                handler: h.name.as_str().into(),
                 prefix: crate::state::scope_prefix(&h.name, &self.tp.0, self.tp.1),
                 limits: h.config_entry.state.clone(),
             })

@@ -203,7 +203,10 @@ fn read_changelog(config: &Config, which: &Which) -> Result<Entries> {
     let topic = config.state_topic();
     let mut client = client_config(config, &Default::default());
     client
-        .set("group.id", format!("{}.weir-state-cli", config.kafka.group_id))
+        .set(
+            "group.id",
+            format!("{}.weir-state-cli", config.kafka.group_id),
+        )
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
         .set("isolation.level", "read_committed");

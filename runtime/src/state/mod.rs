@@ -136,7 +136,10 @@ impl StateStore {
     /// The state in `dedup`'s store, its totals counted.
     pub fn open(dedup: Arc<Dedup>, metrics: Option<Arc<Metrics>>) -> Result<StateStore> {
         let mut totals: HashMap<String, Totals> = HashMap::new();
-        for item in dedup.db().iterator_cf(dedup.state_cf(), IteratorMode::Start) {
+        for item in dedup
+            .db()
+            .iterator_cf(dedup.state_cf(), IteratorMode::Start)
+        {
             let (k, v) = item.context("reading the state store")?;
             let handler = split_key(&k).map_or("", |s| s.0);
             let t = totals.entry(handler.to_owned()).or_default();
@@ -212,12 +215,13 @@ impl StateStore {
     }
 
     pub(crate) fn add_pending(&self, handler: &str, delta: i64) {
-        *self
-            .pending
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .entry(handler.to_owned())
-            .or_default() += delta;
+        let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        match pending.get_mut(handler) {
+            Some(p) => *p += delta,
+            None => {
+                pending.insert(handler.to_owned(), delta);
+            }
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Totals>> {
@@ -291,7 +295,7 @@ impl StateStore {
 pub struct Scope {
     pub store: Arc<StateStore>,
     pub overlay: Arc<Overlay>,
-    pub handler: String,
+    pub handler: Arc<str>,
     pub prefix: Vec<u8>,
     pub limits: StateConfig,
 }
@@ -322,6 +326,9 @@ pub struct CallState {
     unavailable: &'static str,
     /// The call's writes, by key (None: deleted).
     buffer: BTreeMap<String, Option<Vec<u8>>>,
+    /// Bytes (key and stored value) of the values the call read from its
+    /// scope, by key (0: none), so the writes' sizes need no second read.
+    read: HashMap<String, i64>,
     /// The first limit the call went past, or a store error.
     failed: Option<(crate::failure::FailureKind, String)>,
 }
@@ -332,8 +339,14 @@ impl CallState {
             scope,
             unavailable,
             buffer: BTreeMap::new(),
+            read: HashMap::new(),
             failed: None,
         }
+    }
+
+    /// The scope of the call, if it has one.
+    pub fn handler(&self) -> Option<&Arc<str>> {
+        self.scope.as_ref().map(|s| &s.handler)
     }
 
     fn scope(&mut self) -> Option<&Arc<Scope>> {
@@ -351,8 +364,13 @@ impl CallState {
             return v.clone();
         }
         let scope = self.scope()?.clone();
-        match scope.visible(&scope.store_key(key)) {
-            Ok(v) => v.and_then(|v| decode_value(&v).map(<[u8]>::to_vec)),
+        let full = scope.store_key(key);
+        match scope.visible(&full) {
+            Ok(v) => {
+                let bytes = v.as_ref().map_or(0, |v| (full.len() + v.len()) as i64);
+                self.read.insert(key.to_owned(), bytes);
+                v.and_then(|v| decode_value(&v).map(<[u8]>::to_vec))
+            }
             Err(e) => {
                 self.store_error(e);
                 None
@@ -392,7 +410,12 @@ impl CallState {
         true
     }
 
-    pub fn scan(&mut self, prefix: &str, after: Option<&str>, limit: u32) -> Vec<(String, Vec<u8>)> {
+    pub fn scan(
+        &mut self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Vec<(String, Vec<u8>)> {
         let Some(scope) = self.scope().cloned() else {
             return Vec::new();
         };
@@ -404,10 +427,7 @@ impl CallState {
         let overlaid = scope.overlay.with_prefix(&full_prefix);
         let mut merged: BTreeMap<String, Vec<u8>> = BTreeMap::new();
         let want = limit + overlaid.len() + self.buffer.len();
-        let stored = match scope
-            .store
-            .scan(&full_prefix, full_after.as_deref(), want)
-        {
+        let stored = match scope.store.scan(&full_prefix, full_after.as_deref(), want) {
             Ok(s) => s,
             Err(e) => {
                 self.store_error(e);
@@ -468,16 +488,19 @@ impl CallState {
         let ttl = scope.limits.ttl_secs.map(Duration::from_secs);
         let mut delta: i64 = 0;
         let mut writes = Vec::with_capacity(self.buffer.len());
-        for (key, value) in std::mem::take(&mut self.buffer) {
-            let key = scope.store_key(&key);
-            let old = match scope.visible(&key) {
-                Ok(old) => old.map_or(0, |v| (key.len() + v.len()) as i64),
-                Err(e) => {
-                    return Err((
-                        crate::failure::FailureKind::StateUnavailable,
-                        format!("cannot read the state store: {e:#}"),
-                    ))
-                }
+        for (user_key, value) in std::mem::take(&mut self.buffer) {
+            let key = scope.store_key(&user_key);
+            let old = match self.read.get(&user_key) {
+                Some(bytes) => *bytes,
+                None => match scope.visible(&key) {
+                    Ok(old) => old.map_or(0, |v| (key.len() + v.len()) as i64),
+                    Err(e) => {
+                        return Err((
+                            crate::failure::FailureKind::StateUnavailable,
+                            format!("cannot read the state store: {e:#}"),
+                        ))
+                    }
+                },
             };
             let value = value.map(|v| encode_value(&v, ttl));
             let d = value.as_ref().map_or(0, |v| (key.len() + v.len()) as i64) - old;
@@ -525,12 +548,18 @@ impl Scratch {
     }
 
     /// The state a call of `handler` on an event of `topic`/`partition` sees.
-    pub fn call(&self, handler: &str, limits: &StateConfig, topic: &str, partition: i32) -> CallState {
+    pub fn call(
+        &self,
+        handler: &str,
+        limits: &StateConfig,
+        topic: &str,
+        partition: i32,
+    ) -> CallState {
         CallState::new(
             Some(Arc::new(Scope {
                 store: self.store.clone(),
                 overlay: self.overlay.clone(),
-                handler: handler.to_owned(),
+                handler: handler.into(),
                 prefix: scope_prefix(handler, topic, partition),
                 limits: limits.clone(),
             })),
@@ -540,7 +569,8 @@ impl Scratch {
 
     /// Keeps a successful call's writes.
     pub fn keep(&self, writes: &[Write]) -> Result<()> {
-        self.store.persist([], 0, &writes.iter().collect::<Vec<_>>())
+        self.store
+            .persist([], 0, &writes.iter().collect::<Vec<_>>())
     }
 
     /// Every (key, value) of `handler`'s state, for printing.
@@ -595,13 +625,15 @@ mod tests {
         call.set("a".into(), b"1".to_vec());
         assert_eq!(call.get("a"), Some(b"1".to_vec()));
         let writes = call.finish().unwrap();
-        s.overlay.put(&writes, 10);
+        s.overlay.put(&s.handler, &writes, 10);
         let mut next = CallState::new(Some(s.clone()), "");
         assert_eq!(next.get("a"), Some(b"1".to_vec()), "the overlay");
         next.delete("a".into());
         assert_eq!(next.get("a"), None);
         drop(next); // a failed call: its delete is dropped
-        store.persist([], 0, &writes.iter().collect::<Vec<_>>()).unwrap();
+        store
+            .persist([], 0, &writes.iter().collect::<Vec<_>>())
+            .unwrap();
         s.overlay.persisted(10);
         assert!(s.overlay.is_empty());
         let mut later = CallState::new(Some(s.clone()), "");

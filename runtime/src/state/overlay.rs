@@ -5,7 +5,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use super::{split_key, StateStore, Write};
+use super::{StateStore, Write};
 
 /// Store key → (stored value, None when deleted; offset of the event that
 /// wrote it last).
@@ -18,8 +18,9 @@ type Entries = HashMap<Vec<u8>, (Option<Vec<u8>>, i64)>;
 #[derive(Default)]
 pub struct Overlay {
     entries: Mutex<Entries>,
-    /// (offset, handler, bytes) of the writes not in the store yet.
-    pending: Mutex<VecDeque<(i64, String, i64)>>,
+    /// (offset, handler, bytes) of the events' writes not in the store yet,
+    /// one entry per event and handler.
+    pending: Mutex<VecDeque<(i64, Arc<str>, i64)>>,
     store: Option<Arc<StateStore>>,
 }
 
@@ -37,7 +38,7 @@ impl Overlay {
         self.entries.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn lock_pending(&self) -> MutexGuard<'_, VecDeque<(i64, String, i64)>> {
+    fn lock_pending(&self) -> MutexGuard<'_, VecDeque<(i64, Arc<str>, i64)>> {
         self.pending.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -47,21 +48,22 @@ impl Overlay {
         self.lock().get(key).map(|(v, _)| v.clone())
     }
 
-    /// Adds the writes of the event at `offset`.
-    pub fn put(&self, writes: &[Write], offset: i64) {
+    /// Adds the writes of handler `handler`'s call on the event at `offset`.
+    pub fn put(&self, handler: &Arc<str>, writes: &[Write], offset: i64) {
         if writes.is_empty() {
             return;
         }
         let mut entries = self.lock();
-        let mut pending = self.lock_pending();
+        let mut delta = 0;
         for w in writes {
             entries.insert(w.key.clone(), (w.value.clone(), offset));
-            if let (Some(store), Some((handler, ..))) = (&self.store, split_key(&w.key)) {
-                if w.delta != 0 {
-                    store.add_pending(handler, w.delta);
-                    pending.push_back((offset, handler.to_owned(), w.delta));
-                }
-            }
+            delta += w.delta;
+        }
+        drop(entries);
+        if let (Some(store), true) = (&self.store, delta != 0) {
+            store.add_pending(handler, delta);
+            self.lock_pending()
+                .push_back((offset, handler.clone(), delta));
         }
     }
 
