@@ -265,6 +265,14 @@ impl Finalizer {
             let keys = batch.iter().flat_map(|p| p.marks.iter().map(Vec::as_slice));
             let at = crate::dedup::now_ms();
             let writes: Vec<&Write> = batch.iter().flat_map(|p| &p.state).collect();
+            // The state writes are in the changelog (acknowledged) before
+            // they are in the store, and before the marks and the offsets:
+            // the changelog never holds less than a store, so a restore
+            // never takes a key back, and an instance that takes the
+            // partition over finds an event's writes, or handles it again.
+            if !writes.is_empty() && !self.write_state(&writes).await {
+                return false;
+            }
             let mut backoff = Duration::from_millis(100);
             loop {
                 // Nothing is marked once the partition is fenced off. The
@@ -285,12 +293,6 @@ impl Finalizer {
             }
             if let Some(last) = batch.last() {
                 self.overlay.persisted(last.offset);
-            }
-            // The state writes are in the changelog before the marks and
-            // the offsets: an instance that takes the partition over either
-            // finds an event's mark and its writes, or handles it again.
-            if !writes.is_empty() && !self.write_state(&writes).await {
-                return false;
             }
             if let Some(changelog) = &self.shared.changelog {
                 loop {
