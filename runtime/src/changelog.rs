@@ -253,8 +253,7 @@ impl Changelog {
         &self,
         dedup: &Dedup,
         state: Option<&StateStore>,
-        topic: &str,
-        partition: i32,
+        (topic, partition): (&str, i32),
         fence: &Fence,
         stop: &AtomicBool,
         health: &Health,
@@ -422,7 +421,7 @@ impl Changelog {
         };
         let mut applied = 0u64;
         let pending = std::cell::RefCell::new(Vec::<Write>::new());
-        let flush = || -> Result<()> {
+        let flush = &|| -> Result<()> {
             let mut p = pending.borrow_mut();
             if !p.is_empty() {
                 state.persist([], 0, &p.iter().collect::<Vec<_>>())?;
@@ -457,7 +456,7 @@ impl Changelog {
             stop,
             from,
             apply,
-            &flush,
+            flush,
         )?;
         Ok(done.map(|()| applied))
     }

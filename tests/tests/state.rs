@@ -117,7 +117,11 @@ async fn counts_through_a_crash_storm(exactly_once: bool) -> anyhow::Result<()> 
         fleet.insert(i, Weir::start(&configs[i])?);
         println!(
             "kill {k}: instance {i} killed and started again ({})",
-            if i == 0 { "on its store" } else { "on an empty store" }
+            if i == 0 {
+                "on its store"
+            } else {
+                "on an empty store"
+            }
         );
     }
     await_committed_to_end(&group, &input, P, Duration::from_secs(300)).await?;

@@ -203,7 +203,7 @@ pub(super) async fn restore(args: &BenchArgs, counts: &[usize]) -> Result<()> {
             let fence = Fence::default();
             let (stop, health) = (Default::default(), Default::default());
             let r = tokio::task::block_in_place(|| {
-                changelog.restore(&store, None, "", 0, &fence, &stop, &health)
+                changelog.restore(&store, None, ("", 0), &fence, &stop, &health)
             })
             .context("restore")?;
             if r.marks != n as u64 {

@@ -155,7 +155,7 @@ pub(super) async fn restore(args: &BenchArgs, counts: &[usize]) -> Result<()> {
             let fence = Fence::default();
             let (stop, health) = (Default::default(), Default::default());
             let r = tokio::task::block_in_place(|| {
-                changelog.restore(&dedup, Some(&state), "bench", 0, &fence, &stop, &health)
+                changelog.restore(&dedup, Some(&state), ("bench", 0), &fence, &stop, &health)
             })
             .context("restore")?;
             if state.totals("counter").keys != n as i64 {

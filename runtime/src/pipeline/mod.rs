@@ -580,7 +580,7 @@ fn spawn_worker(
                 if let (Some(changelog), Some(dedup)) = (&shared.changelog, &shared.dedup) {
                     // A retry topic's events have no state.
                     let state = shared.state.as_deref().filter(|_| !is_retry);
-                    changelog.restore(dedup, state, &tp.0, tp.1, &fence, &stop, &shared.obs.health);
+                    changelog.restore(dedup, state, (&tp.0, tp.1), &fence, &stop, &shared.obs.health);
                 }
                 let worker =
                     PartitionWorker::new(shared, handlers, fence, is_retry, tp.clone(), overlay);

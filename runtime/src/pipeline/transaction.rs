@@ -68,6 +68,10 @@ enum Failure {
     Fatal(String),
 }
 
+/// A partition's state writes in a commit: its number, the writes, its
+/// overlay and its last event's offset.
+type PartWrites = (i32, Vec<Write>, Option<Arc<Overlay>>, i64);
+
 /// One partition's part of the open transaction.
 #[derive(Default)]
 struct Part {
@@ -396,7 +400,7 @@ impl Transactions {
         let mut offsets = TopicPartitionList::new();
         let mut marks: Vec<(i32, Vec<Vec<u8>>)> = Vec::new();
         // Per partition: its state writes, its overlay, its last event.
-        let mut writes_of: Vec<(i32, Vec<Write>, Option<Arc<Overlay>>, i64)> = Vec::new();
+        let mut writes_of: Vec<PartWrites> = Vec::new();
         let mut events = 0;
         {
             let mut parts = self.lock_parts();
@@ -562,10 +566,7 @@ impl Transactions {
 
     /// Enqueues the state writes of the transaction's events to the state
     /// changelog, the last of each key (part of the commit).
-    fn write_state_changelog(
-        &self,
-        state: &[(i32, Vec<Write>, Option<Arc<Overlay>>, i64)],
-    ) -> Result<(), Failure> {
+    fn write_state_changelog(&self, state: &[PartWrites]) -> Result<(), Failure> {
         let Some(changelog) = self.changelog.get() else {
             return Ok(());
         };

@@ -527,6 +527,9 @@ impl CallState {
     }
 }
 
+/// (topic, partition, key, value) of a handler's state.
+pub type Entry = (String, i32, String, Vec<u8>);
+
 /// A throwaway state store for runs outside the pipeline (`weir try`, a
 /// new version's sample events): state is kept across the calls of one
 /// run and gone after it.
@@ -574,7 +577,7 @@ impl Scratch {
     }
 
     /// Every (key, value) of `handler`'s state, for printing.
-    pub fn entries(&self, handler: &str) -> Result<Vec<(String, i32, String, Vec<u8>)>> {
+    pub fn entries(&self, handler: &str) -> Result<Vec<Entry>> {
         let mut prefix = handler.as_bytes().to_vec();
         prefix.push(0);
         Ok(self
