@@ -16,7 +16,7 @@
 // `option<T>` is T or undefined, a variant is `{ tag, val }`, and throwing a
 // variant value from `handle` returns it as the `err` of its result.
 
-import { config, log } from "weir:plugin/host@0.1.0";
+import { config, log } from "weir:plugin/host@0.1.1";
 
 const encoder = new TextEncoder();
 

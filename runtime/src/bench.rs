@@ -385,7 +385,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         delivery::run(&args, &topic, &echo, &sink).await?;
     }
     if args.state_rounds > 0 {
-        state::run(&args, &topic, &echo, &sink, args.state_rounds).await?;
+        state::run(&args, &topic, &sink, args.state_rounds).await?;
     }
     if !args.restore_state.is_empty() {
         state::restore(&args, &args.restore_state).await?;

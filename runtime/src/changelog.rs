@@ -185,6 +185,11 @@ impl Changelog {
         Ok(delivery)
     }
 
+    /// The state changelog topic.
+    pub fn state_topic(&self) -> &str {
+        &self.state_topic
+    }
+
     /// The state changelog partition of input partition `partition`.
     pub fn state_partition_of(&self, partition: i32) -> i32 {
         partition.rem_euclid(self.state_partitions)
@@ -373,9 +378,8 @@ impl Changelog {
             Ok(())
         };
         let done = self.replay(
-            dedup,
             (&self.topic, target),
-            (&self.topic, target),
+            |next| dedup.set_checkpoint(&self.topic, target, next),
             fence,
             stop,
             from,
@@ -395,14 +399,13 @@ impl Changelog {
         fence: &Fence,
         stop: &AtomicBool,
     ) -> Result<Option<u64>> {
-        let dedup = state.dedup();
         let topic = &self.state_topic;
         let target = self.state_partition_of(partition);
         // One checkpoint per input partition (they may share a changelog
-        // partition, each restored when it is assigned).
-        let mark = format!("{topic}\0{input}");
+        // partition, each restored when it is assigned), in the state's
+        // column family: it does not expire.
         let from = |low: i64, high: i64| -> Result<i64> {
-            match dedup.checkpoint_at(&mark, partition)? {
+            match state.checkpoint(topic, input, partition)? {
                 Some((c, at))
                     if c <= high
                         && at.saturating_add(STATE_CHECKPOINT_MAX_AGE_MS)
@@ -424,7 +427,7 @@ impl Changelog {
         let flush = &|| -> Result<()> {
             let mut p = pending.borrow_mut();
             if !p.is_empty() {
-                state.persist([], 0, &p.iter().collect::<Vec<_>>())?;
+                state.persist([], 0, &p.iter().collect::<Vec<_>>(), &[])?;
                 p.clear();
             }
             Ok(())
@@ -437,9 +440,13 @@ impl Changelog {
             if t != input || p != partition {
                 return Ok(());
             }
+            // A value that expired meanwhile is deleted.
+            let value = m
+                .payload()
+                .filter(|v| crate::state::decode_value(v).is_some());
             pending.borrow_mut().push(Write {
                 key: key.to_vec(),
-                value: m.payload().map(<[u8]>::to_vec),
+                value: value.map(<[u8]>::to_vec),
                 delta: 0,
             });
             applied += 1;
@@ -449,9 +456,8 @@ impl Changelog {
             Ok(())
         };
         let done = self.replay(
-            dedup,
             (topic, target),
-            (&mark, partition),
+            |next| state.set_checkpoint(topic, input, partition, next),
             fence,
             stop,
             from,
@@ -486,19 +492,18 @@ impl Changelog {
             keys = deletes.len(),
             "the local state of this partition is restored from the changelog's start"
         );
-        state.persist([], 0, &deletes.iter().collect::<Vec<_>>())
+        state.persist([], 0, &deletes.iter().collect::<Vec<_>>(), &[])
     }
 
     /// Reads `topic`/`target` from where `from` says (given the low and
     /// high watermarks) to its end, applying each record, then `flush`, and
-    /// keeps the checkpoint (under `checkpoint_at`); None when fenced off
+    /// keeps the checkpoint (with `set_checkpoint`); None when fenced off
     /// or stopped.
     #[allow(clippy::too_many_arguments)]
     fn replay(
         &self,
-        dedup: &Dedup,
         (topic, target): (&str, i32),
-        checkpoint_at: (&str, i32),
+        set_checkpoint: impl Fn(i64) -> Result<()>,
         fence: &Fence,
         stop: &AtomicBool,
         from: impl FnOnce(i64, i64) -> Result<i64>,
@@ -514,7 +519,7 @@ impl Changelog {
             .context("cannot read the changelog's offsets")?;
         let from = from(low, high)?;
         if from >= high {
-            dedup.set_checkpoint(checkpoint_at.0, checkpoint_at.1, high)?;
+            set_checkpoint(high)?;
             return Ok(Some(()));
         }
         let mut tpl = TopicPartitionList::new();
@@ -525,7 +530,7 @@ impl Changelog {
         let mut last_checkpoint = Instant::now();
         let checkpoint = |next: i64| -> Result<()> {
             flush()?;
-            dedup.set_checkpoint(checkpoint_at.0, checkpoint_at.1, next)
+            set_checkpoint(next)
         };
         // Reading committed records only, the end is where committed ones
         // stop: below another instance's open transaction (exactly-once)

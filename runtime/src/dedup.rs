@@ -28,6 +28,9 @@ pub struct Dedup {
     db: DB,
     path: PathBuf,
     retention_ms: u64,
+    /// The counts of the handlers' state, made once per process.
+    pub(crate) state_accounts:
+        std::sync::OnceLock<std::sync::Arc<std::sync::Mutex<crate::state::Accounts>>>,
 }
 
 /// Milliseconds since the Unix epoch: a mark's time.
@@ -106,6 +109,7 @@ impl Dedup {
             db,
             path: path.to_owned(),
             retention_ms,
+            state_accounts: Default::default(),
         })
     }
 
@@ -177,19 +181,6 @@ impl Dedup {
             .filter(|v| marked_at(v).saturating_add(self.retention_ms) >= now_ms())
             .and_then(|v| v.get(8..16)?.try_into().ok())
             .map(i64::from_be_bytes))
-    }
-
-    /// The checkpoint of `topic`/`partition` with when it was set (ms since
-    /// the epoch), however old.
-    pub fn checkpoint_at(&self, topic: &str, partition: i32) -> Result<Option<(i64, u64)>> {
-        let value = self
-            .db
-            .get_pinned(checkpoint_key(topic, partition))
-            .with_context(|| format!("reading the idempotency store at {}", self.path.display()))?;
-        Ok(value.and_then(|v| {
-            let next = i64::from_be_bytes(v.get(8..16)?.try_into().ok()?);
-            Some((next, marked_at(&v)))
-        }))
     }
 
     /// Records that the marks of `topic`/`partition` below `next` are here.

@@ -218,6 +218,17 @@ async fn failed_attempts_and_dead_letters_leave_the_state_unchanged() -> anyhow:
     let weir = Weir::start(&config)?;
     await_committed_to_end(&group, &input, 1, Duration::from_secs(60)).await?;
     let (_cli, config_path) = cli_config(&config);
+    // A reset is refused while an instance runs.
+    let (ok, _, err) = run_weir_output(&[
+        "state",
+        "reset",
+        "--config",
+        &config_path,
+        "--handler",
+        "counter",
+        "--yes",
+    ]);
+    assert!(!ok && err.contains("running member"), "{err}");
     assert!(weir.terminate(Duration::from_secs(30)).await?.success());
     let counts: Vec<u64> = read_all(&output)?.iter().map(|m| count_of(m).1).collect();
     println!("outputs: {counts:?}");
@@ -412,5 +423,64 @@ async fn a_handler_over_its_state_limits_fails_with_the_state_limit_class() -> a
         state_list(&config_path, "counter").get("a"),
         Some(&succeeded)
     );
+    Ok(())
+}
+
+/// With `state.ttl_secs`, a value not written again within it expires: it
+/// reads as absent at once, and the partition's next event deletes it from
+/// the store and the changelog (a tombstone), so it is no longer counted.
+#[tokio::test(flavor = "multi_thread")]
+async fn expired_values_read_as_absent_and_are_deleted() -> anyhow::Result<()> {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let input = unique("state-ttl-in");
+    let output = format!("{input}.counts");
+    for t in [&input, &output] {
+        create_topic(t, 1).await?;
+    }
+    let group = unique("state-ttl-group");
+    let config = config_toml(
+        &group,
+        &[HandlerSpec::new("counter", "state-counter", &input)
+            .extra("[handler.state]\nttl_secs = 2")],
+    );
+    let event = |key: &str| In {
+        key: Some(key.into()),
+        value: b"x".to_vec(),
+        headers: Vec::new(),
+    };
+    produce(&input, &[event("a"), event("b")]).await?;
+    let mut weir = Weir::start(&config)?;
+    let addr = weir.http_addr().await?;
+    await_committed_to_end(&group, &input, 1, Duration::from_secs(60)).await?;
+    let (_cli, config_path) = cli_config(&config);
+    assert_eq!(state_list(&config_path, "counter").len(), 2);
+    // Expired: `weir state list` (like a handler's read) no longer sees them.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !state_list(&config_path, "counter").is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the values did not expire"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    produce(&input, &[event("c"), event("a")]).await?;
+    await_committed_to_end(&group, &input, 1, Duration::from_secs(60)).await?;
+    let (_, metrics) = http_get(&addr, "/metrics").await?;
+    let keys = Scrape::parse(&metrics)?
+        .value("weir_state_keys", &[("handler", "counter")])
+        .unwrap_or(-1.0);
+    assert!(weir.terminate(Duration::from_secs(30)).await?.success());
+    let counts: Vec<u64> = read_all(&output)?.iter().map(|m| count_of(m).1).collect();
+    let tombstones = read_all(&format!("{group}.weir-state"))?
+        .iter()
+        .filter(|m| m.payload().is_none())
+        .count();
+    println!("counts {counts:?}, state keys {keys}, tombstones {tombstones}");
+    assert_eq!(counts, [1, 1, 1, 1], "an expired count starts again");
+    assert_eq!(
+        keys, 2.0,
+        "a and b were deleted; c and the new a are counted"
+    );
+    assert!(tombstones >= 2, "the deletes reached the changelog");
     Ok(())
 }

@@ -7,8 +7,10 @@
 //! its first attempt; `fatal` writes, then fails fatally (dead-lettered);
 //! `big` writes a value of `big_bytes` bytes (config, default 100,000);
 //! `grow` writes a new key of 1,000 bytes named after the event id. Config
-//! `delay_ms` sleeps per event (a slow handler); `raw = "true"` skips JSON: one get and one set of an 8-byte counter (the
-//! benchmark's small value).
+//! `delay_ms` sleeps per event (a slow handler); `raw = "true"` skips JSON
+//! and outputs: one get and one set of an 8-byte counter (the benchmark's
+//! small value); with `stateless = "true"` as well, not even those (the
+//! benchmark's baseline: the same module without state).
 
 use serde::{Deserialize, Serialize};
 use weir_sdk::{state, Event, HandlerError, HandlerResult, Output};
@@ -28,6 +30,9 @@ pub fn handle(event: Event) -> HandlerResult {
         std::thread::sleep(std::time::Duration::from_millis(ms));
     }
     if weir_sdk::config("raw").as_deref() == Some("true") {
+        if weir_sdk::config("stateless").as_deref() == Some("true") {
+            return Ok(Vec::new());
+        }
         let n = state::get_raw(&key)
             .and_then(|v| v.try_into().ok())
             .map_or(0, u64::from_le_bytes)

@@ -754,6 +754,34 @@ mod tests {
     }
 
     #[test]
+    fn state_limits_are_checked_naming_the_key() {
+        let state = |keys: &str| {
+            checked(
+                "",
+                &[&format!("topics = [\"in\"]\n[handler.state]\n{keys}")],
+            )
+            .unwrap_err()
+            .to_string()
+        };
+        for bad in ["max_value_bytes = 0", "max_value_bytes = 600000"] {
+            let e = state(bad);
+            assert!(
+                e.contains("handler[0] (\"h0\").state.max_value_bytes"),
+                "{e}"
+            );
+        }
+        let e = state("max_value_bytes = 1000\nmax_total_bytes = 999");
+        assert!(e.contains("state.max_total_bytes (999)"), "{e}");
+        assert!(state("ttl_secs = 0").contains("handler[0] (\"h0\").state.ttl_secs"));
+        assert!(state("ttl = 5").contains("unknown field `ttl`"));
+        checked(
+            "",
+            &["topics = [\"in\"]\n[handler.state]\nmax_value_bytes = 100\nttl_secs = 60"],
+        )
+        .unwrap();
+    }
+
+    #[test]
     fn observability_settings_are_checked_naming_the_key() {
         let bad = |extra: &str| {
             let c = Config::parse(&format!("{extra}\n{MINIMAL}")).unwrap();

@@ -63,6 +63,7 @@ impl PartitionWorker {
         let mut deliveries = Vec::new();
         let mut marks = Vec::new();
         let mut state = Vec::new();
+        self.sweep(offset, &mut state);
         let shared = self.shared.clone();
         let group = shared.config.kafka.group_id.as_str();
         let dedup_on = shared.dedup.is_some();

@@ -270,15 +270,22 @@ impl Finalizer {
             // the changelog never holds less than a store, so a restore
             // never takes a key back, and an instance that takes the
             // partition over finds an event's writes, or handles it again.
-            if !writes.is_empty() && !self.write_state(&writes).await {
-                return false;
+            let mut state_next = None;
+            if !writes.is_empty() {
+                match self.write_state(&writes).await {
+                    None => return false,
+                    Some(next) => state_next = next,
+                }
             }
             let mut backoff = Duration::from_millis(100);
             loop {
                 // Nothing is marked once the partition is fenced off. The
                 // state writes go in the same write batch as the marks.
+                let retire = [(&*self.overlay, batch.last().map_or(-1, |p| p.offset))];
                 let write = || match &self.shared.state {
-                    Some(state) if !writes.is_empty() => state.persist(keys.clone(), at, &writes),
+                    Some(state) if !writes.is_empty() => {
+                        state.persist(keys.clone(), at, &writes, &retire)
+                    }
                     _ => dedup.mark_at(keys.clone(), at),
                 };
                 let Some(written) = self.fence.pass(write) else {
@@ -291,8 +298,14 @@ impl Finalizer {
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(10));
             }
-            if let Some(last) = batch.last() {
-                self.overlay.persisted(last.offset);
+            // What a restore of the partition here can start from.
+            if let (Some(state), Some(changelog), Some(next)) =
+                (&self.shared.state, &self.shared.changelog, state_next)
+            {
+                let topic = changelog.state_topic();
+                if let Err(e) = state.set_checkpoint(topic, &self.tp.0, self.tp.1, next) {
+                    warn!(error = %format!("{e:#}"), "cannot keep the state checkpoint");
+                }
             }
             if let Some(changelog) = &self.shared.changelog {
                 loop {
@@ -334,42 +347,75 @@ impl Finalizer {
     }
 
     /// Publishes state writes to the state changelog (the last of each
-    /// key) and awaits them. False when fenced off meanwhile.
-    async fn write_state(&self, writes: &[&Write]) -> bool {
+    /// key) and awaits their acknowledgements; writes that were not
+    /// acknowledged are sent again (the partition waits: its store must
+    /// never hold what the changelog does not). The offset after the last
+    /// record (None without a changelog); None when fenced off meanwhile.
+    async fn write_state(&self, writes: &[&Write]) -> Option<Option<i64>> {
         let Some(changelog) = &self.shared.changelog else {
-            return true;
+            return Some(None);
         };
         let mut last: std::collections::HashMap<&[u8], &Write> = Default::default();
         for w in writes {
             last.insert(&w.key, w);
         }
-        let mut acks = ChangelogAcks::new();
-        for w in last.into_values() {
-            loop {
-                let write = || changelog.write_state(&self.shared.publisher, self.tp.1, w);
-                match self.fence.pass(write) {
-                    None => return false,
-                    Some(Ok(delivery)) => {
-                        acks.extend(delivery);
-                        break;
-                    }
-                    Some(Err(wait)) => tokio::time::sleep(wait).await,
-                }
-            }
-        }
+        let mut todo: Vec<&Write> = last.into_values().collect();
+        let mut next = -1;
+        let mut backoff = Duration::from_millis(100);
         loop {
-            tokio::select! {
-                r = acks.next() => match r {
-                    Some(Ok(result)) => changelog.state_delivered(&result),
-                    Some(Err(_)) => {}
-                    None => return true,
-                },
-                _ = tokio::time::sleep(Duration::from_millis(100)) => {
-                    if self.fence.is_closed() {
-                        return false;
+            let mut failed = Vec::new();
+            let mut acks = FuturesUnordered::new();
+            for w in todo {
+                loop {
+                    let write = || changelog.write_state(&self.shared.publisher, self.tp.1, w);
+                    match self.fence.pass(write) {
+                        None => return None,
+                        Some(Ok(Some(delivery))) => {
+                            acks.push(async move { (w, delivery.await) });
+                            break;
+                        }
+                        // Refused for good (logged and counted).
+                        Some(Ok(None)) => {
+                            failed.push(w);
+                            break;
+                        }
+                        Some(Err(wait)) => tokio::time::sleep(wait).await,
                     }
                 }
             }
+            loop {
+                tokio::select! {
+                    r = acks.next() => match r {
+                        Some((_, Ok(Ok(d)))) => next = next.max(d.offset + 1),
+                        Some((w, Ok(result))) => {
+                            changelog.state_delivered(&result);
+                            failed.push(w);
+                        }
+                        // The producer is gone: shutting down.
+                        Some((_, Err(_))) => return None,
+                        None => break,
+                    },
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {
+                        if self.fence.is_closed() {
+                            return None;
+                        }
+                    }
+                }
+            }
+            if failed.is_empty() {
+                return Some((next >= 0).then_some(next));
+            }
+            error!(topic = %self.tp.0, partition = self.tp.1, writes = failed.len(),
+                "state writes not in the changelog; sending them again (the partition waits)");
+            let until = tokio::time::Instant::now() + backoff;
+            while tokio::time::Instant::now() < until {
+                if self.fence.is_closed() {
+                    return None;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(10));
+            todo = failed;
         }
     }
 

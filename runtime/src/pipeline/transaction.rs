@@ -49,6 +49,7 @@ use crate::dedup::Dedup;
 use crate::metrics::{Health, Metrics};
 use crate::publish::{fenced_hint, Publisher, QUEUE_FULL_WAIT};
 use crate::state::{Overlay, StateStore, Write};
+use rdkafka::producer::DeliveryFuture;
 
 /// The `/readyz` problem of a failing transaction.
 const PROBLEM: &str = "transaction";
@@ -68,9 +69,17 @@ enum Failure {
     Fatal(String),
 }
 
-/// A partition's state writes in a commit: its number, the writes, its
-/// overlay and its last event's offset.
-type PartWrites = (i32, Vec<Write>, Option<Arc<Overlay>>, i64);
+/// A partition's state writes in a commit.
+struct PartWrites {
+    tp: TopicPartition,
+    writes: Vec<Write>,
+    overlay: Option<Arc<Overlay>>,
+    /// The offset of its last event in the transaction.
+    last: i64,
+    /// The deliveries of its state records (their offsets make the
+    /// partition's state checkpoint once committed).
+    deliveries: Vec<DeliveryFuture>,
+}
 
 /// One partition's part of the open transaction.
 #[derive(Default)]
@@ -407,12 +416,13 @@ impl Transactions {
             for ((topic, partition), part) in parts.iter_mut() {
                 events += part.events;
                 if !part.state.is_empty() {
-                    writes_of.push((
-                        *partition,
-                        std::mem::take(&mut part.state),
-                        part.overlay.clone(),
-                        part.last,
-                    ));
+                    writes_of.push(PartWrites {
+                        tp: (topic.clone(), *partition),
+                        writes: std::mem::take(&mut part.state),
+                        overlay: part.overlay.clone(),
+                        last: part.last,
+                        deliveries: Vec::new(),
+                    });
                 }
                 if let Some(o) = part.offsets.storable() {
                     if let Err(e) =
@@ -434,7 +444,7 @@ impl Transactions {
         let producer = self.publisher.producer();
         let result = (|| {
             self.write_changelog(&marks, at)?;
-            self.write_state_changelog(&writes_of)?;
+            self.write_state_changelog(&mut writes_of)?;
             if offsets.count() > 0 {
                 let Some(cgm) = cgm else {
                     return Err(Failure::Abort(
@@ -487,15 +497,21 @@ impl Transactions {
         );
         if let Some(dedup) = &self.dedup {
             let keys = marks.iter().flat_map(|(_, k)| k.iter().map(Vec::as_slice));
-            let writes: Vec<&Write> = writes_of.iter().flat_map(|(_, w, _, _)| w).collect();
+            let writes: Vec<&Write> = writes_of.iter().flat_map(|p| &p.writes).collect();
+            let retire: Vec<(&Overlay, i64)> = writes_of
+                .iter()
+                .filter_map(|p| Some((p.overlay.as_deref()?, p.last)))
+                .collect();
             let mut backoff = Duration::from_millis(50);
+            let mut written = false;
             for attempt in 1..=5 {
                 // The state writes in the same write batch as the marks.
-                let written = match self.state_store.get() {
-                    Some(s) if !writes.is_empty() => s.persist(keys.clone(), at, &writes),
+                let result = match self.state_store.get() {
+                    Some(s) if !writes.is_empty() => s.persist(keys.clone(), at, &writes, &retire),
                     _ => dedup.mark_at(keys.clone(), at),
                 };
-                let Err(e) = written else {
+                let Err(e) = result else {
+                    written = true;
                     break;
                 };
                 // They are in the changelog, restored with the partition.
@@ -503,10 +519,18 @@ impl Transactions {
                 std::thread::sleep(backoff);
                 backoff *= 2;
             }
-        }
-        for (_, _, overlay, last) in &writes_of {
-            if let Some(o) = overlay {
-                o.persisted(*last);
+            if !written && !writes.is_empty() {
+                // Later events would read the state as it was before this
+                // transaction: the pipeline rewinds, and its partitions'
+                // state is restored from the changelog.
+                self.fail(
+                    "the committed state writes could not be written to the local store".into(),
+                );
+            }
+            if let (true, Some(state), Some(changelog)) =
+                (written, self.state_store.get(), self.changelog.get())
+            {
+                self.state_checkpoints(state, changelog, &mut writes_of);
             }
         }
         let mut outputs = 0;
@@ -566,19 +590,29 @@ impl Transactions {
 
     /// Enqueues the state writes of the transaction's events to the state
     /// changelog, the last of each key (part of the commit).
-    fn write_state_changelog(&self, state: &[PartWrites]) -> Result<(), Failure> {
+    fn write_state_changelog(&self, state: &mut [PartWrites]) -> Result<(), Failure> {
         let Some(changelog) = self.changelog.get() else {
             return Ok(());
         };
-        for (partition, writes, _, _) in state {
+        for part in state {
             let mut last: HashMap<&[u8], &Write> = HashMap::new();
-            for w in writes {
+            for w in &part.writes {
                 last.insert(&w.key, w);
             }
             for w in last.into_values() {
                 loop {
-                    match changelog.write_state(&self.publisher, *partition, w) {
-                        Ok(_) => break,
+                    match changelog.write_state(&self.publisher, part.tp.1, w) {
+                        Ok(Some(d)) => {
+                            part.deliveries.push(d);
+                            break;
+                        }
+                        // Refused for good: the store must not hold what
+                        // the changelog does not.
+                        Ok(None) => {
+                            return Err(Failure::Abort(
+                                "a state write was refused by the state changelog".into(),
+                            ))
+                        }
                         Err(_) if self.publisher.halt().reason().is_some() => {
                             return Err(Failure::Fatal("halting".into()));
                         }
@@ -591,6 +625,33 @@ impl Transactions {
             }
         }
         Ok(())
+    }
+
+    /// After a commit: each partition's state checkpoint moves past its
+    /// committed state records (a restore here reads only what is newer).
+    fn state_checkpoints(
+        &self,
+        state: &StateStore,
+        changelog: &Changelog,
+        parts: &mut [PartWrites],
+    ) {
+        use futures::FutureExt;
+        for part in parts {
+            let next = part
+                .deliveries
+                .drain(..)
+                .filter_map(|d| match d.now_or_never() {
+                    Some(Ok(Ok(delivered))) => Some(delivered.offset + 1),
+                    _ => None,
+                })
+                .max();
+            if let Some(next) = next {
+                let topic = changelog.state_topic();
+                if let Err(e) = state.set_checkpoint(topic, &part.tp.0, part.tp.1, next) {
+                    warn!(error = %format!("{e:#}"), "cannot keep the state checkpoint");
+                }
+            }
+        }
     }
 
     /// Runs one transactional call, again while it fails with a retriable

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
-use tracing::{error, info};
+use tracing::{debug, error, info};
 
 use std::cell::RefCell;
 
@@ -23,7 +23,7 @@ use crate::fence::Fence;
 use crate::handler::{HandlerInstance, LoadedHandler};
 use crate::metrics::HandlerMetrics;
 use crate::retry_topic::{self, DelayQueue};
-use crate::state::{CallState, Overlay, Scope};
+use crate::state::{CallState, Overlay, Owned, Scope, Write};
 
 /// Handles one partition's events, in order, on its own thread.
 pub(super) struct PartitionWorker {
@@ -57,7 +57,16 @@ pub(super) struct PartitionWorker {
     /// Each handler's state scope for this partition (made at its first
     /// call, again after a deploy).
     pub(super) scopes: Vec<Option<Arc<Scope>>>,
+    /// The partition counts in the handlers' state totals while this lives.
+    _owned: Option<Owned>,
+    /// When expired state is next looked for, and where each handler's
+    /// look goes on from.
+    next_sweep: Instant,
+    sweep_from: Vec<Option<Vec<u8>>>,
 }
+
+/// Keys looked at for expired values per handler and sweep.
+const SWEEP_KEYS: usize = 10_000;
 
 /// A bounded set of recently handled idempotency keys, oldest evicted
 /// first. Keys are kept as 128-bit digests (two SipHash-1-3 with random
@@ -147,6 +156,11 @@ impl PartitionWorker {
                     * keys_per_event,
             ),
             max_record_bytes: crate::kafka::max_message_bytes(&shared.config),
+            _owned: shared
+                .state
+                .as_ref()
+                .filter(|_| !is_retry)
+                .map(|s| s.own(&tp.0, tp.1)),
             shared,
             fence,
             throttled: Duration::ZERO,
@@ -157,7 +171,50 @@ impl PartitionWorker {
             backlog: Vec::new(),
             overlay,
             scopes: vec![None; handlers],
+            next_sweep: Instant::now(),
+            sweep_from: vec![None; handlers],
         }
+    }
+
+    /// Deletes expired state values of the handlers with a TTL, now and
+    /// then (every half TTL, at most every minute), with the event at
+    /// `offset`: the deletes go to the store, and as tombstones to the
+    /// changelog, with that event's outcome, so the totals and the
+    /// changelog shed them too. Keys written by events in flight are left.
+    pub(super) fn sweep(&mut self, offset: i64, state: &mut Vec<Write>) {
+        let now = Instant::now();
+        if self.is_retry || now < self.next_sweep || self.shared.state.is_none() {
+            return;
+        }
+        let mut every = Duration::from_secs(60);
+        for i in 0..self.handlers.len() {
+            let Some(ttl) = self.handlers[i].0.config_entry.state.ttl_secs else {
+                continue;
+            };
+            every = every.min(Duration::from_millis(ttl * 500).max(Duration::from_millis(100)));
+            let _ = self.call_state(i);
+            let Some(scope) = self.scopes[i].clone() else {
+                continue;
+            };
+            let from = self.sweep_from[i].take();
+            let overlay = &self.overlay;
+            match scope
+                .store
+                .expired(&scope.prefix, from.as_deref(), SWEEP_KEYS, |k| {
+                    overlay.get(k).is_some()
+                }) {
+                Ok((deletes, next)) => {
+                    self.sweep_from[i] = next;
+                    if !deletes.is_empty() {
+                        debug!(handler = %scope.handler, keys = deletes.len(), "expired state deleted");
+                        self.overlay.put(&scope.handler, &deletes, offset);
+                        state.extend(deletes);
+                    }
+                }
+                Err(e) => error!(error = %format!("{e:#}"), "cannot look for expired state"),
+            }
+        }
+        self.next_sweep = now + every;
     }
 
     /// The state a call of handler `i` sees.

@@ -135,8 +135,10 @@ pub fn run(command: StateCommand) -> Result<bool> {
                 no_members(&config)?;
                 tombstones(&config, &which.handler, &entries)?;
             }
-            // This instance's store too, when it is here and not held.
-            if let Ok(store) = open_store(&config) {
+            // This instance's store too, when there is one here and it is
+            // not held.
+            let here = config.idempotency.path.is_dir();
+            if let Some(store) = here.then(|| open_store(&config).ok()).flatten() {
                 let deletes: Vec<Write> = entries
                     .keys()
                     .map(|(t, p, k)| {
@@ -149,7 +151,7 @@ pub fn run(command: StateCommand) -> Result<bool> {
                         }
                     })
                     .collect();
-                store.persist([], 0, &deletes.iter().collect::<Vec<_>>())?;
+                store.persist([], 0, &deletes.iter().collect::<Vec<_>>(), &[])?;
             }
             writeln!(
                 out,
@@ -224,7 +226,13 @@ fn read_changelog(config: &Config, which: &Which) -> Result<Entries> {
             format!("no state changelog topic {topic} (no instance of the group has started yet)")
         })?;
     let targets: Vec<i32> = match which.partition {
-        Some(p) => vec![p.rem_euclid(partitions)],
+        Some(p) => {
+            let most = consumed_partitions(&consumer, config, which)?;
+            if p < 0 || p >= most {
+                bail!("--partition: {p} is not a partition of the handler's topics (they have {most})");
+            }
+            vec![p.rem_euclid(partitions)]
+        }
         None => (0..partitions).collect(),
     };
     let mut entries = Entries::new();
@@ -265,25 +273,111 @@ fn read_changelog(config: &Config, which: &Which) -> Result<Entries> {
     Ok(entries)
 }
 
+/// The most partitions of the handler's topics (or `--topic`).
+fn consumed_partitions(consumer: &BaseConsumer, config: &Config, which: &Which) -> Result<i32> {
+    let handler = config
+        .handlers
+        .iter()
+        .find(|h| h.name == which.handler)
+        .expect("checked");
+    let mut most = 0;
+    for t in handler
+        .topics
+        .iter()
+        .filter(|t| which.topic.as_ref().is_none_or(|w| w == *t))
+    {
+        let md = consumer
+            .fetch_metadata(Some(t), Duration::from_secs(10))
+            .with_context(|| format!("cannot read the metadata of {t}"))?;
+        let n = md
+            .topics()
+            .iter()
+            .find(|m| m.name() == t && m.error().is_none())
+            .map_or(0, |m| m.partitions().len() as i32);
+        most = most.max(n);
+    }
+    Ok(most)
+}
+
 /// Refuses while the consumer group has members: a running instance
 /// would write the state again, or restore it before the reset lands.
 fn no_members(config: &Config) -> Result<()> {
+    let group = &config.kafka.group_id;
+    let (state, members) = describe_group(config)
+        .with_context(|| format!("cannot describe consumer group {group:?}"))?;
+    if members > 0 {
+        bail!(
+            "consumer group {group:?} has {members} running member(s) (state {state}): stop every \
+             instance before a reset"
+        );
+    }
+    Ok(())
+}
+
+/// The consumer group's state and member count, as the broker describes
+/// it (librdkafka's DescribeConsumerGroups, which covers groups of both
+/// the classic and the consumer protocol; rust-rdkafka does not wrap it).
+fn describe_group(config: &Config) -> Result<(String, usize)> {
+    use rdkafka::bindings as rd;
+    use std::ffi::{CStr, CString};
     let consumer: BaseConsumer = client_config(config, &Default::default())
         .create()
         .context("cannot create a Kafka client")?;
-    let group = &config.kafka.group_id;
-    let groups = consumer
-        .fetch_group_list(Some(group), Duration::from_secs(10))
-        .context("cannot list the consumer group's members")?;
-    if let Some(g) = groups.groups().iter().find(|g| g.name() == group) {
-        if !g.members().is_empty() {
-            bail!(
-                "consumer group {group:?} has {} running member(s): stop every instance before a reset",
-                g.members().len()
-            );
+    let rk = consumer.client().native_ptr();
+    let group = CString::new(config.kafka.group_id.as_str())?;
+    let text = |p: *const std::os::raw::c_char| {
+        if p.is_null() {
+            String::new()
+        } else {
+            // SAFETY: librdkafka's error strings are NUL-terminated and
+            // live as long as their event or error.
+            unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
         }
+    };
+    // SAFETY: every pointer passed is valid for the call (the client lives
+    // until the end of the function, `group` until the request is made);
+    // the event is destroyed once, after its results were read.
+    unsafe {
+        let queue = rd::rd_kafka_queue_new(rk);
+        let mut groups = [group.as_ptr()];
+        rd::rd_kafka_DescribeConsumerGroups(rk, groups.as_mut_ptr(), 1, std::ptr::null(), queue);
+        let event = rd::rd_kafka_queue_poll(queue, 15_000);
+        rd::rd_kafka_queue_destroy(queue);
+        if event.is_null() {
+            bail!("no answer from the cluster within 15 s");
+        }
+        let result = (|| {
+            if rd::rd_kafka_event_error(event)
+                != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR
+            {
+                bail!("{}", text(rd::rd_kafka_event_error_string(event)));
+            }
+            let res = rd::rd_kafka_event_DescribeConsumerGroups_result(event);
+            if res.is_null() {
+                bail!("an unexpected answer");
+            }
+            let mut n = 0usize;
+            let descs = rd::rd_kafka_DescribeConsumerGroups_result_groups(res, &mut n);
+            if n == 0 || descs.is_null() {
+                bail!("the group is not in the answer");
+            }
+            let desc = *descs;
+            let err = rd::rd_kafka_ConsumerGroupDescription_error(desc);
+            if !err.is_null() {
+                if rd::rd_kafka_error_code(err)
+                    == rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_GROUP_ID_NOT_FOUND
+                {
+                    return Ok(("none".to_owned(), 0));
+                }
+                bail!("{}", text(rd::rd_kafka_error_string(err)));
+            }
+            let state = rd::rd_kafka_ConsumerGroupDescription_state(desc);
+            let members = rd::rd_kafka_ConsumerGroupDescription_member_count(desc);
+            Ok((format!("{state:?}"), members))
+        })();
+        rd::rd_kafka_event_destroy(event);
+        result
     }
-    Ok(())
 }
 
 /// Writes a tombstone to the state changelog for each entry.

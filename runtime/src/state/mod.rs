@@ -23,7 +23,6 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use rocksdb::compaction_filter::Decision;
 use rocksdb::{Direction, IteratorMode, Options, WriteBatch};
 
 pub use overlay::Overlay;
@@ -37,22 +36,14 @@ pub const MAX_SCAN: u32 = 1000;
 /// The longest key, in bytes.
 pub const MAX_KEY_BYTES: usize = 1024;
 
-/// The options of the state column family: expired values are dropped by
-/// compaction.
+/// The options of the state column family. Expired values are deleted by
+/// the partition's worker (with a tombstone in the changelog, and counted),
+/// not by a compaction filter, so the totals and the changelog follow.
 pub(crate) fn column_options() -> Options {
     let mut opts = Options::default();
-    opts.set_compaction_filter("weir-expired-state", |_level, _key: &[u8], value: &[u8]| {
-        if expired(value, now_ms()) {
-            Decision::Remove
-        } else {
-            Decision::Keep
-        }
-    });
     let mut table = rocksdb::BlockBasedOptions::default();
     table.set_bloom_filter(10.0, false);
     opts.set_block_based_table_factory(&table);
-    // Expired values leave the disk within a day even when little is written.
-    opts.set_periodic_compaction_seconds(86_400);
     opts
 }
 
@@ -123,33 +114,103 @@ pub struct Totals {
     pub bytes: i64,
 }
 
+/// The counts of the store's state, kept with the store (counted once per
+/// process, when the store's state is first opened).
+#[derive(Default)]
+pub struct Accounts {
+    /// Per scope (`handler \0 topic \0 partition`).
+    scopes: HashMap<Vec<u8>, Totals>,
+    /// Bytes of each handler's writes in flight (in overlays).
+    pending: HashMap<String, i64>,
+    /// Input partitions this instance works on now (their workers).
+    owned: HashMap<(String, i32), usize>,
+}
+
+impl Accounts {
+    /// A handler's totals over the partitions owned here.
+    fn owned(&self, handler: &str) -> Totals {
+        let mut t = Totals::default();
+        for (scope, s) in &self.scopes {
+            if let Some((h, topic, partition, _)) = split_key(scope) {
+                if h == handler && self.owned.contains_key(&(topic.to_owned(), partition)) {
+                    t.keys += s.keys;
+                    t.bytes += s.bytes;
+                }
+            }
+        }
+        t
+    }
+}
+
+/// The scope prefix of a store key.
+fn scope_of(key: &[u8]) -> Option<&[u8]> {
+    let a = key.iter().position(|b| *b == 0)?;
+    let b = a + 1 + key[a + 1..].iter().position(|b| *b == 0)?;
+    key.get(..b + 5)
+}
+
+/// `\0 checkpoint \0 changelog \0 input topic \0 partition`: apart from
+/// every state key (a handler's name is never empty).
+fn checkpoint_key(changelog: &str, topic: &str, partition: i32) -> Vec<u8> {
+    format!("\0checkpoint\0{changelog}\0{topic}\0{partition}").into_bytes()
+}
+
 /// The state of every handler, in the instance's store.
 pub struct StateStore {
     dedup: Arc<Dedup>,
-    totals: Mutex<HashMap<String, Totals>>,
-    /// Bytes of each handler's writes in flight (in overlays).
-    pending: Mutex<HashMap<String, i64>>,
+    accounts: Arc<Mutex<Accounts>>,
     metrics: Option<Arc<Metrics>>,
 }
 
-impl StateStore {
-    /// The state in `dedup`'s store, its totals counted.
-    pub fn open(dedup: Arc<Dedup>, metrics: Option<Arc<Metrics>>) -> Result<StateStore> {
-        let mut totals: HashMap<String, Totals> = HashMap::new();
-        for item in dedup
-            .db()
-            .iterator_cf(dedup.state_cf(), IteratorMode::Start)
-        {
-            let (k, v) = item.context("reading the state store")?;
-            let handler = split_key(&k).map_or("", |s| s.0);
-            let t = totals.entry(handler.to_owned()).or_default();
-            t.keys += 1;
-            t.bytes += (k.len() + v.len()) as i64;
+/// An input partition worked on here, while this lives.
+pub struct Owned {
+    store: Arc<StateStore>,
+    tp: (String, i32),
+}
+
+impl Drop for Owned {
+    fn drop(&mut self) {
+        let mut a = self.store.lock();
+        if let Some(n) = a.owned.get_mut(&self.tp) {
+            *n -= 1;
+            if *n == 0 {
+                a.owned.remove(&self.tp);
+            }
         }
+        drop(a);
+        self.store.publish_totals();
+    }
+}
+
+impl StateStore {
+    /// The state in `dedup`'s store (its totals counted at the first open
+    /// in this process).
+    pub fn open(dedup: Arc<Dedup>, metrics: Option<Arc<Metrics>>) -> Result<StateStore> {
+        let accounts = match dedup.state_accounts.get() {
+            Some(a) => a.clone(),
+            None => {
+                let mut accounts = Accounts::default();
+                for item in dedup
+                    .db()
+                    .iterator_cf(dedup.state_cf(), IteratorMode::Start)
+                {
+                    let (k, v) = item.context("reading the state store")?;
+                    let Some(scope) = scope_of(&k).filter(|_| k.first() != Some(&0)) else {
+                        continue;
+                    };
+                    let t = accounts.scopes.entry(scope.to_vec()).or_default();
+                    t.keys += 1;
+                    t.bytes += (k.len() + v.len()) as i64;
+                }
+                dedup
+                    .state_accounts
+                    .get_or_init(|| Arc::new(Mutex::new(accounts)))
+                    .clone()
+            }
+        };
         let store = StateStore {
             dedup,
-            totals: Mutex::new(totals),
-            pending: Mutex::new(HashMap::new()),
+            accounts,
             metrics,
         };
         store.publish_totals();
@@ -159,6 +220,26 @@ impl StateStore {
     /// The store the state lives in (with the marks).
     pub fn dedup(&self) -> &Arc<Dedup> {
         &self.dedup
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Accounts> {
+        self.accounts.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Notes that input partition `topic`/`partition` is worked on here
+    /// until the guard is dropped: its state counts in the handlers'
+    /// totals and limits.
+    pub fn own(self: &Arc<Self>, topic: &str, partition: i32) -> Owned {
+        *self
+            .lock()
+            .owned
+            .entry((topic.to_owned(), partition))
+            .or_default() += 1;
+        self.publish_totals();
+        Owned {
+            store: self.clone(),
+            tp: (topic.to_owned(), partition),
+        }
     }
 
     /// The stored value of a store key, None when absent or expired.
@@ -178,63 +259,118 @@ impl StateStore {
         after: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
-        let db = self.dedup.db();
-        let from = after.unwrap_or(prefix);
         let mut out = Vec::new();
-        for item in db.iterator_cf(
+        self.walk(prefix, after, |k, v| {
+            if out.len() >= limit {
+                return false;
+            }
+            if decode_value(v).is_some() {
+                out.push((k.to_vec(), v.to_vec()));
+            }
+            true
+        })?;
+        Ok(out)
+    }
+
+    /// Calls `f` on each (store key, stored value) under `prefix` after
+    /// `after`, in key order, while it returns true.
+    fn walk(
+        &self,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        mut f: impl FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<()> {
+        let from = match after {
+            Some(a) if a > prefix => a,
+            _ => prefix,
+        };
+        for item in self.dedup.db().iterator_cf(
             self.dedup.state_cf(),
             IteratorMode::From(from, Direction::Forward),
         ) {
             let (k, v) = item.context("reading the state store")?;
-            if !k.starts_with(prefix) || out.len() >= limit {
+            if !k.starts_with(prefix) {
                 break;
             }
-            if after.is_some_and(|a| &*k == a) || decode_value(&v).is_none() {
+            if after.is_some_and(|a| &*k <= a) {
                 continue;
             }
-            out.push((k.to_vec(), v.to_vec()));
+            if !f(&k, &v) {
+                break;
+            }
         }
-        Ok(out)
+        Ok(())
     }
 
-    /// A handler's totals in this store.
+    /// Deletes for up to `limit` expired values under `prefix` after
+    /// `after` (skipping the keys `skip` says are being written), and the
+    /// key to go on after (None: the end was reached).
+    pub fn expired(
+        &self,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+        skip: impl Fn(&[u8]) -> bool,
+    ) -> Result<(Vec<Write>, Option<Vec<u8>>)> {
+        let (now, mut seen, mut last) = (now_ms(), 0, None);
+        let mut deletes = Vec::new();
+        self.walk(prefix, after, |k, v| {
+            seen += 1;
+            if seen > limit {
+                return false;
+            }
+            last = Some(k.to_vec());
+            if expired(v, now) && !skip(k) {
+                deletes.push(Write {
+                    key: k.to_vec(),
+                    value: None,
+                    delta: -((k.len() + v.len()) as i64),
+                });
+            }
+            true
+        })?;
+        Ok((deletes, if seen > limit { last } else { None }))
+    }
+
+    /// A handler's totals in this store (every partition).
     pub fn totals(&self, handler: &str) -> Totals {
-        self.lock().get(handler).copied().unwrap_or_default()
+        let mut t = Totals::default();
+        for (scope, s) in &self.lock().scopes {
+            if split_key(scope).is_some_and(|(h, ..)| h == handler) {
+                t.keys += s.keys;
+                t.bytes += s.bytes;
+            }
+        }
+        t
     }
 
-    /// A handler's bytes in this store and in flight to it.
+    /// A handler's bytes over the partitions owned here, with its writes
+    /// in flight: what its total limit is checked against.
     pub fn visible_bytes(&self, handler: &str) -> i64 {
-        let pending = self
-            .pending
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(handler)
-            .copied()
-            .unwrap_or(0);
-        self.totals(handler).bytes + pending
+        let a = self.lock();
+        a.owned(handler).bytes + a.pending.get(handler).copied().unwrap_or(0)
     }
 
     pub(crate) fn add_pending(&self, handler: &str, delta: i64) {
-        let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
-        match pending.get_mut(handler) {
+        let mut a = self.lock();
+        match a.pending.get_mut(handler) {
             Some(p) => *p += delta,
             None => {
-                pending.insert(handler.to_owned(), delta);
+                a.pending.insert(handler.to_owned(), delta);
             }
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Totals>> {
-        self.totals.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
     /// Writes idempotency marks and state writes in one batch (the writes
-    /// in order: a later write of a key wins), and counts the totals.
+    /// in order: a later write of a key wins), counts them, and retires
+    /// from each overlay the writes of its events up to an offset (their
+    /// in-flight bytes leave the count as the stored ones enter it).
     pub fn persist<'a>(
         &self,
         marks: impl IntoIterator<Item = &'a [u8]>,
         at: u64,
         writes: &[&Write],
+        retire: &[(&Overlay, i64)],
     ) -> Result<()> {
         let mut batch = WriteBatch::default();
         Dedup::put_marks(&mut batch, marks, at);
@@ -248,12 +384,10 @@ impl StateStore {
             .dedup
             .db()
             .batched_multi_get_cf(cf, last.keys().copied(), false);
-        let mut deltas: HashMap<&str, Totals> = HashMap::new();
+        let mut deltas: HashMap<&[u8], Totals> = HashMap::new();
         for ((key, value), old) in last.iter().zip(olds) {
             let old = old.context("reading the state store")?;
-            let d = deltas
-                .entry(split_key(key).map_or("", |s| s.0))
-                .or_default();
+            let d = deltas.entry(scope_of(key).unwrap_or_default()).or_default();
             if let Some(old) = old {
                 d.keys -= 1;
                 d.bytes -= (key.len() + old.len()) as i64;
@@ -268,23 +402,82 @@ impl StateStore {
             }
         }
         self.dedup.write(batch)?;
-        if !deltas.is_empty() {
-            let mut totals = self.lock();
-            for (handler, d) in deltas {
-                let t = totals.entry(handler.to_owned()).or_default();
-                t.keys += d.keys;
-                t.bytes += d.bytes;
+        let mut a = self.lock();
+        for (scope, d) in deltas {
+            let t = a.scopes.entry(scope.to_vec()).or_default();
+            t.keys += d.keys;
+            t.bytes += d.bytes;
+        }
+        for (overlay, offset) in retire {
+            for (handler, delta) in overlay.retire(*offset) {
+                if let Some(p) = a.pending.get_mut(&*handler) {
+                    *p -= delta;
+                }
             }
-            drop(totals);
+        }
+        drop(a);
+        if !last.is_empty() {
             self.publish_totals();
         }
         Ok(())
     }
 
-    /// Sets the state gauges from the totals.
+    /// The state checkpoint of input partition `topic`/`partition` from
+    /// `changelog`: (the next changelog offset to read, when it was set).
+    pub fn checkpoint(
+        &self,
+        changelog: &str,
+        topic: &str,
+        partition: i32,
+    ) -> Result<Option<(i64, u64)>> {
+        let v = self
+            .dedup
+            .db()
+            .get_pinned_cf(
+                self.dedup.state_cf(),
+                checkpoint_key(changelog, topic, partition),
+            )
+            .context("reading the state store")?;
+        Ok(v.and_then(|v| {
+            let at = u64::from_be_bytes(v.get(..8)?.try_into().ok()?);
+            let next = i64::from_be_bytes(v.get(8..16)?.try_into().ok()?);
+            Some((next, at))
+        }))
+    }
+
+    /// Records that the state records of `topic`/`partition` below `next`
+    /// in `changelog` are in this store.
+    pub fn set_checkpoint(
+        &self,
+        changelog: &str,
+        topic: &str,
+        partition: i32,
+        next: i64,
+    ) -> Result<()> {
+        let mut value = now_ms().to_be_bytes().to_vec();
+        value.extend_from_slice(&next.to_be_bytes());
+        self.dedup
+            .db()
+            .put_cf(
+                self.dedup.state_cf(),
+                checkpoint_key(changelog, topic, partition),
+                value,
+            )
+            .context("writing the state store")
+    }
+
+    /// Sets the state gauges: each handler's totals over the partitions
+    /// owned here.
     fn publish_totals(&self) {
         let Some(m) = &self.metrics else { return };
-        for (handler, t) in self.lock().iter() {
+        let a = self.lock();
+        let handlers: std::collections::BTreeSet<&str> = a
+            .scopes
+            .keys()
+            .filter_map(|s| split_key(s).map(|(h, ..)| h))
+            .collect();
+        for handler in handlers {
+            let t = a.owned(handler);
             m.state_keys.with_label_values(&[handler]).set(t.keys);
             m.state_bytes.with_label_values(&[handler]).set(t.bytes);
         }
@@ -537,6 +730,8 @@ pub struct Scratch {
     _dir: tempfile::TempDir,
     store: Arc<StateStore>,
     overlay: Arc<Overlay>,
+    /// The partitions called for (their state counts in the limits).
+    owned: Mutex<Vec<Owned>>,
 }
 
 impl Scratch {
@@ -547,6 +742,7 @@ impl Scratch {
             _dir: dir,
             store: Arc::new(StateStore::open(dedup, None)?),
             overlay: Arc::new(Overlay::new(None)),
+            owned: Mutex::new(Vec::new()),
         })
     }
 
@@ -558,6 +754,10 @@ impl Scratch {
         topic: &str,
         partition: i32,
     ) -> CallState {
+        let mut owned = self.owned.lock().unwrap_or_else(PoisonError::into_inner);
+        if !owned.iter().any(|o| o.tp.0 == topic && o.tp.1 == partition) {
+            owned.push(self.store.own(topic, partition));
+        }
         CallState::new(
             Some(Arc::new(Scope {
                 store: self.store.clone(),
@@ -573,7 +773,7 @@ impl Scratch {
     /// Keeps a successful call's writes.
     pub fn keep(&self, writes: &[Write]) -> Result<()> {
         self.store
-            .persist([], 0, &writes.iter().collect::<Vec<_>>())
+            .persist([], 0, &writes.iter().collect::<Vec<_>>(), &[])
     }
 
     /// Every (key, value) of `handler`'s state, for printing.
@@ -635,9 +835,13 @@ mod tests {
         assert_eq!(next.get("a"), None);
         drop(next); // a failed call: its delete is dropped
         store
-            .persist([], 0, &writes.iter().collect::<Vec<_>>())
+            .persist(
+                [],
+                0,
+                &writes.iter().collect::<Vec<_>>(),
+                &[(&s.overlay, 10)],
+            )
             .unwrap();
-        s.overlay.persisted(10);
         assert!(s.overlay.is_empty());
         let mut later = CallState::new(Some(s.clone()), "");
         assert_eq!(later.get("a"), Some(b"1".to_vec()), "the store");
@@ -653,7 +857,9 @@ mod tests {
             call.set(k.into(), k.as_bytes().to_vec());
         }
         let w = call.finish().unwrap();
-        store.persist([], 0, &w.iter().collect::<Vec<_>>()).unwrap();
+        store
+            .persist([], 0, &w.iter().collect::<Vec<_>>(), &[])
+            .unwrap();
         let mut call = CallState::new(Some(s.clone()), "");
         call.delete("c:2".into());
         call.set("c:0".into(), b"x".to_vec());
@@ -676,6 +882,7 @@ mod tests {
             ttl_secs: None,
         };
         let s = scope(&store, limits);
+        let _owned = store.own("t", 3);
         let mut call = CallState::new(Some(s.clone()), "");
         call.set("k".into(), b"12345".to_vec());
         let (kind, message) = call.finish().unwrap_err();
@@ -697,6 +904,47 @@ mod tests {
     }
 
     #[test]
+    fn expired_values_are_found_for_deletion_from_a_cursor() {
+        let (_dir, store) = store();
+        let prefix = scope_prefix("h", "t", 0);
+        let mut writes = Vec::new();
+        for i in 0..5u8 {
+            let mut key = prefix.clone();
+            key.push(b'a' + i);
+            // Keys a, c, e expired long ago; b and d never expire.
+            let mut value = if i % 2 == 0 { 1u64 } else { 0 }.to_be_bytes().to_vec();
+            value.push(i);
+            writes.push(Write {
+                key,
+                value: Some(value),
+                delta: 0,
+            });
+        }
+        store
+            .persist([], 0, &writes.iter().collect::<Vec<_>>(), &[])
+            .unwrap();
+        let (first, next) = store.expired(&prefix, None, 3, |_| false).unwrap();
+        assert_eq!(first.len(), 2, "a and c among the first three");
+        let (rest, end) = store
+            .expired(&prefix, next.as_deref(), 3, |k| k.ends_with(b"e"))
+            .unwrap();
+        assert!(rest.is_empty(), "e is being written: left alone");
+        assert_eq!(end, None, "the end was reached");
+        assert!(first.iter().all(|w| w.value.is_none() && w.delta < 0));
+        store
+            .persist([], 0, &first.iter().collect::<Vec<_>>(), &[])
+            .unwrap();
+        assert_eq!(store.totals("h").keys, 3);
+        assert_eq!(store.checkpoint("c", "t", 0).unwrap(), None);
+        store.set_checkpoint("c", "t", 0, 42).unwrap();
+        assert_eq!(
+            store.checkpoint("c", "t", 0).unwrap().map(|c| c.0),
+            Some(42)
+        );
+        assert_eq!(store.totals("h").keys, 3, "a checkpoint is not state");
+    }
+
+    #[test]
     fn expired_values_are_not_seen() {
         let (_dir, store) = store();
         let mut k = scope_prefix("h", "t", 0);
@@ -708,7 +956,7 @@ mod tests {
             value: Some(v),
             delta: 0,
         };
-        store.persist([], 0, &[&w]).unwrap();
+        store.persist([], 0, &[&w], &[]).unwrap();
         assert_eq!(store.get(&k).unwrap(), None);
         assert!(decode_value(&encode_value(b"y", Some(Duration::from_secs(60)))).is_some());
     }

@@ -68,19 +68,22 @@ impl Overlay {
     }
 
     /// The writes of events up to `offset` are in the store: drops them
-    /// (unless a later event wrote the key again).
-    pub fn persisted(&self, offset: i64) {
+    /// (unless a later event wrote the key again), and gives their
+    /// in-flight bytes per handler back (`StateStore::persist` takes them
+    /// off the store's count, under the lock that adds the stored ones).
+    pub(super) fn retire(&self, offset: i64) -> Vec<(Arc<str>, i64)> {
         let mut entries = self.lock();
         if !entries.is_empty() {
             entries.retain(|_, (_, at)| *at > offset);
         }
+        drop(entries);
         let mut pending = self.lock_pending();
+        let mut retired = Vec::new();
         while pending.front().is_some_and(|(at, _, _)| *at <= offset) {
             let (_, handler, delta) = pending.pop_front().expect("a front");
-            if let Some(store) = &self.store {
-                store.add_pending(&handler, -delta);
-            }
+            retired.push((handler, delta));
         }
+        retired
     }
 
     /// In-flight writes of keys under `prefix`.

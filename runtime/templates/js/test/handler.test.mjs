@@ -5,7 +5,7 @@
 import assert from "node:assert/strict";
 import { beforeEach, test } from "node:test";
 
-import { logged, reset, settings } from "weir:plugin/host@0.1.0";
+import { logged, reset, settings } from "weir:plugin/host@0.1.1";
 import { handle } from "../handler.js";
 
 const encoder = new TextEncoder();

@@ -1,4 +1,4 @@
-// Stand-in for the `weir:plugin/host@0.1.0` interface the runtime gives a
+// Stand-in for the `weir:plugin/host@0.1.1` interface the runtime gives a
 // handler; tests import it by that name too, to set the config and read the
 // log.
 

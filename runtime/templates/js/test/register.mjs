@@ -1,5 +1,5 @@
 // Loaded before the tests (`node --import ./test/register.mjs --test`):
-// makes the `weir:plugin/host@0.1.0` import of handler.js, which only a
+// makes the `weir:plugin/host@0.1.1` import of handler.js, which only a
 // componentize-js build provides, resolve to the stand-in in host.mjs.
 //
 // This file is also the hooks module it registers: node runs the hooks on
@@ -8,7 +8,7 @@
 import { register } from "node:module";
 import { isMainThread } from "node:worker_threads";
 
-const HOST = "weir:plugin/host@0.1.0";
+const HOST = "weir:plugin/host@0.1.1";
 
 export async function resolve(specifier, context, next) {
   if (specifier === HOST) {
