@@ -440,13 +440,12 @@ impl Changelog {
             if t != input || p != partition {
                 return Ok(());
             }
-            // A value that expired meanwhile is deleted.
-            let value = m
-                .payload()
-                .filter(|v| crate::state::decode_value(v).is_some());
+            // A value that expired meanwhile is stored as it is: reads
+            // do not see it, and the worker's sweep deletes it, with a
+            // tombstone in the changelog.
             pending.borrow_mut().push(Write {
                 key: key.to_vec(),
-                value: value.map(<[u8]>::to_vec),
+                value: m.payload().map(<[u8]>::to_vec),
                 delta: 0,
             });
             applied += 1;

@@ -496,8 +496,22 @@ impl Config {
                     h.state.max_value_bytes
                 );
             }
-            if h.state.ttl_secs == Some(0) {
-                bail!("{at}.state.ttl_secs: must be above 0 (omit it for no expiry)");
+            if let Some(ttl) = h.state.ttl_secs {
+                if !(1..=MAX_STATE_TTL_SECS).contains(&ttl) {
+                    bail!(
+                        "{at}.state.ttl_secs: must be between 1 and {MAX_STATE_TTL_SECS} (omit \
+                         it for no expiry), not {ttl}"
+                    );
+                }
+            }
+            let record = crate::kafka::max_message_bytes(self) as u64;
+            if h.state.max_value_bytes + STATE_RECORD_OVERHEAD > record {
+                bail!(
+                    "{at}.state.max_value_bytes ({}) does not fit a state changelog record under \
+                     the producer's message.max.bytes ({record}) with its key; lower it or raise \
+                     message.max.bytes",
+                    h.state.max_value_bytes
+                );
             }
             if !(1..=16).contains(&h.max_memories) {
                 bail!(
@@ -581,6 +595,14 @@ fn default_of(key: &Option<String>, source: &str) -> String {
         None => format!(" (the default for source topic {source:?})"),
     }
 }
+
+/// The longest `state.ttl_secs`: ten years.
+const MAX_STATE_TTL_SECS: u64 = 10 * 365 * 86_400;
+
+/// What a state changelog record holds beside its value: the key (up to
+/// 1,024 bytes of the handler's, with handler, topic and partition) and
+/// the record's own framing.
+const STATE_RECORD_OVERHEAD: u64 = 4096;
 
 #[cfg(test)]
 mod tests {
@@ -773,6 +795,13 @@ mod tests {
         let e = state("max_value_bytes = 1000\nmax_total_bytes = 999");
         assert!(e.contains("state.max_total_bytes (999)"), "{e}");
         assert!(state("ttl_secs = 0").contains("handler[0] (\"h0\").state.ttl_secs"));
+        assert!(state("ttl_secs = 999999999999").contains("state.ttl_secs"));
+        // 500,000 bytes fit the default 1 MB record.
+        checked(
+            "",
+            &["topics = [\"in\"]\n[handler.state]\nmax_value_bytes = 500000"],
+        )
+        .unwrap();
         assert!(state("ttl = 5").contains("unknown field `ttl`"));
         checked(
             "",

@@ -191,7 +191,9 @@ impl PartitionWorker {
             let Some(ttl) = self.handlers[i].0.config_entry.state.ttl_secs else {
                 continue;
             };
-            every = every.min(Duration::from_millis(ttl * 500).max(Duration::from_millis(100)));
+            every = every.min(
+                Duration::from_millis(ttl.saturating_mul(500)).max(Duration::from_millis(100)),
+            );
             let _ = self.call_state(i);
             let Some(scope) = self.scopes[i].clone() else {
                 continue;

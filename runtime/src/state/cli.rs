@@ -373,7 +373,7 @@ fn describe_group(config: &Config) -> Result<(String, usize)> {
             }
             let state = rd::rd_kafka_ConsumerGroupDescription_state(desc);
             let members = rd::rd_kafka_ConsumerGroupDescription_member_count(desc);
-            Ok((format!("{state:?}"), members))
+            Ok((text(rd::rd_kafka_consumer_group_state_name(state)), members))
         })();
         rd::rd_kafka_event_destroy(event);
         result

@@ -122,8 +122,9 @@ pub struct Accounts {
     scopes: HashMap<Vec<u8>, Totals>,
     /// Bytes of each handler's writes in flight (in overlays).
     pending: HashMap<String, i64>,
-    /// Input partitions this instance works on now (their workers).
-    owned: HashMap<(String, i32), usize>,
+    /// Input partitions this instance works on now (their workers): topic
+    /// → partition → workers.
+    owned: HashMap<String, HashMap<i32, usize>>,
 }
 
 impl Accounts {
@@ -132,7 +133,12 @@ impl Accounts {
         let mut t = Totals::default();
         for (scope, s) in &self.scopes {
             if let Some((h, topic, partition, _)) = split_key(scope) {
-                if h == handler && self.owned.contains_key(&(topic.to_owned(), partition)) {
+                if h == handler
+                    && self
+                        .owned
+                        .get(topic)
+                        .is_some_and(|p| p.contains_key(&partition))
+                {
                     t.keys += s.keys;
                     t.bytes += s.bytes;
                 }
@@ -171,10 +177,15 @@ pub struct Owned {
 impl Drop for Owned {
     fn drop(&mut self) {
         let mut a = self.store.lock();
-        if let Some(n) = a.owned.get_mut(&self.tp) {
-            *n -= 1;
-            if *n == 0 {
-                a.owned.remove(&self.tp);
+        if let Some(partitions) = a.owned.get_mut(&self.tp.0) {
+            if let Some(n) = partitions.get_mut(&self.tp.1) {
+                *n -= 1;
+                if *n == 0 {
+                    partitions.remove(&self.tp.1);
+                }
+            }
+            if partitions.is_empty() {
+                a.owned.remove(&self.tp.0);
             }
         }
         drop(a);
@@ -233,7 +244,9 @@ impl StateStore {
         *self
             .lock()
             .owned
-            .entry((topic.to_owned(), partition))
+            .entry(topic.to_owned())
+            .or_default()
+            .entry(partition)
             .or_default() += 1;
         self.publish_totals();
         Owned {
