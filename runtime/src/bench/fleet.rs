@@ -20,6 +20,7 @@ use crate::dedup::{self, Dedup};
 use crate::fence::Fence;
 use crate::halt::Halt;
 use crate::publish::Publisher;
+use rdkafka::producer::DeliveryFuture;
 
 const PROTOCOLS: [&str; 3] = ["eager", "cooperative", "consumer"];
 
@@ -182,24 +183,14 @@ pub(super) async fn restore(args: &BenchArgs, counts: &[usize]) -> Result<()> {
             .collect();
         let mut acks = Vec::new();
         for chunk in keys.chunks(512) {
-            loop {
-                let iter = chunk.iter().map(Vec::as_slice);
-                match changelog.write(&publisher, 0, iter, dedup::now_ms()) {
-                    Ok(ack) => {
-                        acks.extend(ack);
-                        break;
-                    }
-                    Err(wait) => tokio::time::sleep(wait).await,
-                }
-            }
+            let iter = || chunk.iter().map(Vec::as_slice);
+            acks.extend(enqueue(|| changelog.write(&publisher, 0, iter(), dedup::now_ms())).await);
         }
         for a in acks {
             a.await?.map_err(|(e, _)| e)?;
         }
-        let mut took = Vec::new();
-        for _ in 0..2 {
-            let dir = tempfile::tempdir()?;
-            let store = Dedup::open(dir.path(), Duration::from_secs(3600))?;
+        print_restores(n, |dir| {
+            let store = Dedup::open(dir, Duration::from_secs(3600))?;
             let fence = Fence::default();
             let (stop, health) = (Default::default(), Default::default());
             let r = tokio::task::block_in_place(|| {
@@ -209,15 +200,42 @@ pub(super) async fn restore(args: &BenchArgs, counts: &[usize]) -> Result<()> {
             if r.marks != n as u64 {
                 bail!("restored {} marks of {n}", r.marks);
             }
-            took.push(r.took.as_secs_f64() * 1000.0);
-        }
-        let best = took.iter().cloned().fold(f64::MAX, f64::min);
-        println!(
-            "| {n} | {:.0}, {:.0} | {:.0} |",
-            took[0],
-            took[1],
-            n as f64 / (best / 1000.0)
-        );
+            Ok(r.took)
+        })?;
     }
+    Ok(())
+}
+
+/// Enqueues a changelog record, waiting while the producer's queue is full:
+/// its delivery (None when refused for good).
+pub(super) async fn enqueue(
+    mut send: impl FnMut() -> Result<Option<DeliveryFuture>, Duration>,
+) -> Option<DeliveryFuture> {
+    loop {
+        match send() {
+            Ok(ack) => return ack,
+            Err(wait) => tokio::time::sleep(wait).await,
+        }
+    }
+}
+
+/// Times two restores of `n` entries (each into an empty store in a fresh
+/// folder, by `restore`, which checks them) and prints the table row.
+pub(super) fn print_restores(
+    n: usize,
+    mut restore: impl FnMut(&Path) -> Result<Duration>,
+) -> Result<()> {
+    let mut took = Vec::new();
+    for _ in 0..2 {
+        let dir = tempfile::tempdir()?;
+        took.push(restore(dir.path())?.as_secs_f64() * 1000.0);
+    }
+    let best = took.iter().cloned().fold(f64::MAX, f64::min);
+    println!(
+        "| {n} | {:.0}, {:.0} | {:.0} |",
+        took[0],
+        took[1],
+        n as f64 / (best / 1000.0)
+    );
     Ok(())
 }

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
+use super::fleet::{enqueue, print_restores};
 use super::micro::OtlpSink;
 use super::{median, range, weir, BenchArgs, Variant};
 use crate::changelog::Changelog;
@@ -125,23 +126,13 @@ pub(super) async fn restore(args: &BenchArgs, counts: &[usize]) -> Result<()> {
                 value: Some(encode_value(&(i as u64).to_le_bytes(), None)),
                 delta: 0,
             };
-            loop {
-                match changelog.write_state(&publisher, 0, &w) {
-                    Ok(ack) => {
-                        acks.extend(ack);
-                        break;
-                    }
-                    Err(wait) => tokio::time::sleep(wait).await,
-                }
-            }
+            acks.extend(enqueue(|| changelog.write_state(&publisher, 0, &w)).await);
         }
         for a in acks {
             a.await?.map_err(|(e, _)| e)?;
         }
-        let mut took = Vec::new();
-        for _ in 0..2 {
-            let dir = tempfile::tempdir()?;
-            let dedup = std::sync::Arc::new(Dedup::open(dir.path(), Duration::from_secs(3600))?);
+        print_restores(n, |dir| {
+            let dedup = std::sync::Arc::new(Dedup::open(dir, Duration::from_secs(3600))?);
             let state = StateStore::open(dedup.clone(), None)?;
             let fence = Fence::default();
             let (stop, health) = (Default::default(), Default::default());
@@ -152,15 +143,8 @@ pub(super) async fn restore(args: &BenchArgs, counts: &[usize]) -> Result<()> {
             if state.totals("counter").keys != n as i64 {
                 bail!("restored {} keys of {n}", state.totals("counter").keys);
             }
-            took.push(r.state_took.as_secs_f64() * 1000.0);
-        }
-        let best = took.iter().cloned().fold(f64::MAX, f64::min);
-        println!(
-            "| {n} | {:.0}, {:.0} | {:.0} |",
-            took[0],
-            took[1],
-            n as f64 / (best / 1000.0)
-        );
+            Ok(r.state_took)
+        })?;
     }
     Ok(())
 }
