@@ -52,6 +52,30 @@ fn cli_config(config: &str) -> (tempfile::TempDir, String) {
     (dir, path)
 }
 
+/// A fresh one-partition input topic named from `prefix`, its `.counts`
+/// and `.dlq` topics, and a fresh group: (input, output, dlq, group).
+async fn one_partition(prefix: &str) -> anyhow::Result<(String, String, String, String)> {
+    let input = unique(&format!("{prefix}-in"));
+    let output = format!("{input}.counts");
+    let dlq = format!("{input}.dlq");
+    for t in [&input, &output, &dlq] {
+        create_topic(t, 1).await?;
+    }
+    Ok((input, output, dlq, unique(&format!("{prefix}-group"))))
+}
+
+/// Raw records of `key` with these payloads (the counter's markers).
+fn raw_events(key: &str, bodies: &[&str]) -> Vec<In> {
+    bodies
+        .iter()
+        .map(|p| In {
+            key: Some(key.into()),
+            value: p.as_bytes().to_vec(),
+            headers: Vec::new(),
+        })
+        .collect()
+}
+
 /// Events per record key of `numbered_events(n)` (keyed over 97 keys).
 fn expected_counts(n: usize) -> BTreeMap<String, u64> {
     let mut want = BTreeMap::new();
@@ -194,26 +218,13 @@ async fn counts_are_never_below_their_events_through_a_crash_storm_at_least_once
 #[tokio::test(flavor = "multi_thread")]
 async fn failed_attempts_and_dead_letters_leave_the_state_unchanged() -> anyhow::Result<()> {
     let _one = ONE_AT_A_TIME.lock().await;
-    let input = unique("state-fail-in");
-    let output = format!("{input}.counts");
-    let dlq = format!("{input}.dlq");
-    for t in [&input, &output, &dlq] {
-        create_topic(t, 1).await?;
-    }
-    let group = unique("state-fail-group");
+    let (input, output, dlq, group) = one_partition("state-fail").await?;
     let config = config_toml(
         &group,
         &[HandlerSpec::new("counter", "state-counter", &input)
             .extra("initial_backoff_ms = 10\nmax_backoff_ms = 20")],
     );
-    let events: Vec<In> = ["x", "fail-once", "fatal", "x"]
-        .iter()
-        .map(|p| In {
-            key: Some("a".into()),
-            value: p.as_bytes().to_vec(),
-            headers: Vec::new(),
-        })
-        .collect();
+    let events = raw_events("a", &["x", "fail-once", "fatal", "x"]);
     produce(&input, &events).await?;
     let weir = Weir::start(&config)?;
     await_committed_to_end(&group, &input, 1, Duration::from_secs(60)).await?;
@@ -352,13 +363,7 @@ async fn state_follows_its_partition_to_another_instance() -> anyhow::Result<()>
 #[tokio::test(flavor = "multi_thread")]
 async fn a_handler_over_its_state_limits_fails_with_the_state_limit_class() -> anyhow::Result<()> {
     let _one = ONE_AT_A_TIME.lock().await;
-    let input = unique("state-limit-in");
-    let output = format!("{input}.counts");
-    let dlq = format!("{input}.dlq");
-    for t in [&input, &output, &dlq] {
-        create_topic(t, 1).await?;
-    }
-    let group = unique("state-limit-group");
+    let (input, output, dlq, group) = one_partition("state-limit").await?;
     let config = config_toml(
         &group,
         &[HandlerSpec::new("counter", "state-counter", &input)
@@ -372,14 +377,7 @@ async fn a_handler_over_its_state_limits_fails_with_the_state_limit_class() -> a
         bodies.push("grow");
         bodies.push("x");
     }
-    let events: Vec<In> = bodies
-        .iter()
-        .map(|p| In {
-            key: Some("a".into()),
-            value: p.as_bytes().to_vec(),
-            headers: Vec::new(),
-        })
-        .collect();
+    let events = raw_events("a", &bodies);
     produce(&input, &events).await?;
     let mut weir = Weir::start(&config)?;
     let addr = weir.http_addr().await?;
@@ -432,22 +430,13 @@ async fn a_handler_over_its_state_limits_fails_with_the_state_limit_class() -> a
 #[tokio::test(flavor = "multi_thread")]
 async fn expired_values_read_as_absent_and_are_deleted() -> anyhow::Result<()> {
     let _one = ONE_AT_A_TIME.lock().await;
-    let input = unique("state-ttl-in");
-    let output = format!("{input}.counts");
-    for t in [&input, &output] {
-        create_topic(t, 1).await?;
-    }
-    let group = unique("state-ttl-group");
+    let (input, output, _, group) = one_partition("state-ttl").await?;
     let config = config_toml(
         &group,
         &[HandlerSpec::new("counter", "state-counter", &input)
             .extra("[handler.state]\nttl_secs = 3")],
     );
-    let event = |key: &str| In {
-        key: Some(key.into()),
-        value: b"x".to_vec(),
-        headers: Vec::new(),
-    };
+    let event = |key: &str| raw_events(key, &["x"]).remove(0);
     produce(&input, &[event("a"), event("b")]).await?;
     let mut weir = Weir::start(&config)?;
     let addr = weir.http_addr().await?;
