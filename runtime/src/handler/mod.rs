@@ -359,7 +359,8 @@ impl HandlerInstance {
         trace_id: &str,
         state: CallState,
     ) -> CallOutcome {
-        let outcome = self.call_inner(event, record, attempt, trace_id, state);
+        self.store.data_mut().state = Some(state);
+        let outcome = self.call_inner(event, record, attempt, trace_id);
         let state = self.store.data_mut().state.take();
         match (outcome, state) {
             (CallOutcome::Ok(outputs, _), Some(state)) => match state.finish() {
@@ -376,9 +377,7 @@ impl HandlerInstance {
         record: &Record,
         attempt: u32,
         trace_id: &str,
-        state: CallState,
     ) -> CallOutcome {
-        self.store.data_mut().state = Some(state);
         self.store.data_mut().current.set(event, record, trace_id);
         if self.metering.fuel {
             if let Err(e) = self.store.set_fuel(self.fuel_per_event) {
