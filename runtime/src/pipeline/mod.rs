@@ -7,15 +7,16 @@
 //! event's offset. Stored offsets are committed periodically, on revoke and
 //! on shutdown, so a commit never passes an event whose outcome is not final.
 //!
-//! The path of one event, by module: `source` (hand-over to
-//! the partition's worker, pause and resume; `group`: assignment and
-//! revocation) → `worker` (the partition's
-//! thread; retry records wait there until due) → `dispatch` (retry state,
-//! envelope, routing, idempotency check, what the outcome sends) →
+//! The path of one event, by module: `source` (a partition's worker and
+//! finalizer started, records handed over, pause and resume; `group`:
+//! assignment and revocation) → `worker` (the partition's thread; retry
+//! records wait there until due) → `dispatch` (retry state, envelope,
+//! routing, idempotency check; `dispatch::send`: what the outcome sends) →
 //! `invoke` (the call under its limits, in-place retries) →
 //! [`crate::publish`] → `finalizer` (acknowledgements, marks, stored
-//! offsets) → `commit`. This file wires them: [`run`] and the spawning of
-//! a partition's worker and finalizer.
+//! offsets; `finalizer::settle`: one delivery and what a refusal needs) →
+//! `commit` (or, exactly-once, `transaction` and `transaction::commit`).
+//! `stats` holds what the pipeline reports. This file wires them: [`run`].
 
 mod commit;
 mod dispatch;
@@ -26,23 +27,25 @@ mod observe;
 mod offsets;
 mod outbox;
 mod source;
+mod stats;
 mod suspects;
 mod transaction;
 mod worker;
 
+pub use stats::{Observability, Stats};
 pub use suspects::Suspects;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
 use futures::FutureExt;
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use tokio::sync::{mpsc, watch};
-use tracing::{debug, error, info, warn};
+use tokio::sync::watch;
+use tracing::{error, info, warn};
 
 use crate::changelog::Changelog;
 use crate::config::Config;
@@ -50,103 +53,19 @@ use crate::dedup::Dedup;
 use crate::deploy::Slot;
 use crate::envelope::Record;
 use crate::fence::Fence;
-use crate::halt::{panic_text, Halt};
+use crate::halt::Halt;
 use crate::handler::LoadedHandler;
 use crate::kafka::{consumer_config, ensure_topics};
-use crate::metrics::{HandlerMetrics, Health, Metrics};
+use crate::metrics::HandlerMetrics;
 use crate::publish::Publisher;
-use crate::state::{Overlay, StateStore};
+use crate::state::StateStore;
 use crate::telemetry::Tracing;
 use commit::commit_sync;
-use finalizer::{Finalizer, Step};
 use group::{drain, WeirContext};
 use source::{hand_over, unpark, Worker, Workers};
 use transaction::Transactions;
-use worker::PartitionWorker;
 
 type TopicPartition = (String, i32);
-
-/// Counters of what the pipeline did, shared with whoever runs it.
-#[derive(Debug, Default)]
-pub struct Stats {
-    /// When the pipeline subscribed (handlers compiled, clients made), for
-    /// benchmarks that time the pipeline, not the start-up.
-    pub subscribed: std::sync::OnceLock<Instant>,
-    /// Events whose outcome is final (handled, skipped or dead-lettered).
-    pub events_final: AtomicU64,
-    /// Handler calls that succeeded.
-    pub handled: AtomicU64,
-    /// Records sent to a dead-letter topic.
-    pub dead_lettered: AtomicU64,
-    /// Output records acknowledged by the broker.
-    pub outputs: AtomicU64,
-    /// Retries of `retriable` failures.
-    pub retries: AtomicU64,
-    /// Handler calls skipped because the event was already handled.
-    pub duplicates: AtomicU64,
-    /// Fuel used by handler calls.
-    pub fuel_used: AtomicU64,
-    /// Times a worker waited for its handler's fuel budget to refill.
-    pub budget_waits: AtomicU64,
-    /// Partitions resumed after a pause.
-    pub resumes: AtomicU64,
-    /// Handler call durations in microseconds (for benchmarks).
-    pub handle_micros: Option<Mutex<hdrhistogram::Histogram<u64>>>,
-    /// Partitions paused for backpressure, since start.
-    pub pauses: AtomicU64,
-    /// Exactly-once: events whose records were refused for good, kept
-    /// across rewinds.
-    pub suspects: Arc<Suspects>,
-}
-
-impl Stats {
-    /// One log line with the counters, for operators without a metrics scraper.
-    pub fn log_progress(&self) {
-        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        info!(
-            final_events = g(&self.events_final),
-            handled = g(&self.handled),
-            outputs = g(&self.outputs),
-            dead_lettered = g(&self.dead_lettered),
-            retries = g(&self.retries),
-            duplicates = g(&self.duplicates),
-            fuel_used = g(&self.fuel_used),
-            pauses = g(&self.pauses),
-            resumes = g(&self.resumes),
-            budget_waits = g(&self.budget_waits),
-            "progress"
-        );
-    }
-
-    fn record_handle(&self, d: Duration) {
-        if let Some(h) = &self.handle_micros {
-            let _ = h.lock().unwrap().record(d.as_micros() as u64);
-        }
-    }
-}
-
-/// What the pipeline reports to operators: spans, metrics, readiness.
-#[derive(Clone, Default)]
-pub struct Observability {
-    pub tracing: Arc<Tracing>,
-    /// None when metrics are off (nothing is recorded).
-    pub metrics: Option<Arc<Metrics>>,
-    pub health: Arc<Health>,
-}
-
-impl Observability {
-    /// No spans, no metrics (trace context is still propagated).
-    pub fn off() -> Self {
-        Self::default()
-    }
-
-    fn handler_metrics(&self, h: &LoadedHandler) -> HandlerMetrics {
-        match &self.metrics {
-            Some(m) => m.handler(&h.name, &h.version),
-            None => HandlerMetrics::off(),
-        }
-    }
-}
 
 /// Everything a worker and a finalizer need, shared.
 struct Shared {
@@ -519,96 +438,4 @@ pub async fn run(
     }
     info!("offsets committed; stopped");
     Ok(())
-}
-
-fn spawn_worker(
-    shared: Arc<Shared>,
-    consumer: &Arc<StreamConsumer<WeirContext>>,
-    tp: &TopicPartition,
-    first_offset: i64,
-) -> Worker {
-    let capacity = shared.config.pipeline.max_in_flight_per_partition;
-    let (tx, rx) = mpsc::channel::<Record>(capacity);
-    let (pending_tx, pending_rx) = mpsc::channel::<Step>(capacity);
-    let (done_tx, done_rx) = watch::channel(false);
-    let fence = Arc::new(Fence::default());
-    let stop = Arc::new(AtomicBool::new(false));
-    let stopped = Arc::new(AtomicBool::new(false));
-    let handlers = shared.by_topic.get(&tp.0).cloned().unwrap_or_default();
-    let in_flight = Arc::new(AtomicI64::new(0));
-    let overlay = Arc::new(Overlay::new(shared.state.clone()));
-    debug!(topic = %tp.0, partition = tp.1, first_offset, "starting partition worker");
-
-    let finalizer = Finalizer {
-        tp: tp.clone(),
-        consumer: consumer.clone(),
-        shared: shared.clone(),
-        in_flight: in_flight.clone(),
-        fence: fence.clone(),
-        stopped: stopped.clone(),
-        closing: stop.clone(),
-        overlay: overlay.clone(),
-    };
-    {
-        let halt = shared.halt.clone();
-        let tp = tp.clone();
-        tokio::spawn(async move {
-            use futures::FutureExt;
-            let run = std::panic::AssertUnwindSafe(finalizer.run(pending_rx)).catch_unwind();
-            if let Err(panic) = run.await {
-                halt.halt(format!(
-                    "the finalizer of partition {}/{} panicked: {}",
-                    tp.0,
-                    tp.1,
-                    panic_text(panic.as_ref())
-                ));
-            }
-            let _ = done_tx.send(true);
-        });
-    }
-    let thread = {
-        let fence = fence.clone();
-        let stop = stop.clone();
-        let tp = tp.clone();
-        let runtime = tokio::runtime::Handle::current();
-        std::thread::Builder::new()
-            .name(format!("weir-{}-{}", tp.0, tp.1))
-            .spawn(move || {
-                let halt = shared.halt.clone();
-                // The marks of the partition's previous owners first.
-                let is_retry = shared.retry_topics.contains_key(&tp.0);
-                if let (Some(changelog), Some(dedup)) = (&shared.changelog, &shared.dedup) {
-                    // A retry topic's events have no state.
-                    let state = shared.state.as_deref().filter(|_| !is_retry);
-                    changelog.restore(dedup, state, (&tp.0, tp.1), &fence, &stop, &shared.obs.health);
-                }
-                let worker =
-                    PartitionWorker::new(shared, handlers, fence, is_retry, tp.clone(), overlay);
-                let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    worker.run(rx, pending_tx, &stop, runtime)
-                }));
-                if let Err(panic) = run {
-                    // Noticed at once, not at the partition's next record.
-                    let text = panic_text(panic.as_ref());
-                    error!(topic = %tp.0, partition = tp.1, panic = %text, "a partition worker panicked");
-                    halt.halt(format!(
-                        "the worker of partition {}/{} panicked: {text}",
-                        tp.0, tp.1
-                    ));
-                }
-            })
-            .expect("spawning a worker thread")
-    };
-    Worker {
-        tx: Some(tx),
-        parked: VecDeque::new(),
-        paused: false,
-        next_offset: first_offset,
-        stop,
-        fence,
-        stopped,
-        done: done_rx,
-        thread: Some(thread),
-        in_flight,
-    }
 }

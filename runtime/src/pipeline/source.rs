@@ -10,12 +10,16 @@ use std::thread::JoinHandle;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::TopicPartitionList;
 use tokio::sync::{mpsc, watch};
-use tracing::{debug, warn};
+use tracing::{debug, error, warn};
 
+use super::finalizer::{Finalizer, Step};
 use super::group::WeirContext;
-use super::{spawn_worker, Shared, TopicPartition};
+use super::worker::PartitionWorker;
+use super::{Shared, TopicPartition};
 use crate::envelope::Record;
 use crate::fence::Fence;
+use crate::halt::panic_text;
+use crate::state::Overlay;
 
 /// A partition's worker as the poll loop and the rebalance callback see it.
 pub(super) struct Worker {
@@ -247,6 +251,100 @@ pub(super) fn unpark(consumer: &StreamConsumer<WeirContext>, workers: &Workers, 
                 Err(e) => warn!(error = %e, "cannot resume partition"),
             }
         }
+    }
+}
+
+/// Starts a partition's worker thread (after the restore of its marks and
+/// state) and its finalizer task.
+pub(super) fn spawn_worker(
+    shared: Arc<Shared>,
+    consumer: &Arc<StreamConsumer<WeirContext>>,
+    tp: &TopicPartition,
+    first_offset: i64,
+) -> Worker {
+    let capacity = shared.config.pipeline.max_in_flight_per_partition;
+    let (tx, rx) = mpsc::channel::<Record>(capacity);
+    let (pending_tx, pending_rx) = mpsc::channel::<Step>(capacity);
+    let (done_tx, done_rx) = watch::channel(false);
+    let fence = Arc::new(Fence::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let stopped = Arc::new(AtomicBool::new(false));
+    let handlers = shared.by_topic.get(&tp.0).cloned().unwrap_or_default();
+    let in_flight = Arc::new(AtomicI64::new(0));
+    let overlay = Arc::new(Overlay::new(shared.state.clone()));
+    debug!(topic = %tp.0, partition = tp.1, first_offset, "starting partition worker");
+
+    let finalizer = Finalizer {
+        tp: tp.clone(),
+        consumer: consumer.clone(),
+        shared: shared.clone(),
+        in_flight: in_flight.clone(),
+        fence: fence.clone(),
+        stopped: stopped.clone(),
+        closing: stop.clone(),
+        overlay: overlay.clone(),
+    };
+    {
+        let halt = shared.halt.clone();
+        let tp = tp.clone();
+        tokio::spawn(async move {
+            use futures::FutureExt;
+            let run = std::panic::AssertUnwindSafe(finalizer.run(pending_rx)).catch_unwind();
+            if let Err(panic) = run.await {
+                halt.halt(format!(
+                    "the finalizer of partition {}/{} panicked: {}",
+                    tp.0,
+                    tp.1,
+                    panic_text(panic.as_ref())
+                ));
+            }
+            let _ = done_tx.send(true);
+        });
+    }
+    let thread = {
+        let fence = fence.clone();
+        let stop = stop.clone();
+        let tp = tp.clone();
+        let runtime = tokio::runtime::Handle::current();
+        std::thread::Builder::new()
+            .name(format!("weir-{}-{}", tp.0, tp.1))
+            .spawn(move || {
+                let halt = shared.halt.clone();
+                // The marks of the partition's previous owners first.
+                let is_retry = shared.retry_topics.contains_key(&tp.0);
+                if let (Some(changelog), Some(dedup)) = (&shared.changelog, &shared.dedup) {
+                    // A retry topic's events have no state.
+                    let state = shared.state.as_deref().filter(|_| !is_retry);
+                    changelog.restore(dedup, state, (&tp.0, tp.1), &fence, &stop, &shared.obs.health);
+                }
+                let worker =
+                    PartitionWorker::new(shared, handlers, fence, is_retry, tp.clone(), overlay);
+                let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    worker.run(rx, pending_tx, &stop, runtime)
+                }));
+                if let Err(panic) = run {
+                    // Noticed at once, not at the partition's next record.
+                    let text = panic_text(panic.as_ref());
+                    error!(topic = %tp.0, partition = tp.1, panic = %text, "a partition worker panicked");
+                    halt.halt(format!(
+                        "the worker of partition {}/{} panicked: {text}",
+                        tp.0, tp.1
+                    ));
+                }
+            })
+            .expect("spawning a worker thread")
+    };
+    Worker {
+        tx: Some(tx),
+        parked: VecDeque::new(),
+        paused: false,
+        next_offset: first_offset,
+        stop,
+        fence,
+        stopped,
+        done: done_rx,
+        thread: Some(thread),
+        in_flight,
     }
 }
 
