@@ -1,0 +1,193 @@
+use super::*;
+
+fn record(value: &[u8], content_type: Option<&str>) -> Record {
+    Record {
+        topic: "orders".into(),
+        partition: 2,
+        offset: 41,
+        timestamp_ms: 1_000,
+        key: Some(b"k".to_vec()),
+        value: value.to_vec(),
+        headers: content_type
+            .map(|c| vec![("content-type".to_string(), c.as_bytes().to_vec())])
+            .unwrap_or_default(),
+    }
+}
+
+#[test]
+fn json_envelope_is_decoded() {
+    let v = br#"{"schemaVersion":"v2","eventType":"order.placed","id":"e-1",
+        "timestamp":"2021-01-15T10:30:00Z","correlationId":"c-1","payload":{"a":1}}"#;
+    let e = decode(&record(v, Some("application/json"))).unwrap();
+    assert_eq!(e.id, "e-1");
+    assert_eq!(e.event_type, "order.placed");
+    assert_eq!(e.schema_version, "v2");
+    assert_eq!(e.correlation_id, "c-1");
+    assert_eq!(e.timestamp_ms, 1_610_706_600_000);
+    assert_eq!(e.payload, br#"{"a":1}"#);
+    assert_eq!(e.content_type, JSON);
+}
+
+#[test]
+fn a_json_payload_passes_byte_for_byte_both_ways() {
+    // Key order, spacing and escapes as the producer wrote them.
+    let payload = r#"{ "z": 1,  "a": "caf\u00e9", "n": 1.50 }"#;
+    let v = format!(r#"{{"eventType":"t","id":"e-1","payload":{payload}}}"#);
+    let e = decode(&record(v.as_bytes(), Some("application/json"))).unwrap();
+    assert_eq!(e.payload, payload.as_bytes());
+    let out = Output {
+        topic: "out".into(),
+        event_type: "t.out".into(),
+        content_type: JSON.into(),
+        payload: e.payload.clone(),
+        ..Default::default()
+    };
+    let p = encode_output(out, &e, 1_000_000).unwrap();
+    let text = String::from_utf8(p.value).unwrap();
+    assert!(
+        text.ends_with(&format!(r#""payload":{payload}}}"#)),
+        "{text}"
+    );
+    let bad = Output {
+        topic: "out".into(),
+        event_type: "t.out".into(),
+        content_type: JSON.into(),
+        payload: br#"{"a":1} trailing"#.to_vec(),
+        ..Default::default()
+    };
+    let err = encode_output(bad, &e, 1_000_000).unwrap_err();
+    assert!(err.contains("output payload is not JSON"), "{err}");
+}
+
+#[test]
+fn envelope_without_id_gets_position_and_fresh_correlation() {
+    let v = br#"{"eventType":"x","payload":null}"#;
+    let e = decode(&record(v, Some("application/json; charset=utf-8"))).unwrap();
+    assert_eq!(e.id, "orders/2/41");
+    assert_eq!(e.correlation_id.len(), 36);
+    assert_eq!(e.timestamp_ms, 1_000);
+}
+
+#[test]
+fn msgpack_envelope_is_decoded() {
+    #[derive(Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct E {
+        event_type: &'static str,
+        id: &'static str,
+        payload: (u8, &'static str),
+    }
+    let v = rmp_serde::to_vec_named(&E {
+        event_type: "t",
+        id: "m-1",
+        payload: (7, "x"),
+    })
+    .unwrap();
+    let e = decode(&record(&v, Some("application/msgpack"))).unwrap();
+    assert_eq!(e.id, "m-1");
+    let payload: (u8, String) = rmp_serde::from_slice(&e.payload).unwrap();
+    assert_eq!(payload, (7, "x".into()));
+}
+
+#[test]
+fn malformed_envelope_names_the_reason() {
+    let err = decode(&record(b"{not json", Some("application/json"))).unwrap_err();
+    assert!(err.0.contains("malformed JSON envelope"), "{err}");
+    let err = decode(&record(br#"{"payload":1}"#, Some("application/json"))).unwrap_err();
+    assert!(err.0.contains("eventType"), "{err}");
+}
+
+#[test]
+fn raw_record_passes_through() {
+    let e = decode(&record(b"\x00\x01", None)).unwrap();
+    assert_eq!(e.payload, b"\x00\x01");
+    assert_eq!(e.id, "orders/2/41");
+    assert_eq!(e.event_type, "");
+}
+
+#[test]
+fn output_envelope_carries_correlation_and_causation() {
+    let parent = decode(&record(
+        br#"{"eventType":"a","id":"p-1","correlationId":"c-9","payload":1}"#,
+        Some("application/json"),
+    ))
+    .unwrap();
+    let p = encode_output(
+        Output {
+            topic: "out".into(),
+            event_type: "b".into(),
+            content_type: JSON.into(),
+            payload: br#"{"x":true}"#.to_vec(),
+            ..Default::default()
+        },
+        &parent,
+        1 << 20,
+    )
+    .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&p.value).unwrap();
+    assert_eq!(v["correlationId"], "c-9");
+    assert_eq!(v["causationId"], "p-1");
+    assert_eq!(v["eventType"], "b");
+    assert_eq!(v["payload"]["x"], true);
+    let h = |n: &str| {
+        p.headers
+            .iter()
+            .find(|(k, _)| k == n)
+            .map(|(_, v)| String::from_utf8(v.clone()).unwrap())
+    };
+    assert_eq!(h("correlation-id").as_deref(), Some("c-9"));
+    assert_eq!(h("causation-id").as_deref(), Some("p-1"));
+    assert_eq!(h("event-id").unwrap(), v["id"]);
+}
+
+#[test]
+fn output_with_bad_json_is_refused() {
+    let parent = decode(&record(b"raw", None)).unwrap();
+    let err = encode_output(
+        Output {
+            topic: "out".into(),
+            event_type: "b".into(),
+            content_type: JSON.into(),
+            payload: b"{".to_vec(),
+            ..Default::default()
+        },
+        &parent,
+        1 << 20,
+    )
+    .unwrap_err();
+    assert!(err.contains("not JSON"));
+    let err = encode_output(
+        Output {
+            topic: "bad topic!".into(),
+            ..Default::default()
+        },
+        &parent,
+        1 << 20,
+    )
+    .unwrap_err();
+    assert!(err.contains("not a legal Kafka topic name"), "{err}");
+    let err = encode_output(
+        Output {
+            topic: "big".into(),
+            payload: vec![0; 2000],
+            ..Default::default()
+        },
+        &parent,
+        1000,
+    )
+    .unwrap_err();
+    assert!(err.contains("over the 1000 bytes"), "{err}");
+    // Headers count too: a small value with large headers is refused.
+    let err = encode_output(
+        Output {
+            topic: "big".into(),
+            payload: vec![0; 10],
+            headers: vec![("h".into(), vec![b'x'; 2000])],
+            ..Default::default()
+        },
+        &parent,
+        2000,
+    )
+    .unwrap_err();
+    assert!(err.contains("with its envelope, headers"), "{err}");
+}
