@@ -133,9 +133,13 @@ impl Dedup {
 
     /// Whether `key` has an unexpired mark.
     pub fn contains(&self, key: &[u8]) -> Result<bool> {
-        let value = self
-            .db
-            .get_pinned(key)
+        thread_local! {
+            // Made once per thread: a lookup per event need not allocate
+            // its options.
+            static READ: rocksdb::ReadOptions = rocksdb::ReadOptions::default();
+        }
+        let value = READ
+            .with(|read| self.db.get_pinned_opt(key, read))
             .with_context(|| format!("reading the idempotency store at {}", self.path.display()))?;
         Ok(value.is_some_and(|v| marked_at(&v).saturating_add(self.retention_ms) >= now_ms()))
     }
