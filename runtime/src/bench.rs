@@ -368,7 +368,17 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         .latency_rate
         .or((!echo_rates.is_empty()).then(|| median(&echo_rates) / 2.0));
     if let (true, Some(rate)) = (args.latency_secs > 0, latency_rate) {
-        latency::run(&args, &echo, rate, args.extra_config.as_deref(), false).await?;
+        // The machine's floor first: the raw passthrough at the same rate.
+        latency::run(&args, &echo, rate, None, false, true).await?;
+        latency::run(
+            &args,
+            &echo,
+            rate,
+            args.extra_config.as_deref(),
+            false,
+            false,
+        )
+        .await?;
     }
     if args.swaps > 0 {
         deploys::run(&args, &echo, args.swaps, args.swap_rate).await?;

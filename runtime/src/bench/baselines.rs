@@ -32,6 +32,27 @@ fn reader(brokers: &str, what: &str) -> ClientConfig {
 /// stored once its record is acknowledged, committed every second: the
 /// ceiling for a consumer that publishes what it reads at least once.
 pub(super) async fn passthrough(brokers: &str, topic: &str, n: usize) -> Result<Run> {
+    let started = Instant::now();
+    forward(
+        brokers,
+        topic,
+        &format!("{topic}.raw"),
+        Some(n),
+        std::future::pending(),
+    )
+    .await?;
+    Ok(Run::since(started, n))
+}
+
+/// The passthrough's loop: forwards `topic` to `out` until `limit` records
+/// are acknowledged (and committed), or until `stop` resolves.
+pub(super) async fn forward(
+    brokers: &str,
+    topic: &str,
+    out: &str,
+    limit: Option<usize>,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<()> {
     let consumer: Arc<StreamConsumer> = Arc::new(
         reader(brokers, "passthrough")
             .set("enable.auto.offset.store", "false")
@@ -44,7 +65,6 @@ pub(super) async fn passthrough(brokers: &str, topic: &str, n: usize) -> Result<
         .set("linger.ms", "5")
         .create()?;
     consumer.subscribe(&[topic])?;
-    let out = format!("{topic}.raw");
     // Acknowledgements are awaited in order beside the consume loop.
     let (tx, mut rx) = tokio::sync::mpsc::channel::<(i32, i64, DeliveryFuture)>(10_000);
     let acker = {
@@ -52,28 +72,30 @@ pub(super) async fn passthrough(brokers: &str, topic: &str, n: usize) -> Result<
         let topic = topic.to_owned();
         tokio::spawn(async move {
             let mut last_commit = Instant::now();
-            let mut acked = 0usize;
             while let Some((partition, offset, ack)) = rx.recv().await {
                 ack.await
                     .context("producer gone")?
                     .map_err(|(e, _)| e)
                     .context("passthrough record not acknowledged")?;
                 consumer.store_offset(&topic, partition, offset)?;
-                acked += 1;
                 if last_commit.elapsed() >= Duration::from_secs(1) {
                     let _ = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Async);
                     last_commit = Instant::now();
                 }
             }
-            anyhow::Ok(acked)
+            anyhow::Ok(())
         })
     };
-    let started = Instant::now();
-    for _ in 0..n {
-        let m = tokio::time::timeout(Duration::from_secs(60), consumer.recv())
-            .await
-            .context("passthrough consumer stalled")??;
-        let mut record = FutureRecord::to(&out).payload(m.payload().unwrap_or_default());
+    tokio::pin!(stop);
+    let mut seen = 0;
+    while limit.is_none_or(|n| seen < n) {
+        let m = tokio::select! {
+            _ = &mut stop => break,
+            m = tokio::time::timeout(Duration::from_secs(60), consumer.recv()) => {
+                m.context("passthrough consumer stalled")??
+            }
+        };
+        let mut record = FutureRecord::to(out).payload(m.payload().unwrap_or_default());
         if let Some(k) = m.key() {
             record = record.key(k);
         }
@@ -90,11 +112,12 @@ pub(super) async fn passthrough(brokers: &str, topic: &str, n: usize) -> Result<
             }
         };
         tx.send((m.partition(), m.offset(), ack)).await?;
+        seen += 1;
     }
     drop(tx);
     acker.await??;
     consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync)?;
-    Ok(Run::since(started, n))
+    Ok(())
 }
 
 /// Consume-only with librdkafka: the ceiling for any consumer on this machine.

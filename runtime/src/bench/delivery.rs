@@ -144,7 +144,7 @@ pub(super) async fn run(args: &BenchArgs, topic: &str, echo: &Path, sink: &OtlpS
             exactly_once: eos,
             interval_ms: 100,
         };
-        let q = latency::run(args, echo, rate, Some(&mode.config()), true).await?;
+        let q = latency::run(args, echo, rate, Some(&mode.config()), true, false).await?;
         println!(
             "- {}: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} events)",
             mode.name(),

@@ -1,6 +1,7 @@
 //! End-to-end latency under a steady load: events produced at a fixed rate
 //! (half of what echo moved at most in the same run) through `weir run`
-//! with the echo handler; each output's latency is the broker's append
+//! with the echo handler, or through the raw passthrough (the floor of the
+//! machine at that rate); each output's latency is the broker's append
 //! time of the output (the output topic stamps `LogAppendTime`, so it is
 //! when the broker took it, just before acknowledging it) minus the time
 //! its input was handed to the producer.
@@ -17,6 +18,7 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::producer::FutureProducer;
 
+use super::baselines::forward;
 use super::load::{send_sample, timed_topics};
 use super::{echo_config, BenchArgs, ECHO};
 use crate::pipeline::Stats;
@@ -35,27 +37,36 @@ fn now_ms() -> f64 {
 /// Runs the paced load and prints p50/p99/max of the latency.
 /// With `visible`, an output's latency ends when a `read_committed`
 /// reader receives it (what exactly-once delays), not at its append.
+/// With `raw`, the raw librdkafka passthrough forwards the events instead
+/// of Weir: the latency floor of the machine at the same rate.
 pub(super) async fn run(
     args: &BenchArgs,
     echo: &Path,
     rate: f64,
     extra: Option<&str>,
     visible: bool,
+    raw: bool,
 ) -> Result<Quantiles> {
     let rate = rate.max(100.0);
     let (topic, out) = timed_topics(args, "bench-latency").await?;
     let dir = tempfile::tempdir()?;
-    let mut config = echo_config(&args.brokers, &topic, echo, ECHO, "", extra, dir.path())?;
-    config.handlers[0]
-        .config
-        .insert("output_topic".into(), out.clone());
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let runtime = tokio::runtime::Handle::current();
-    let weir = tokio::task::spawn_blocking(move || {
-        crate::service::run(&runtime, config, Arc::new(Stats::default()), async {
-            let _ = stop_rx.await;
+    let stop = async {
+        let _ = stop_rx.await;
+    };
+    let weir = if raw {
+        let (brokers, topic, out) = (args.brokers.clone(), topic.clone(), out.clone());
+        tokio::spawn(async move { forward(&brokers, &topic, &out, None, stop).await })
+    } else {
+        let mut config = echo_config(&args.brokers, &topic, echo, ECHO, "", extra, dir.path())?;
+        config.handlers[0]
+            .config
+            .insert("output_topic".into(), out.clone());
+        let runtime = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || {
+            crate::service::run(&runtime, config, Arc::new(Stats::default()), stop)
         })
-    });
+    };
 
     let reader: Arc<StreamConsumer> = Arc::new(
         ClientConfig::new()
@@ -171,8 +182,13 @@ pub(super) async fn run(
     }
     println!(
         "\nend-to-end latency (input handed to the producer → output appended by the broker), \
-         echo with the defaults at {rate:.0} events/s ({}) for {} s, {} events: \
+         {} at {rate:.0} events/s ({}) for {} s, {} events: \
          p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms (append times have 1 ms resolution)",
+        if raw {
+            "librdkafka passthrough"
+        } else {
+            "weir, echo with the defaults"
+        },
         if args.latency_rate.is_some() {
             "--latency-rate"
         } else {
