@@ -140,15 +140,17 @@ impl IdempotencyConfig {
     }
 }
 
-// Enough to keep a handler busy while the poll loop waits for a core (on
-// two cores, 1,000 left the workers idle half the time and echo at 44-61 %
-// of a raw passthrough; 5,000 gave 60-72 %: docs/benchmarks.md), small
-// enough that a paused partition holds little memory.
+// Enough to keep a handler busy while the poll loop waits for a core and a
+// resumed partition's fetching starts again (on two cores, 1,000 left the
+// workers idle half the time, echo at 44-61 % of a raw passthrough; with
+// 5,000 the workers still waited for input a quarter to half of the time,
+// 55-72 %; 20,000 gave 75-95 %: docs/benchmarks.md), small enough that a
+// partition of small events holds tens of MiB.
 const fn default_partition_queue() -> usize {
-    5000
+    20_000
 }
 const fn default_total_queue() -> usize {
-    20_000
+    80_000
 }
 // librdkafka's default (64 MiB) is generous for a process that also hosts
 // handler instances; 16 MiB still keeps a fast handler fed.

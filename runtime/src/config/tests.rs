@@ -15,8 +15,8 @@ const MINIMAL: &str = r#"
 fn minimal_config_gets_defaults() {
     let c = Config::parse(MINIMAL).unwrap();
     assert_eq!(c.handlers[0].max_attempts, 3);
-    assert_eq!(c.pipeline.max_in_flight_per_partition, 5000);
-    assert_eq!(c.pipeline.max_in_flight_total, 20_000);
+    assert_eq!(c.pipeline.max_in_flight_per_partition, 20_000);
+    assert_eq!(c.pipeline.max_in_flight_total, 80_000);
     assert_eq!(c.kafka.auto_offset_reset, "earliest");
 }
 
