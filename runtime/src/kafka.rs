@@ -189,3 +189,29 @@ pub async fn create_topics(
         })
         .collect())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONFIG: &str = "[kafka]\nbrokers = \"b:9092\"\ngroup_id = \"g\"\n\n\
+        [[handler]]\nname = \"h\"\nwasm = \"h.wasm\"\ntopics = [\"in\"]\n";
+
+    #[test]
+    fn the_fetch_backoff_is_short_unless_the_user_sets_it() {
+        let c = Config::parse(CONFIG).unwrap();
+        assert_eq!(
+            consumer_config(&c).get("fetch.queue.backoff.ms"),
+            Some("20")
+        );
+        let c = Config::parse(&CONFIG.replace(
+            "[[handler]]",
+            "[kafka.consumer_options]\n\"fetch.queue.backoff.ms\" = \"500\"\n\n[[handler]]",
+        ))
+        .unwrap();
+        assert_eq!(
+            consumer_config(&c).get("fetch.queue.backoff.ms"),
+            Some("500")
+        );
+    }
+}
