@@ -30,14 +30,15 @@ pub struct BenchArgs {
     plugins: PathBuf,
     /// Rounds: each runs every variant, in the opposite order of the one
     /// before, so a drift over the run favours none (0: only the latency
-    /// run, at `--latency-rate`).
+    /// runs, at `--latency-rate`).
     #[arg(long, default_value_t = 2)]
     rounds: usize,
     /// Only the Weir variants whose name contains this text, or the one
     /// so named; may be given more than once (the baselines always run).
     #[arg(long)]
     only: Vec<String>,
-    /// Seconds of paced load for the end-to-end latency run (0: none).
+    /// Seconds of paced load of each end-to-end latency run: the raw
+    /// passthrough and Weir, twice each in alternating order (0: none).
     #[arg(long, default_value_t = 5)]
     latency_secs: u64,
     /// Events/s of the latency run (default: half of echo's median rate).
@@ -368,17 +369,12 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         .latency_rate
         .or((!echo_rates.is_empty()).then(|| median(&echo_rates) / 2.0));
     if let (true, Some(rate)) = (args.latency_secs > 0, latency_rate) {
-        // The machine's floor first: the raw passthrough at the same rate.
-        latency::run(&args, &echo, rate, None, false, true).await?;
-        latency::run(
-            &args,
-            &echo,
-            rate,
-            args.extra_config.as_deref(),
-            false,
-            false,
-        )
-        .await?;
+        // Beside the machine's floor at the same rate (the raw
+        // passthrough), alternating, so a drift favours neither.
+        for raw in [true, false, false, true] {
+            let extra = args.extra_config.as_deref().filter(|_| !raw);
+            latency::run(&args, &echo, rate, extra, false, raw).await?;
+        }
     }
     if args.swaps > 0 {
         deploys::run(&args, &echo, args.swaps, args.swap_rate).await?;

@@ -32,27 +32,21 @@ fn reader(brokers: &str, what: &str) -> ClientConfig {
 /// stored once its record is acknowledged, committed every second: the
 /// ceiling for a consumer that publishes what it reads at least once.
 pub(super) async fn passthrough(brokers: &str, topic: &str, n: usize) -> Result<Run> {
-    let started = Instant::now();
-    forward(
-        brokers,
-        topic,
-        &format!("{topic}.raw"),
-        Some(n),
-        std::future::pending(),
-    )
-    .await?;
+    let out = format!("{topic}.raw");
+    let started = forward(brokers, topic, &out, Some(n), std::future::pending()).await?;
     Ok(Run::since(started, n))
 }
 
 /// The passthrough's loop: forwards `topic` to `out` until `limit` records
-/// are acknowledged (and committed), or until `stop` resolves.
+/// are acknowledged (and committed), or until `stop` resolves. Returns when
+/// it subscribed (a run is timed from there, as Weir's are).
 pub(super) async fn forward(
     brokers: &str,
     topic: &str,
     out: &str,
     limit: Option<usize>,
     stop: impl std::future::Future<Output = ()>,
-) -> Result<()> {
+) -> Result<Instant> {
     let consumer: Arc<StreamConsumer> = Arc::new(
         reader(brokers, "passthrough")
             .set("enable.auto.offset.store", "false")
@@ -65,6 +59,7 @@ pub(super) async fn forward(
         .set("linger.ms", "5")
         .create()?;
     consumer.subscribe(&[topic])?;
+    let subscribed = Instant::now();
     // Acknowledgements are awaited in order beside the consume loop.
     let (tx, mut rx) = tokio::sync::mpsc::channel::<(i32, i64, DeliveryFuture)>(10_000);
     let acker = {
@@ -116,8 +111,13 @@ pub(super) async fn forward(
     }
     drop(tx);
     acker.await??;
-    consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync)?;
-    Ok(())
+    let committed = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync);
+    // A forwarder stopped right after a periodic commit has nothing left
+    // to commit (librdkafka reports that as an error).
+    if limit.is_some() {
+        committed?;
+    }
+    Ok(subscribed)
 }
 
 /// Consume-only with librdkafka: the ceiling for any consumer on this machine.

@@ -56,7 +56,10 @@ pub(super) async fn run(
     };
     let weir = if raw {
         let (brokers, topic, out) = (args.brokers.clone(), topic.clone(), out.clone());
-        tokio::spawn(async move { forward(&brokers, &topic, &out, None, stop).await })
+        tokio::spawn(async move {
+            forward(&brokers, &topic, &out, None, stop).await?;
+            anyhow::Ok(())
+        })
     } else {
         let mut config = echo_config(&args.brokers, &topic, echo, ECHO, "", extra, dir.path())?;
         config.handlers[0]
@@ -107,7 +110,7 @@ pub(super) async fn run(
             Ok(Ok(_)) => break,
             Ok(Err(e)) => bail!("latency reader: {e}"),
             Err(_) if started.elapsed() > Duration::from_secs(60) || weir.is_finished() => {
-                bail!("weir did not answer within a minute")
+                bail!("the forwarder did not answer within a minute")
             }
             Err(_) => {}
         }
@@ -184,10 +187,10 @@ pub(super) async fn run(
         "\nend-to-end latency (input handed to the producer → output appended by the broker), \
          {} at {rate:.0} events/s ({}) for {} s, {} events: \
          p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms (append times have 1 ms resolution)",
-        if raw {
-            "librdkafka passthrough"
-        } else {
-            "weir, echo with the defaults"
+        match (raw, extra) {
+            (true, _) => "librdkafka passthrough",
+            (false, None) => "weir, echo with the defaults",
+            (false, Some(_)) => "weir, echo with --extra-config",
         },
         if args.latency_rate.is_some() {
             "--latency-rate"

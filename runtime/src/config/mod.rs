@@ -142,10 +142,10 @@ impl IdempotencyConfig {
 
 // Enough to keep a handler busy while the poll loop waits for a core and a
 // resumed partition's fetching starts again (on two cores, 1,000 left the
-// workers idle half the time, echo at 44-61 % of a raw passthrough; with
-// 5,000 the workers still waited for input a quarter to half of the time,
-// 55-72 %; 20,000 gave 75-95 %: docs/benchmarks.md), small enough that a
-// partition of small events holds tens of MiB.
+// workers idle half the time; with 5,000 the four workers still waited for
+// input a quarter to half of the time, and 20,000 moved a third more
+// events: docs/benchmarks.md, "deeper worker queues"), small enough that
+// a partition of 1 KiB events holds some tens of MiB.
 const fn default_partition_queue() -> usize {
     20_000
 }

@@ -15,8 +15,12 @@
 //! `invoke` (the call under its limits, in-place retries) →
 //! [`crate::publish`] → `finalizer` (acknowledgements, marks, stored
 //! offsets; `finalizer::settle`: one delivery and what a refusal needs) →
-//! `commit` (or, exactly-once, `transaction` and `transaction::commit`).
-//! `stats` holds what the pipeline reports. This file wires them: [`run`].
+//! `commit` (or, exactly-once: `outbox`, the records of the events in hand
+//! sent inside the transaction gate, then `transaction` and
+//! `transaction::commit`; `suspects`: events whose records were refused).
+//! Shared by several stages: `offsets` (the lattice of final offsets),
+//! `observe` (the fields of a log line about an event), `stats` (what the
+//! pipeline reports). This file wires them: [`run`].
 
 mod commit;
 mod dispatch;
