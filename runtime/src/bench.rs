@@ -229,8 +229,19 @@ impl Variant {
     }
 }
 
-/// Runs the benchmark and prints a table.
+/// Runs the benchmark and prints a table; deletes its topics at the end.
 pub async fn run(args: BenchArgs) -> Result<()> {
+    let brokers = args.brokers.clone();
+    let result = measure(args).await;
+    match load::delete_made(&brokers).await {
+        Ok(n) if n > 0 => println!("\ndeleted the {n} topics of this run"),
+        Ok(_) => {}
+        Err(e) => eprintln!("cannot delete this run's topics: {e:#}"),
+    }
+    result
+}
+
+async fn measure(args: BenchArgs) -> Result<()> {
     let echo = args.plugins.join("echo.wasm");
     if !echo.is_file() {
         bail!(

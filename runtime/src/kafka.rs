@@ -66,6 +66,9 @@ pub fn client_config(config: &Config, specific: &BTreeMap<String, String>) -> Cl
     c
 }
 
+/// Weir's `fetch.queue.backoff.ms` unless the config sets one.
+pub const FETCH_QUEUE_BACKOFF_MS: &str = "20";
+
 pub fn consumer_config(config: &Config) -> ClientConfig {
     let mut c = client_config(config, &config.kafka.consumer_options);
     c.set("group.id", &config.kafka.group_id)
@@ -103,7 +106,7 @@ pub fn consumer_config(config: &Config) -> ClientConfig {
         &config.kafka.consumer_options,
         "fetch.queue.backoff.ms",
     ) {
-        c.set("fetch.queue.backoff.ms", "20");
+        c.set("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS);
     }
     if !user_set(
         config,

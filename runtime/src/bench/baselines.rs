@@ -14,16 +14,24 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use super::Run;
 
 /// A consumer from the beginning of the topic in a fresh group, committing
-/// by hand.
+/// by hand, fetching as Weir's consumer does (its default prefetch bound and
+/// short fetch backoff), so the baselines are not held back by settings
+/// Weir changes for itself.
 fn reader(brokers: &str, what: &str) -> ClientConfig {
     let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", brokers)
-        .set(
-            "group.id",
-            format!("bench-{what}-{}", uuid::Uuid::new_v4().simple()),
-        )
-        .set("auto.offset.reset", "earliest")
-        .set("enable.auto.commit", "false");
+    let prefetch = crate::config::PipelineConfig::default().prefetch_kbytes;
+    c.set(
+        "fetch.queue.backoff.ms",
+        crate::kafka::FETCH_QUEUE_BACKOFF_MS,
+    )
+    .set("queued.max.messages.kbytes", prefetch.to_string())
+    .set("bootstrap.servers", brokers)
+    .set(
+        "group.id",
+        format!("bench-{what}-{}", uuid::Uuid::new_v4().simple()),
+    )
+    .set("auto.offset.reset", "earliest")
+    .set("enable.auto.commit", "false");
     c
 }
 
@@ -60,8 +68,10 @@ pub(super) async fn forward(
         .create()?;
     consumer.subscribe(&[topic])?;
     let subscribed = Instant::now();
-    // Acknowledgements are awaited in order beside the consume loop.
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<(i32, i64, DeliveryFuture)>(10_000);
+    // Acknowledgements are awaited in order beside the consume loop; as
+    // many records may await theirs as Weir holds in flight by default.
+    let window = crate::config::PipelineConfig::default().max_in_flight_total;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(i32, i64, DeliveryFuture)>(window);
     let acker = {
         let consumer = consumer.clone();
         let topic = topic.to_owned();

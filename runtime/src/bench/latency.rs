@@ -100,19 +100,33 @@ pub(super) async fn run(
         v.pointer("/payload/n")?.as_u64()
     };
 
-    // Warm up until Weir has joined and answers.
+    // Warm up until every input partition has answered: Weir (or the
+    // passthrough) has joined, fetched each partition and, for Weir, made
+    // each partition's handler instance; a partition still starting would
+    // put its start-up into the measured tail.
     let started = Instant::now();
     let mut warm = WARM_UP;
-    loop {
-        send(warm);
+    let mut partition_of: HashMap<u64, i32> = HashMap::new();
+    let mut answered = std::collections::HashSet::new();
+    while answered.len() < args.partitions as usize {
+        let delivery = send_sample(&producer, &topic, warm as usize)?;
+        if let Ok(Ok(d)) = delivery.await {
+            partition_of.insert(warm, d.partition);
+        }
         warm += 1;
-        match tokio::time::timeout(Duration::from_millis(200), reader.recv()).await {
-            Ok(Ok(_)) => break,
-            Ok(Err(e)) => bail!("latency reader: {e}"),
-            Err(_) if started.elapsed() > Duration::from_secs(60) || weir.is_finished() => {
-                bail!("the forwarder did not answer within a minute")
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(50);
+        while let Ok(m) = tokio::time::timeout_at(deadline, reader.recv()).await {
+            let m = m.context("latency reader")?;
+            if let Some(p) = number(&m).and_then(|n| partition_of.get(&n)) {
+                answered.insert(*p);
             }
-            Err(_) => {}
+        }
+        if started.elapsed() > Duration::from_secs(60) || weir.is_finished() {
+            bail!(
+                "the forwarder did not answer from every partition within a minute ({} of {})",
+                answered.len(),
+                args.partitions
+            );
         }
     }
 
@@ -161,6 +175,7 @@ pub(super) async fn run(
                     m.timestamp().to_millis().unwrap_or_default() as f64
                 };
                 hist.record(((end - at).max(0.0) * 1000.0) as u64)?;
+
                 seen.fetch_add(1, Ordering::Relaxed);
             }
             anyhow::Ok(hist)

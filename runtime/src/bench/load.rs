@@ -13,6 +13,45 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 
 use super::BenchArgs;
 
+/// The topics this run made, deleted at its end (`delete_made`).
+static MADE: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// Deletes the topics this run made, and every topic whose name holds one
+/// of theirs (the dead-letter, retry and changelog topics Weir made for
+/// them): a benchmark writes gigabytes, which would otherwise fill the
+/// broker's disk and page cache run after run. Names carry a random id,
+/// so no one else's topic matches.
+pub(super) async fn delete_made(brokers: &str) -> Result<usize> {
+    let made = std::mem::take(&mut *MADE.lock().unwrap_or_else(|e| e.into_inner()));
+    if made.is_empty() {
+        return Ok(0);
+    }
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()?;
+    let metadata = admin
+        .inner()
+        .fetch_metadata(None, Duration::from_secs(10))?;
+    let doomed: Vec<&str> = metadata
+        .topics()
+        .iter()
+        .map(|t| t.name())
+        .filter(|name| made.iter().any(|m| name.contains(m.as_str())))
+        .collect();
+    if doomed.is_empty() {
+        return Ok(0);
+    }
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let mut deleted = 0;
+    for r in admin.delete_topics(&doomed, &opts).await? {
+        match r {
+            Ok(_) => deleted += 1,
+            Err((t, e)) => eprintln!("cannot delete the benchmark topic {t}: {e}"),
+        }
+    }
+    Ok(deleted)
+}
+
 /// Creates topics (name, partitions) with the given topic configs.
 pub(super) async fn create_topics(
     brokers: &str,
@@ -33,7 +72,8 @@ pub(super) async fn create_topics(
         })
         .collect();
     for r in admin.create_topics(&new, &opts).await? {
-        r.map_err(|(t, e)| anyhow::anyhow!("cannot create {t}: {e}"))?;
+        let made = r.map_err(|(t, e)| anyhow::anyhow!("cannot create {t}: {e}"))?;
+        MADE.lock().unwrap_or_else(|e| e.into_inner()).push(made);
     }
     Ok(())
 }
