@@ -3,7 +3,7 @@
 //! handlers and hands what they produced to the finalizer.
 
 use std::collections::VecDeque;
-use std::hash::{BuildHasher, RandomState};
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -71,12 +71,34 @@ const SWEEP_KEYS: usize = 10_000;
 /// A bounded set of recently handled idempotency keys, oldest evicted
 /// first. Keys are kept as 128-bit digests (two SipHash-1-3 with random
 /// keys of this process: cheap, and no one can craft keys that collide),
-/// so memory does not depend on the length of event ids.
+/// so memory does not depend on the length of event ids. A key's digest is
+/// made once per event ([`RecentKeys::digest`]) and serves the lookup and
+/// the insert; the set hashes a digest by taking its low half.
 pub(super) struct RecentKeys {
     pub(super) capacity: usize,
-    pub(super) set: std::collections::HashSet<u128>,
+    pub(super) set: std::collections::HashSet<u128, BuildHasherDefault<DigestHasher>>,
     pub(super) order: VecDeque<u128>,
     hashers: (RandomState, RandomState),
+}
+
+/// The hasher of a set of digests: a digest is already random.
+#[derive(Default)]
+pub(super) struct DigestHasher(u64);
+
+impl Hasher for DigestHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        // Only digests are hashed (`write_u128`); anything else still
+        // hashes, if poorly.
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+    fn write_u128(&mut self, digest: u128) {
+        self.0 = digest as u64;
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
 }
 
 impl RecentKeys {
@@ -89,19 +111,19 @@ impl RecentKeys {
         }
     }
 
-    fn digest(&self, key: &[u8]) -> u128 {
+    /// The digest a key is known by.
+    pub(super) fn digest(&self, key: &[u8]) -> u128 {
         let (a, b) = &self.hashers;
         (u128::from(a.hash_one(key)) << 64) | u128::from(b.hash_one(key))
     }
 
-    pub(super) fn contains(&self, key: &[u8]) -> bool {
-        self.set.contains(&self.digest(key))
+    pub(super) fn contains(&self, digest: u128) -> bool {
+        self.set.contains(&digest)
     }
 
-    pub(super) fn insert(&mut self, key: &[u8]) {
-        let d = self.digest(key);
-        if self.set.insert(d) {
-            self.order.push_back(d);
+    pub(super) fn insert(&mut self, digest: u128) {
+        if self.set.insert(digest) {
+            self.order.push_back(digest);
             if self.order.len() > self.capacity {
                 if let Some(old) = self.order.pop_front() {
                     self.set.remove(&old);
@@ -408,9 +430,9 @@ impl PartitionWorker {
     /// produced or the dead letters. None when cancelled.
     /// Whether `key` already has a final outcome. A store that cannot be
     /// read is waited for: guessing either way would break a promise.
-    pub(super) fn already_done(&self, key: &[u8]) -> Option<bool> {
+    pub(super) fn already_done(&self, key: &[u8], digest: u128) -> Option<bool> {
         let dedup = self.shared.dedup.as_ref()?;
-        if self.recent.contains(key) {
+        if self.recent.contains(digest) {
             return Some(true);
         }
         // Marked by an event of the open transaction (exactly-once: marks
@@ -448,10 +470,12 @@ mod tests {
     #[test]
     pub(super) fn recent_keys_forget_the_oldest_past_capacity() {
         let mut recent = RecentKeys::new(2);
-        for k in [b"a", b"b", b"c"] {
-            recent.insert(k);
+        let [a, b, c] = [b"a", b"b", b"c"].map(|k| recent.digest(k));
+        for d in [a, b, c] {
+            recent.insert(d);
         }
-        assert!(!recent.contains(b"a"));
-        assert!(recent.contains(b"b") && recent.contains(b"c"));
+        assert!(!recent.contains(a));
+        assert!(recent.contains(b) && recent.contains(c));
+        assert_ne!(a, b, "distinct keys, distinct digests");
     }
 }

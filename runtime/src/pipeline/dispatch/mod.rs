@@ -89,7 +89,7 @@ impl PartitionWorker {
                     })
                     .collect();
                 if let (true, Some(first)) = (dedup_on, keys.first()) {
-                    if self.already_done(first)? {
+                    if self.already_done(first, self.recent.digest(first))? {
                         self.shared.stats.duplicates.fetch_add(1, Ordering::Relaxed);
                         if let Some((_, _, m)) = self.handlers.first() {
                             m.duplicate();
@@ -97,7 +97,7 @@ impl PartitionWorker {
                         return done(deliveries, marks, state);
                     }
                     for k in &keys {
-                        self.recent.insert(k);
+                        self.recent.insert(self.recent.digest(k));
                     }
                     marks = keys;
                 }
@@ -209,7 +209,12 @@ impl PartitionWorker {
             });
             let id = replay::dedup_id(&event.id, record, &handler.name);
             let key = dedup::key(&handler.name, &id);
-            if dedup_on && self.already_done(&key)? {
+            let digest = dedup_on.then(|| self.recent.digest(&key));
+            let duplicate = match digest {
+                Some(digest) => self.already_done(&key, digest)?,
+                None => false,
+            };
+            if duplicate {
                 event_log!(
                     debug,
                     EventFields::of(&cx, &handler, &event, record),
@@ -225,8 +230,12 @@ impl PartitionWorker {
             let consumed_attempt = retry.map_or(1, |r| r.attempt);
             let hop = (dedup_on && handler.config_entry.retry_mode == RetryMode::Topic)
                 .then(|| dedup::key(&handler.name, &retry_topic::hop_id(&id, consumed_attempt)));
-            if let Some(hop) = &hop {
-                if self.already_done(hop)? {
+            let hop = hop.map(|hop| {
+                let digest = self.recent.digest(&hop);
+                (hop, digest)
+            });
+            if let Some((hop, digest)) = &hop {
+                if self.already_done(hop, *digest)? {
                     event_log!(
                         debug,
                         EventFields::of(&cx, &handler, &event, record),
@@ -265,13 +274,13 @@ impl PartitionWorker {
             };
             let final_key = dedup_on.then(|| key.clone());
             match (&verdict, hop) {
-                (Verdict::Retry { .. }, Some(hop)) => {
-                    self.recent.insert(&hop);
+                (Verdict::Retry { .. }, Some((hop, digest))) => {
+                    self.recent.insert(digest);
                     marks.push(hop);
                 }
                 (Verdict::Retry { .. }, None) => {}
                 _ if dedup_on => {
-                    self.recent.insert(&key);
+                    self.recent.insert(digest.expect("made when idempotency is on"));
                     marks.push(key);
                 }
                 _ => {}
