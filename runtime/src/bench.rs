@@ -435,10 +435,10 @@ fn echo_config(
         bail!("not a Weir variant");
     };
     let mut text = format!(
-        "[kafka]\nbrokers = {brokers:?}\ngroup_id = \"bench-weir-{}\"\nauto_offset_reset = \"earliest\"\n\n\
+        "[kafka]\nbrokers = {brokers:?}\ngroup_id = {:?}\nauto_offset_reset = \"earliest\"\n\n\
          [idempotency]\nenabled = {dedup}\npath = \"idempotency\"\n\n\
          [metrics]\nenabled = {metrics}\nlisten = \"127.0.0.1:0\"\n\n",
-        uuid::Uuid::new_v4().simple()
+        load::group_id("weir")
     );
     if let Some(ratio) = spans {
         text += &format!("[tracing]\notlp_endpoint = {otlp:?}\nsample_ratio = {ratio}\n\n");

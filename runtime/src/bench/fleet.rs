@@ -170,7 +170,7 @@ pub(super) async fn restore(args: &BenchArgs, counts: &[usize]) -> Result<()> {
     println!("| marks | restore, ms (two runs) | marks/s |");
     println!("|---:|---:|---:|");
     for &n in counts {
-        let group = format!("bench-restore-{}", uuid::Uuid::new_v4().simple());
+        let group = super::load::group_id("restore");
         let config = Config::parse(&format!(
             "[kafka]\nbrokers = {:?}\ngroup_id = {group:?}\n",
             args.brokers

@@ -13,7 +13,8 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 
 use super::BenchArgs;
 
-/// The topics this run made, deleted at its end (`delete_made`).
+/// The topics this run made and its Weir runs' group ids: what holds one
+/// of them is deleted at the run's end (`delete_made`).
 static MADE: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
 
 /// Deletes the topics this run made, and every topic whose name holds one
@@ -50,6 +51,17 @@ pub(super) async fn delete_made(brokers: &str) -> Result<usize> {
         }
     }
     Ok(deleted)
+}
+
+/// A fresh consumer group id for a Weir run (`bench-<what>-<random id>`);
+/// the changelog topics Weir makes are named after it, so they are
+/// deleted with the run's topics.
+pub(super) fn group_id(what: &str) -> String {
+    let group = format!("bench-{what}-{}", uuid::Uuid::new_v4().simple());
+    MADE.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(group.clone());
+    group
 }
 
 /// Creates topics (name, partitions) with the given topic configs.

@@ -108,7 +108,7 @@ pub(super) async fn restore(args: &BenchArgs, counts: &[usize]) -> Result<()> {
     println!("| keys | restore, ms (two runs) | keys/s |");
     println!("|---:|---:|---:|");
     for &n in counts {
-        let group = format!("bench-state-{}", uuid::Uuid::new_v4().simple());
+        let group = super::load::group_id("state");
         let config = Config::parse(&format!(
             "[kafka]\nbrokers = {:?}\ngroup_id = {group:?}\n",
             args.brokers

@@ -9,7 +9,7 @@ use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use tracing::{debug, error, info};
 
-use super::Observability;
+use super::stats::Observability;
 
 /// Commit failures in a row after which the instance is not ready.
 const FAILURES_NOT_READY: u32 = 3;

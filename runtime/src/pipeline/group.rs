@@ -14,9 +14,11 @@ use rdkafka::TopicPartitionList;
 use tracing::{error, info, warn};
 
 use super::commit;
+use super::consumer::partition_key;
+use super::shared::Shared;
 use super::source::{Worker, Workers};
+use super::stats::Observability;
 use super::transaction::Transactions;
-use super::{Observability, Shared};
 use crate::config::GroupProtocol;
 
 /// The consumer context: flushes revoked partitions before they move,
@@ -272,11 +274,6 @@ fn describe(tpl: &TopicPartitionList) -> String {
         .map(|e| format!("{}/{}", e.topic(), e.partition()))
         .collect::<Vec<_>>()
         .join(",")
-}
-
-/// The key of a partition's problem in [`Health`].
-pub(super) fn partition_key(topic: &str, partition: i32) -> String {
-    format!("partition {topic}/{partition}")
 }
 
 /// Waits for workers' finalizers until `deadline`, then cancels the rest;

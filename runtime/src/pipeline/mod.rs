@@ -23,6 +23,7 @@
 //! pipeline reports). This file wires them: [`run`].
 
 mod commit;
+mod consumer;
 mod dispatch;
 mod finalizer;
 mod group;
@@ -30,6 +31,7 @@ mod invoke;
 mod observe;
 mod offsets;
 mod outbox;
+mod shared;
 mod source;
 mod stats;
 mod suspects;
@@ -60,53 +62,14 @@ use crate::fence::Fence;
 use crate::halt::Halt;
 use crate::handler::LoadedHandler;
 use crate::kafka::{consumer_config, ensure_topics};
-use crate::metrics::HandlerMetrics;
 use crate::publish::Publisher;
 use crate::state::StateStore;
-use crate::telemetry::Tracing;
 use commit::commit_sync;
+use consumer::GroupConsumer;
 use group::{drain, WeirContext};
+use shared::Shared;
 use source::{hand_over, unpark, Worker, Workers};
 use transaction::Transactions;
-
-type TopicPartition = (String, i32);
-
-/// Everything a worker and a finalizer need, shared.
-struct Shared {
-    config: Config,
-    publisher: Publisher,
-    halt: Halt,
-    /// Fault injection for the end-to-end tests: the worker of this
-    /// `topic/partition` panics at this offset (`WEIR_FAULT_PANIC_AT`).
-    panic_at: Option<(String, i32, i64)>,
-    by_topic: HashMap<String, Vec<Arc<Slot>>>,
-    /// Each retry topic, with the dead-letter topic of its source topic
-    /// (where a record it cannot route goes).
-    retry_topics: HashMap<String, String>,
-    dedup: Option<Arc<Dedup>>,
-    /// The handlers' state (in the idempotency store).
-    state: Option<Arc<StateStore>>,
-    /// Where marks are published for the group's other instances.
-    changelog: Option<Arc<Changelog>>,
-    /// Exactly-once mode's transactions.
-    txn: Option<Arc<Transactions>>,
-    stats: Arc<Stats>,
-    obs: Observability,
-    /// Per handler name.
-    handler_metrics: HashMap<String, HandlerMetrics>,
-}
-
-impl Shared {
-    fn tracing(&self) -> &Tracing {
-        &self.obs.tracing
-    }
-
-    fn kafka_error(&self, operation: &str) {
-        if let Some(m) = &self.obs.metrics {
-            m.kafka_errors.with_label_values(&[operation]).inc();
-        }
-    }
-}
 
 /// The pipeline stopped with the events in hand of this many partitions
 /// unfinished after the drain timeout (they will be redelivered).
@@ -224,8 +187,10 @@ pub async fn run(
             .create_with_context(context)
             .context("cannot create the Kafka consumer")?,
     );
+    // The stages below the poll loop see the consumer through this.
+    let group: Arc<dyn GroupConsumer> = consumer.clone();
     if let Some(txn) = &txn {
-        txn.set_consumer(&consumer);
+        txn.set_consumer(&group);
     }
     ensure_topics(&config, consumer.as_ref()).await;
     let changelog = match &dedup {
@@ -352,7 +317,7 @@ pub async fn run(
                 let mut taken = 0;
                 while let Some(msg) = next.take() {
                     match msg {
-                        Ok(msg) => hand_over(&shared, &consumer, &workers, Record::from_message(&msg)),
+                        Ok(msg) => hand_over(&shared, &group, &workers, Record::from_message(&msg)),
                         Err(e) => group::consumer_error(&shared, &consumer, e),
                     }
                     taken += 1;
@@ -361,7 +326,7 @@ pub async fn run(
                     }
                 }
             }
-            _ = resume_tick.tick() => unpark(&consumer, &workers, &shared),
+            _ = resume_tick.tick() => unpark(group.as_ref(), &workers, &shared),
             _ = stats_tick.tick() => shared.stats.log_progress(),
         }
     }

@@ -10,13 +10,10 @@ use tokio::sync::mpsc;
 use super::finalizer::{produce_failed, Delivery, OnRefused, Pending, Step};
 use super::suspects::Treatment;
 use super::transaction::Transactions;
-use super::worker::PartitionWorker;
+use super::worker::{PartitionWorker, BACKLOG};
 use crate::envelope::Produce;
 use crate::publish::{refused_for_size, refused_in_transaction, Ack};
 use crate::telemetry;
-
-/// Events a worker handles ahead while a commit holds the gate.
-pub(super) const BACKLOG: usize = 2048;
 
 impl PartitionWorker {
     /// Holds a record of the event in hand: sent with the others once the

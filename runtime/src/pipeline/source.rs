@@ -7,15 +7,14 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::TopicPartitionList;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, warn};
 
+use super::consumer::{GroupConsumer, TopicPartition};
 use super::finalizer::{Finalizer, Step};
-use super::group::WeirContext;
+use super::shared::Shared;
 use super::worker::PartitionWorker;
-use super::{Shared, TopicPartition};
 use crate::envelope::Record;
 use crate::fence::Fence;
 use crate::halt::panic_text;
@@ -90,7 +89,7 @@ pub(super) fn tpl_of(tp: &TopicPartition) -> TopicPartitionList {
 /// partition when the worker is full.
 pub(super) fn hand_over(
     shared: &Arc<Shared>,
-    consumer: &Arc<StreamConsumer<WeirContext>>,
+    consumer: &Arc<dyn GroupConsumer>,
     workers: &Workers,
     record: Record,
 ) {
@@ -180,7 +179,7 @@ pub(super) fn may_resume(
 }
 
 /// Moves parked records into workers with room, resuming drained partitions.
-pub(super) fn unpark(consumer: &StreamConsumer<WeirContext>, workers: &Workers, shared: &Shared) {
+pub(super) fn unpark(consumer: &dyn GroupConsumer, workers: &Workers, shared: &Shared) {
     let stats = &shared.stats;
     let budget = shared.config.pipeline.prefetch_kbytes as usize * 1024;
     let max_total = shared.config.pipeline.max_in_flight_total;
@@ -258,7 +257,7 @@ pub(super) fn unpark(consumer: &StreamConsumer<WeirContext>, workers: &Workers, 
 /// state) and its finalizer task.
 pub(super) fn spawn_worker(
     shared: Arc<Shared>,
-    consumer: &Arc<StreamConsumer<WeirContext>>,
+    consumer: &Arc<dyn GroupConsumer>,
     tp: &TopicPartition,
     first_offset: i64,
 ) -> Worker {

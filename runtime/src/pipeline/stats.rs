@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use tracing::info;
 
-use super::Suspects;
+use super::suspects::Suspects;
 use crate::handler::LoadedHandler;
 use crate::metrics::{HandlerMetrics, Health, Metrics};
 use crate::telemetry::Tracing;

@@ -3,12 +3,12 @@
 //! for a record batch's size may be a batch-mate's fault, so the event is
 //! first sent alone; one refused for itself, or refused alone, is
 //! dead-lettered; one whose dead letter is refused too stops its
-//! partition. Kept across the pipeline's rewinds (in [`super::Stats`]).
+//! partition. Kept across the pipeline's rewinds (in the pipeline's `Stats`).
 
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
 
-use super::TopicPartition;
+use super::consumer::TopicPartition;
 
 /// How each event whose records were refused for good is to be sent,
 /// kept across the pipeline's rewinds (see the module's notes).

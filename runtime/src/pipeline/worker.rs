@@ -13,9 +13,10 @@ use tracing::{debug, error, info};
 
 use std::cell::RefCell;
 
+use super::consumer::TopicPartition;
 use super::finalizer::{Pending, Step};
+use super::shared::Shared;
 use super::suspects::Treatment;
-use super::{Shared, TopicPartition};
 use crate::deploy::Slot;
 use crate::envelope::Produce;
 use crate::envelope::Record;
@@ -64,6 +65,10 @@ pub(super) struct PartitionWorker {
     next_sweep: Instant,
     sweep_from: Vec<Option<Vec<u8>>>,
 }
+
+/// Exactly-once: events a worker may handle ahead while a commit holds the
+/// transaction gate, before it waits (`outbox`).
+pub(super) const BACKLOG: usize = 2048;
 
 /// Keys looked at for expired values per handler and sweep.
 const SWEEP_KEYS: usize = 10_000;
@@ -170,11 +175,7 @@ impl PartitionWorker {
             recent: RecentKeys::new(
                 (shared.config.pipeline.max_in_flight_per_partition
                     + 1024
-                    + if shared.txn.is_some() {
-                        super::outbox::BACKLOG
-                    } else {
-                        0
-                    })
+                    + if shared.txn.is_some() { BACKLOG } else { 0 })
                     * keys_per_event,
             ),
             max_record_bytes: crate::kafka::max_message_bytes(&shared.config),

@@ -280,7 +280,8 @@ impl PartitionWorker {
                 }
                 (Verdict::Retry { .. }, None) => {}
                 _ if dedup_on => {
-                    self.recent.insert(digest.expect("made when idempotency is on"));
+                    self.recent
+                        .insert(digest.expect("made when idempotency is on"));
                     marks.push(key);
                 }
                 _ => {}

@@ -13,16 +13,15 @@ use futures::{FutureExt, StreamExt};
 use opentelemetry::Context as TraceContext;
 use prometheus::IntCounter;
 
-use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::producer::DeliveryFuture;
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
 use tracing::{error, warn};
 
-use super::group::{partition_key, WeirContext};
+use super::consumer::{partition_key, GroupConsumer, TopicPartition};
 use super::observe::{event_log, EventFields};
 use super::offsets::Offsets;
-use super::{Shared, TopicPartition};
+use super::shared::Shared;
 use crate::deadletter::DeadLetter;
 use crate::envelope::{self, Produce, Record};
 use crate::failure::FailureKind;
@@ -111,7 +110,7 @@ pub(super) struct Fallback {
 /// is committed past an output or dead letter that is not durable.
 pub(super) struct Finalizer {
     pub(super) tp: TopicPartition,
-    pub(super) consumer: Arc<StreamConsumer<WeirContext>>,
+    pub(super) consumer: Arc<dyn GroupConsumer>,
     pub(super) shared: Arc<Shared>,
     pub(super) in_flight: Arc<AtomicI64>,
     pub(super) fence: Arc<Fence>,

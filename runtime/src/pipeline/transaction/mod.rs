@@ -32,18 +32,17 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use prometheus::IntCounter;
-use rdkafka::consumer::{Consumer, ConsumerGroupMetadata, StreamConsumer};
+use rdkafka::consumer::ConsumerGroupMetadata;
 use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::producer::Producer;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
-use super::group::WeirContext;
+use super::consumer::{GroupConsumer, TopicPartition};
 use super::offsets::Offsets;
+use super::stats::Stats;
 use super::suspects::{Suspects, Treatment};
-use super::Stats;
-use super::TopicPartition;
 use crate::changelog::Changelog;
 use crate::dedup::Dedup;
 use crate::metrics::{Health, Metrics};
@@ -124,7 +123,7 @@ pub(super) struct Transactions {
     changelog: OnceLock<Arc<Changelog>>,
     /// The consumer whose group metadata goes with the offsets (weak: the
     /// consumer's context holds this).
-    consumer: OnceLock<Weak<StreamConsumer<WeirContext>>>,
+    consumer: OnceLock<Weak<dyn GroupConsumer>>,
     metrics: Option<Arc<Metrics>>,
     health: Arc<Health>,
     suspects: Arc<Suspects>,
@@ -195,7 +194,7 @@ impl Transactions {
         let _ = self.changelog.set(changelog);
     }
 
-    pub(super) fn set_consumer(&self, consumer: &Arc<StreamConsumer<WeirContext>>) {
+    pub(super) fn set_consumer(&self, consumer: &Arc<dyn GroupConsumer>) {
         let _ = self.consumer.set(Arc::downgrade(consumer));
     }
 
