@@ -1,6 +1,8 @@
 //! How a handler fails, and turning other errors into that.
 
-use super::*;
+use std::fmt;
+
+use crate::*;
 
 /// How a handler failed.
 ///

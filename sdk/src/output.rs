@@ -1,6 +1,8 @@
 //! What a handler publishes.
 
-use super::*;
+use serde::Serialize;
+
+use crate::*;
 
 /// An event to publish. The runtime adds a fresh id, the parent's
 /// correlation id and the parent's id as causation id.
