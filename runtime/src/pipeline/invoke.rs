@@ -9,7 +9,7 @@ use opentelemetry::{Context as TraceContext, KeyValue};
 
 use time::OffsetDateTime;
 
-use super::observe::{event_log, EventFields};
+use super::observe::{EventFields, Happened};
 use super::worker::PartitionWorker;
 use crate::config::RetryMode;
 use crate::envelope::{self, Produce, Record};
@@ -170,20 +170,16 @@ impl PartitionWorker {
                             first_failure: failed_at,
                         });
                     }
-                    event_log!(debug, EventFields::of(cx, &handler, event, record),
-                        attempt, ?delay, reason = %message, "retrying");
-                    telemetry::event(cx, || {
-                        (
-                            "retry",
-                            vec![
-                                KeyValue::new(attr::ATTEMPT, attempt as i64 + 1),
-                                KeyValue::new("weir.retry.delay_ms", delay.as_millis() as i64),
-                                KeyValue::new("weir.retry.reason", message.clone()),
-                            ],
-                        )
-                    });
-                    self.shared.stats.retries.fetch_add(1, Ordering::Relaxed);
-                    metrics.retried();
+                    Happened::Retrying {
+                        attempt,
+                        delay,
+                        reason: &message,
+                    }
+                    .emit(
+                        &EventFields::of(cx, &handler, event, record),
+                        &metrics,
+                        &self.shared.stats,
+                    );
                     if !self.sleep(delay) {
                         return None;
                     }

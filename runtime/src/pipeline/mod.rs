@@ -18,9 +18,13 @@
 //! `commit` (or, exactly-once: `outbox`, the records of the events in hand
 //! sent inside the transaction gate, then `transaction` and
 //! `transaction::commit`; `suspects`: events whose records were refused).
-//! Shared by several stages: `offsets` (the lattice of final offsets),
-//! `observe` (the fields of a log line about an event), `stats` (what the
-//! pipeline reports). This file wires them: [`run`].
+//! Shared by several stages, below them all: `shared` (the config, clients
+//! and stores every stage reads), `consumer` (the group's consumer as the
+//! stages use it: pause, resume, store an offset), `offsets` (the lattice
+//! of final offsets), `observe` (what happened to an event, each a
+//! `Happened` whose `emit` logs it with the event's fields, marks its span
+//! and counts it), `stats` (what the pipeline reports). No stage imports
+//! one after it except through these; this file wires them: [`run`].
 
 mod commit;
 mod consumer;

@@ -7,14 +7,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use opentelemetry::{Context as TraceContext, KeyValue};
+use opentelemetry::Context as TraceContext;
 use prometheus::IntCounter;
 
 use time::OffsetDateTime;
 
 use super::finalizer::{Delivery, Fallback, OnRefused, Pending};
 use super::invoke::Verdict;
-use super::observe::{event_log, EventFields};
+use super::observe::{EventFields, Happened};
 use super::worker::PartitionWorker;
 use crate::config::RetryMode;
 use crate::deadletter::{self, DeadLetter};
@@ -25,7 +25,7 @@ use crate::failure::FailureKind;
 use crate::publish::{publish_span, Ack};
 use crate::replay;
 use crate::retry_topic::{self};
-use crate::telemetry::{self, attr};
+use crate::telemetry;
 
 mod send;
 
@@ -119,7 +119,6 @@ impl PartitionWorker {
                 let cx = self.shared.tracing().start(&parent, || {
                     telemetry::consumer_span(record, None, &handler, &versions.join(","), group)
                 });
-                telemetry::fail(&cx, FailureKind::Undecodable.name(), &undecodable.0);
                 let correlation = record
                     .header_str(envelope::header::CORRELATION_ID)
                     .unwrap_or_default();
@@ -136,15 +135,20 @@ impl PartitionWorker {
                     causation_id: &causation,
                     record,
                 };
-                event_log!(warn, fields, reason = %undecodable, dead_letter_topic = %topic,
-                    "undecodable event dead-lettered");
                 // Counted against the handler whose dead-letter topic takes it.
                 let metrics = self
                     .handlers
                     .first()
                     .map(|(_, _, m)| m.clone())
                     .unwrap_or_default();
-                metrics.failed(FailureKind::Undecodable, None);
+                Happened::DeadLettered {
+                    kind: FailureKind::Undecodable,
+                    reason: &undecodable.0,
+                    attempts: 1,
+                    dead_letter_topic: &topic,
+                    took: None,
+                }
+                .emit(&fields, &metrics, &self.shared.stats);
                 let now = OffsetDateTime::now_utc();
                 let dl = DeadLetter {
                     record,
@@ -215,14 +219,11 @@ impl PartitionWorker {
                 None => false,
             };
             if duplicate {
-                event_log!(
-                    debug,
-                    EventFields::of(&cx, &handler, &event, record),
-                    "duplicate skipped"
+                Happened::Duplicate.emit(
+                    &EventFields::of(&cx, &handler, &event, record),
+                    &metrics,
+                    &self.shared.stats,
                 );
-                telemetry::event(&cx, || ("duplicate skipped", Vec::new()));
-                self.shared.stats.duplicates.fetch_add(1, Ordering::Relaxed);
-                metrics.duplicate();
                 continue;
             }
             // In topic retry mode, this attempt may already have been handed
@@ -236,13 +237,14 @@ impl PartitionWorker {
             });
             if let Some((hop, digest)) = &hop {
                 if self.already_done(hop, *digest)? {
-                    event_log!(
-                        debug,
-                        EventFields::of(&cx, &handler, &event, record),
-                        attempt = consumed_attempt,
-                        "retry already scheduled; skipped"
+                    Happened::RetryAlreadyScheduled {
+                        attempt: consumed_attempt,
+                    }
+                    .emit(
+                        &EventFields::of(&cx, &handler, &event, record),
+                        &metrics,
+                        &self.shared.stats,
                     );
-                    telemetry::event(&cx, || ("retry already scheduled", Vec::new()));
                     continue;
                 }
             }
@@ -294,12 +296,10 @@ impl PartitionWorker {
                         self.overlay.put(&scope.handler, &writes, offset);
                     }
                     state.extend(writes);
-                    event_log!(
-                        debug,
-                        EventFields::of(&cx, &handler, &event, record),
-                        outputs = outputs.len(),
-                        "handled"
-                    );
+                    let handled = Happened::Handled {
+                        outputs: outputs.len(),
+                        took,
+                    };
                     // One fallback for all the call's outputs: the event is
                     // dead-lettered once, whichever of them is refused.
                     if !outputs.is_empty() {
@@ -320,8 +320,11 @@ impl PartitionWorker {
                             });
                         }
                     }
-                    self.shared.stats.handled.fetch_add(1, Ordering::Relaxed);
-                    metrics.handled(took);
+                    handled.emit(
+                        &EventFields::of(&cx, &handler, &event, record),
+                        &metrics,
+                        &self.shared.stats,
+                    );
                 }
                 Verdict::Retry {
                     attempt,
@@ -333,18 +336,6 @@ impl PartitionWorker {
                         .config_entry
                         .retry_topic_of(&record.topic)
                         .expect("topic retry mode has a retry topic");
-                    event_log!(debug, EventFields::of(&cx, &handler, &event, record),
-                        attempt, ?delay, reason = %message, retry_topic = %topic, "sent to the retry topic");
-                    telemetry::event(&cx, || {
-                        (
-                            "retry scheduled",
-                            vec![
-                                KeyValue::new(attr::ATTEMPT, attempt as i64),
-                                KeyValue::new("weir.retry.delay_ms", delay.as_millis() as i64),
-                                KeyValue::new("weir.retry.reason", message.clone()),
-                            ],
-                        )
-                    });
                     let mut p = retry_topic::retry_record(
                         record,
                         &event.correlation_id,
@@ -352,7 +343,7 @@ impl PartitionWorker {
                         attempt,
                         delay,
                         first_failure,
-                        topic,
+                        topic.clone(),
                     );
                     let (ack, span) =
                         self.send_for_event(&mut p, &cx, &event.correlation_id, None)?;
@@ -367,8 +358,18 @@ impl PartitionWorker {
                         )),
                         output: false,
                     });
-                    self.shared.stats.retries.fetch_add(1, Ordering::Relaxed);
-                    metrics.sent_to_retry(took);
+                    Happened::RetryScheduled {
+                        attempt,
+                        delay,
+                        reason: &message,
+                        retry_topic: &topic,
+                        took,
+                    }
+                    .emit(
+                        &EventFields::of(&cx, &handler, &event, record),
+                        &metrics,
+                        &self.shared.stats,
+                    );
                 }
                 Verdict::Failed {
                     kind,
@@ -377,11 +378,18 @@ impl PartitionWorker {
                     first_failure,
                 } => {
                     let topic = handler.config_entry.dead_letter_topic_of(&record.topic);
-                    telemetry::fail(&cx, kind.name(), &message);
-                    event_log!(warn, EventFields::of(&cx, &handler, &event, record),
-                        kind = %kind, reason = %message, attempts, dead_letter_topic = %topic,
-                        "event dead-lettered");
-                    metrics.failed(kind, Some(took));
+                    Happened::DeadLettered {
+                        kind,
+                        reason: &message,
+                        attempts,
+                        dead_letter_topic: &topic,
+                        took: Some(took),
+                    }
+                    .emit(
+                        &EventFields::of(&cx, &handler, &event, record),
+                        &metrics,
+                        &self.shared.stats,
+                    );
                     let dl = DeadLetter {
                         record,
                         kind,

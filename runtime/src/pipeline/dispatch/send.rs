@@ -22,7 +22,6 @@ impl PartitionWorker {
         let cx = self.shared.tracing().start(parent, || {
             telemetry::consumer_span(record, None, "", "", &group)
         });
-        telemetry::fail(&cx, FailureKind::Undecodable.name(), message);
         let (position, correlation, causation) = (
             record.position_id(),
             record
@@ -41,8 +40,11 @@ impl PartitionWorker {
             causation_id: &causation,
             record,
         };
-        event_log!(error, fields, reason = message, dead_letter_topic = %topic,
-            "unroutable record dead-lettered");
+        Happened::Unroutable {
+            reason: message,
+            dead_letter_topic: &topic,
+        }
+        .emit(&fields, &Default::default(), &self.shared.stats);
         let now = OffsetDateTime::now_utc();
         let dl = DeadLetter {
             record,

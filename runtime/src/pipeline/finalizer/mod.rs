@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use tracing::{error, warn};
 
 use super::consumer::{partition_key, GroupConsumer, TopicPartition};
-use super::observe::{event_log, EventFields};
+use super::observe::{EventFields, Happened};
 use super::offsets::Offsets;
 use super::shared::Shared;
 use crate::deadletter::DeadLetter;

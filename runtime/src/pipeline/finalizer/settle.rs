@@ -116,9 +116,14 @@ pub(in crate::pipeline) fn produce_failed(
         causation_id: &causation_id,
         record: &f.record,
     };
-    event_log!(warn, fields, reason = %message, dead_letter_topic = %topic,
-            "event dead-lettered: produce failed");
-    f.metrics.failed(FailureKind::ProduceFailed, None);
+    Happened::DeadLettered {
+        kind: FailureKind::ProduceFailed,
+        reason: &message,
+        attempts: f.attempts,
+        dead_letter_topic: &topic,
+        took: None,
+    }
+    .emit(&fields, &f.metrics, &shared.stats);
     let dl = DeadLetter {
         record: &f.record,
         kind: FailureKind::ProduceFailed,
