@@ -23,8 +23,10 @@
 //! stages use it: pause, resume, store an offset), `offsets` (the lattice
 //! of final offsets), `observe` (what happened to an event, each a
 //! `Happened` whose `emit` logs it with the event's fields, marks its span
-//! and counts it), `stats` (what the pipeline reports). No stage imports
-//! one after it except through these; this file wires them: [`run`].
+//! and counts it), `stats` (what the pipeline reports). Imports follow
+//! the path, with no cycle: a stage imports those after it (what it hands
+//! on) and the shared ones, never one before it (`dispatch`, `invoke` and
+//! `outbox` add methods to the worker). This file wires them: [`run`].
 
 mod commit;
 mod consumer;
