@@ -150,7 +150,11 @@ fn process_cpu_seconds() -> f64 {
 /// Runs the benchmark and prints a table; deletes its topics at the end.
 pub async fn run(args: BenchArgs) -> Result<()> {
     let brokers = args.brokers.clone();
-    let result = measure(args).await;
+    // Interrupted, it still deletes what it made.
+    let result = tokio::select! {
+        r = measure(args) => r,
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+    };
     match load::delete_made(&brokers).await {
         Ok(n) if n > 0 => println!("\ndeleted the {n} topics of this run"),
         Ok(_) => {}

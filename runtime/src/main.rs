@@ -106,27 +106,35 @@ enum IdempotencyCommand {
 /// The memory settings that keep latency steady (docs/benchmarks.md,
 /// "huge pages"): no transparent huge pages, so a first touch zeroes 4 KiB
 /// rather than 2 MiB (and the kernel never compacts memory to find one in
-/// the middle of a fault), and freed memory kept for 30 s before it goes
-/// back to the OS, so a steady load does not fault the same pages in again
-/// and again. With both, Weir's p99 at half of its maximum rate was a
-/// fraction of what it was with mimalloc's defaults.
-fn tune_memory() {
+/// the middle of a fault), and freed memory kept at least 30 s before it
+/// goes back to the OS, so a steady load does not fault the same pages in
+/// again and again (`MIMALLOC_PURGE_DELAY` in the environment still
+/// wins). Returns the error of the huge-page switch, if any.
+fn tune_memory() -> std::io::Result<()> {
     /// `mi_option_purge_delay` in mimalloc's `mi_option_e` (v2 and v3).
     const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-    // SAFETY: setting an option is thread safe and takes effect at the
-    // next purge; PR_SET_THP_DISABLE only changes this process's (and its
-    // children's) faults.
-    unsafe {
-        libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 30_000);
-        #[cfg(target_os = "linux")]
-        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // SAFETY: called first in `main`, before any other thread exists
+        // (mimalloc's options are not thread safe to set); it takes effect
+        // at the next purge.
+        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 30_000) };
     }
+    // SAFETY: PR_SET_THP_DISABLE only changes how this process's (and its
+    // children's) page faults are served.
+    #[cfg(target_os = "linux")]
+    if unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn main() {
-    tune_memory();
+    let memory = tune_memory();
     let cli = Cli::parse();
     init_logging(cli.log_json, matches!(cli.command, Command::Dev(_)));
+    if let Err(e) = memory {
+        tracing::warn!(error = %e, "cannot turn transparent huge pages off for this process");
+    }
     // A panic is logged like every other line (JSON with --log-json), with
     // its thread (a partition worker is named weir-<topic>-<partition>).
     std::panic::set_hook(Box::new(|info| {

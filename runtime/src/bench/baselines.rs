@@ -14,22 +14,17 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use super::Run;
 
 /// A consumer from the beginning of the topic in a fresh group, committing
-/// by hand, fetching as Weir's consumer does (its default prefetch bound and
-/// short fetch backoff), so the baselines are not held back by settings
-/// Weir changes for itself.
+/// by hand, with the short fetch backoff Weir sets for itself (librdkafka's
+/// 1 s would hold the baselines back); otherwise librdkafka's defaults.
+/// The baselines never take `--extra-config`.
 fn reader(brokers: &str, what: &str) -> ClientConfig {
     let mut c = ClientConfig::new();
-    let prefetch = crate::config::PipelineConfig::default().prefetch_kbytes;
     c.set(
         "fetch.queue.backoff.ms",
         crate::kafka::FETCH_QUEUE_BACKOFF_MS,
     )
-    .set("queued.max.messages.kbytes", prefetch.to_string())
     .set("bootstrap.servers", brokers)
-    .set(
-        "group.id",
-        format!("bench-{what}-{}", uuid::Uuid::new_v4().simple()),
-    )
+    .set("group.id", super::load::group_id(what))
     .set("auto.offset.reset", "earliest")
     .set("enable.auto.commit", "false");
     c
@@ -57,6 +52,13 @@ pub(super) async fn forward(
 ) -> Result<Instant> {
     let consumer: Arc<StreamConsumer> = Arc::new(
         reader(brokers, "passthrough")
+            // Weir's consumer's prefetch bound, as Weir fetches.
+            .set(
+                "queued.max.messages.kbytes",
+                crate::config::PipelineConfig::default()
+                    .prefetch_kbytes
+                    .to_string(),
+            )
             .set("enable.auto.offset.store", "false")
             .create()?,
     );

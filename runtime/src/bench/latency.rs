@@ -74,10 +74,7 @@ pub(super) async fn run(
     let reader: Arc<StreamConsumer> = Arc::new(
         ClientConfig::new()
             .set("bootstrap.servers", &args.brokers)
-            .set(
-                "group.id",
-                format!("bench-latency-{}", uuid::Uuid::new_v4().simple()),
-            )
+            .set("group.id", super::load::group_id("latency"))
             .set("auto.offset.reset", "earliest")
             .set("enable.auto.commit", "false")
             .set("fetch.wait.max.ms", "10")
@@ -110,7 +107,7 @@ pub(super) async fn run(
     let mut answered = std::collections::HashSet::new();
     while answered.len() < args.partitions as usize {
         let delivery = send_sample(&producer, &topic, warm as usize)?;
-        if let Ok(Ok(d)) = delivery.await {
+        if let Ok(Ok(Ok(d))) = tokio::time::timeout(Duration::from_secs(5), delivery).await {
             partition_of.insert(warm, d.partition);
         }
         warm += 1;

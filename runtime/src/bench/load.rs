@@ -13,23 +13,33 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 
 use super::BenchArgs;
 
-/// The topics this run made and its Weir runs' group ids: what holds one
-/// of them is deleted at the run's end (`delete_made`).
+/// The topics this run made and its consumer groups' ids: the topics that
+/// hold one of them and the groups are deleted at the run's end
+/// (`delete_made`).
 static MADE: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+static GROUPS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
 
-/// Deletes the topics this run made, and every topic whose name holds one
-/// of theirs (the dead-letter, retry and changelog topics Weir made for
-/// them): a benchmark writes gigabytes, which would otherwise fill the
-/// broker's disk and page cache run after run. Names carry a random id,
-/// so no one else's topic matches.
+/// Deletes the topics this run made, every topic whose name holds one of
+/// theirs or one of its group ids (the dead-letter, retry and changelog
+/// topics Weir made for them), and its consumer groups: a benchmark writes
+/// gigabytes, which would otherwise fill the broker's disk and page cache
+/// run after run. Every such name carries a random id, so no one else's
+/// topic or group matches. Returns the topics deleted.
 pub(super) async fn delete_made(brokers: &str) -> Result<usize> {
     let made = std::mem::take(&mut *MADE.lock().unwrap_or_else(|e| e.into_inner()));
-    if made.is_empty() {
+    let groups = std::mem::take(&mut *GROUPS.lock().unwrap_or_else(|e| e.into_inner()));
+    if made.is_empty() && groups.is_empty() {
         return Ok(0);
     }
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .create()?;
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    if !groups.is_empty() {
+        let names: Vec<&str> = groups.iter().map(String::as_str).collect();
+        // A group that never joined does not exist: nothing to delete.
+        let _ = admin.delete_groups(&names, &opts).await;
+    }
     let metadata = admin
         .inner()
         .fetch_metadata(None, Duration::from_secs(10))?;
@@ -37,12 +47,15 @@ pub(super) async fn delete_made(brokers: &str) -> Result<usize> {
         .topics()
         .iter()
         .map(|t| t.name())
-        .filter(|name| made.iter().any(|m| name.contains(m.as_str())))
+        .filter(|name| {
+            made.iter()
+                .chain(&groups)
+                .any(|m| name.contains(m.as_str()))
+        })
         .collect();
     if doomed.is_empty() {
         return Ok(0);
     }
-    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     let mut deleted = 0;
     for r in admin.delete_topics(&doomed, &opts).await? {
         match r {
@@ -53,12 +66,13 @@ pub(super) async fn delete_made(brokers: &str) -> Result<usize> {
     Ok(deleted)
 }
 
-/// A fresh consumer group id for a Weir run (`bench-<what>-<random id>`);
-/// the changelog topics Weir makes are named after it, so they are
-/// deleted with the run's topics.
+/// A fresh consumer group id (`bench-<what>-<random id>`), deleted at the
+/// run's end with the topics named after it (the changelog topics of a
+/// Weir run).
 pub(super) fn group_id(what: &str) -> String {
     let group = format!("bench-{what}-{}", uuid::Uuid::new_v4().simple());
-    MADE.lock()
+    GROUPS
+        .lock()
         .unwrap_or_else(|e| e.into_inner())
         .push(group.clone());
     group

@@ -13,20 +13,22 @@
 //! records wait there until due) → `dispatch` (retry state, envelope,
 //! routing, idempotency check; `dispatch::send`: what the outcome sends) →
 //! `invoke` (the call under its limits, in-place retries) →
-//! [`crate::publish`] → `finalizer` (acknowledgements, marks, stored
-//! offsets; `finalizer::settle`: one delivery and what a refusal needs) →
-//! `commit` (or, exactly-once: `outbox`, the records of the events in hand
-//! sent inside the transaction gate, then `transaction` and
-//! `transaction::commit`; `suspects`: events whose records were refused).
-//! Shared by several stages, below them all: `shared` (the config, clients
-//! and stores every stage reads), `consumer` (the group's consumer as the
-//! stages use it: pause, resume, store an offset), `offsets` (the lattice
-//! of final offsets), `observe` (what happened to an event, each a
-//! `Happened` whose `emit` logs it with the event's fields, marks its span
-//! and counts it), `stats` (what the pipeline reports). Imports follow
-//! the path, with no cycle: a stage imports those after it (what it hands
-//! on) and the shared ones, never one before it (`dispatch`, `invoke` and
-//! `outbox` add methods to the worker). This file wires them: [`run`].
+//! [`crate::publish`] (or, exactly-once, `outbox`: the records of the
+//! events in hand sent inside the transaction gate, still on the worker's
+//! thread) → `finalizer` (acknowledgements, marks, stored offsets;
+//! `finalizer::settle`: one delivery and what a refusal needs) → `commit`
+//! (or, exactly-once, `transaction` and `transaction::commit`; `suspects`:
+//! events whose records were refused). Below the stages: `shared` (the
+//! config, clients and stores every stage reads), `consumer` (the group's
+//! consumer as the stages use it: pause, resume, store an offset),
+//! `offsets` (the lattice of final offsets), `observe` (what happened to an
+//! event, each a `Happened` whose `emit` logs it with the event's fields,
+//! marks its span and counts it), `stats` (what the pipeline reports).
+//! Imports follow the path without a cycle: a stage imports those after
+//! it (what it hands on) and the modules below, never one before it
+//! (`dispatch`, `invoke` and `outbox` add methods to the worker; `shared`
+//! holds the exactly-once `transaction` handle). This file wires them:
+//! [`run`].
 
 mod commit;
 mod consumer;

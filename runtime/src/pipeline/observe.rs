@@ -202,7 +202,7 @@ impl Happened<'_> {
                 dead_letter_topic,
             } => {
                 telemetry::fail(f.cx, FailureKind::Undecodable.name(), reason);
-                event_log!(error, f, reason = %reason, dead_letter_topic = %dead_letter_topic,
+                event_log!(error, f, reason, dead_letter_topic = %dead_letter_topic,
                     "unroutable record dead-lettered");
             }
         }
@@ -278,6 +278,11 @@ mod tests {
                 attempts: 1,
                 dead_letter_topic: "orders.dlq",
                 took: None,
+            },
+            // Counted when its dead letter is acknowledged, not here.
+            Happened::Unroutable {
+                reason: "no handler",
+                dead_letter_topic: "orders.dlq",
             },
         ] {
             happened.emit(&f, &handler, &stats);

@@ -427,8 +427,6 @@ impl PartitionWorker {
         (due > Instant::now()).then_some(due)
     }
 
-    /// Runs every subscribed handler on one record and enqueues what they
-    /// produced or the dead letters. None when cancelled.
     /// Whether `key` already has a final outcome. A store that cannot be
     /// read is waited for: guessing either way would break a promise.
     pub(super) fn already_done(&self, key: &[u8], digest: u128) -> Option<bool> {
