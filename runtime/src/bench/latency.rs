@@ -172,7 +172,6 @@ pub(super) async fn run(
                     m.timestamp().to_millis().unwrap_or_default() as f64
                 };
                 hist.record(((end - at).max(0.0) * 1000.0) as u64)?;
-
                 seen.fetch_add(1, Ordering::Relaxed);
             }
             anyhow::Ok(hist)
