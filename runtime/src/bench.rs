@@ -302,6 +302,14 @@ async fn measure(args: BenchArgs) -> Result<()> {
         .latency_rate
         .or((!echo_rates.is_empty()).then(|| median(&echo_rates) / 2.0));
     if let (true, Some(rate)) = (args.latency_secs > 0, latency_rate) {
+        // The rounds' outputs go first (unless later parts use them): the
+        // broker would still be writing them back to disk while the
+        // latency is measured.
+        if args.delivery_rounds == 0 && args.state_rounds == 0 {
+            if let Err(e) = load::delete_made_except(&args.brokers, &[topic.as_str()]).await {
+                eprintln!("cannot delete the rounds' topics: {e:#}");
+            }
+        }
         // Beside the machine's floor at the same rate (the raw
         // passthrough), alternating, so a drift favours neither.
         for raw in [true, false, false, true] {

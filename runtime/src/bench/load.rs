@@ -26,7 +26,16 @@ static GROUPS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new())
 /// run after run. Every such name carries a random id, so no one else's
 /// topic or group matches. Returns the topics deleted.
 pub(super) async fn delete_made(brokers: &str) -> Result<usize> {
+    delete_made_except(brokers, &[]).await
+}
+
+/// [`delete_made`], but the topics named in `keep` stay (and are deleted at
+/// the run's end).
+pub(super) async fn delete_made_except(brokers: &str, keep: &[&str]) -> Result<usize> {
     let made = std::mem::take(&mut *MADE.lock().unwrap_or_else(|e| e.into_inner()));
+    MADE.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .extend(made.iter().filter(|m| keep.contains(&m.as_str())).cloned());
     let groups = std::mem::take(&mut *GROUPS.lock().unwrap_or_else(|e| e.into_inner()));
     if made.is_empty() && groups.is_empty() {
         return Ok(0);
@@ -47,6 +56,7 @@ pub(super) async fn delete_made(brokers: &str) -> Result<usize> {
         .topics()
         .iter()
         .map(|t| t.name())
+        .filter(|name| !keep.contains(name))
         .filter(|name| {
             made.iter()
                 .chain(&groups)
