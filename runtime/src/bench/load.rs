@@ -32,14 +32,27 @@ pub(super) async fn delete_made(brokers: &str) -> Result<usize> {
 /// [`delete_made`], but the topics named in `keep` stay (and are deleted at
 /// the run's end).
 pub(super) async fn delete_made_except(brokers: &str, keep: &[&str]) -> Result<usize> {
-    let made = std::mem::take(&mut *MADE.lock().unwrap_or_else(|e| e.into_inner()));
-    MADE.lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .extend(made.iter().filter(|m| keep.contains(&m.as_str())).cloned());
-    let groups = std::mem::take(&mut *GROUPS.lock().unwrap_or_else(|e| e.into_inner()));
+    // The names stay registered until their deletion has run, so one that
+    // fails or is interrupted leaves them to the run's last one.
+    let made = MADE.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let groups = GROUPS.lock().unwrap_or_else(|e| e.into_inner()).clone();
     if made.is_empty() && groups.is_empty() {
         return Ok(0);
     }
+    let deleted = delete(brokers, keep, &made, &groups).await?;
+    MADE.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .retain(|m| keep.contains(&m.as_str()) || !made.contains(m));
+    GROUPS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .retain(|g| !groups.contains(g));
+    Ok(deleted)
+}
+
+/// Deletes `groups` and the topics holding a name of `made` or `groups`,
+/// but those in `keep`.
+async fn delete(brokers: &str, keep: &[&str], made: &[String], groups: &[String]) -> Result<usize> {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .create()?;
@@ -57,11 +70,7 @@ pub(super) async fn delete_made_except(brokers: &str, keep: &[&str]) -> Result<u
         .iter()
         .map(|t| t.name())
         .filter(|name| !keep.contains(name))
-        .filter(|name| {
-            made.iter()
-                .chain(&groups)
-                .any(|m| name.contains(m.as_str()))
-        })
+        .filter(|name| made.iter().chain(groups).any(|m| name.contains(m.as_str())))
         .collect();
     if doomed.is_empty() {
         return Ok(0);
