@@ -203,25 +203,30 @@ impl Weir {
     }
 
     /// SIGTERM, waits for the exit, and returns the status with every log line.
-    pub async fn stop(mut self, timeout: Duration) -> Result<(ExitStatus, Vec<String>)> {
+    pub async fn stop(self, timeout: Duration) -> Result<(ExitStatus, Vec<String>)> {
         let pid = self.child.id().context("weir already exited")?;
         // SAFETY: plain kill(2) on our own child.
         unsafe { libc_kill(pid as i32, 15) };
-        let status = tokio::time::timeout(timeout, self.child.wait())
-            .await
-            .context("weir did not exit after SIGTERM")??;
-        // The reader ends at the end of the stream: every line is in.
-        let _ = tokio::time::timeout(Duration::from_secs(5), &mut self.reader).await;
-        let lines = self.log.lock().unwrap().clone();
-        Ok((status, lines))
+        self.exit(timeout, "weir did not exit after SIGTERM").await
     }
 
     /// Waits for the process to exit by itself; returns the status with
     /// every log line.
-    pub async fn wait_exit(mut self, timeout: Duration) -> Result<(ExitStatus, Vec<String>)> {
+    pub async fn wait_exit(self, timeout: Duration) -> Result<(ExitStatus, Vec<String>)> {
+        self.exit(timeout, "weir did not exit").await
+    }
+
+    /// Waits up to `timeout` for the exit (else fails with `late`), then
+    /// for the log reader to reach the end of the stream.
+    async fn exit(
+        mut self,
+        timeout: Duration,
+        late: &'static str,
+    ) -> Result<(ExitStatus, Vec<String>)> {
         let status = tokio::time::timeout(timeout, self.child.wait())
             .await
-            .context("weir did not exit")??;
+            .context(late)??;
+        // The reader ends at the end of the stream: every line is in.
         let _ = tokio::time::timeout(Duration::from_secs(5), &mut self.reader).await;
         let lines = self.log.lock().unwrap().clone();
         Ok((status, lines))
