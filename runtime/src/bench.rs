@@ -83,6 +83,7 @@ pub struct BenchArgs {
 }
 
 mod baselines;
+mod batch;
 mod delivery;
 mod deploys;
 mod fleet;
@@ -343,7 +344,8 @@ async fn measure(args: BenchArgs) -> Result<()> {
         state::restore(&args, &args.restore_state).await?;
     }
 
-    micro::print(&args, &echo, &sink).await
+    micro::print(&args, &echo, &sink).await?;
+    batch::print(&args.plugins, 20_000, 3)
 }
 
 /// A `weir run` config for the echo handler on `topic`, written to a file

@@ -32,12 +32,14 @@ pub enum Encoding {
 impl Encoding {
     pub fn from_content_type(content_type: &str) -> Option<Encoding> {
         let essence = content_type.split(';').next().unwrap_or("").trim();
-        match essence.to_ascii_lowercase().as_str() {
-            "application/json" => Some(Encoding::Json),
-            "application/msgpack" | "application/x-msgpack" | "application/vnd.msgpack" => {
-                Some(Encoding::MsgPack)
-            }
-            _ => None,
+        // Compared without case, and without a lowercased copy per event.
+        let is = |name: &str| essence.eq_ignore_ascii_case(name);
+        if is(JSON) {
+            Some(Encoding::Json)
+        } else if is(MSGPACK) || is("application/x-msgpack") || is("application/vnd.msgpack") {
+            Some(Encoding::MsgPack)
+        } else {
+            None
         }
     }
 
@@ -349,7 +351,11 @@ pub fn encode_output(output: Output, parent: &Event, max_bytes: usize) -> Result
                     let payload: &serde_json::value::RawValue =
                         serde_json::from_slice(&output.payload)
                             .map_err(|e| format!("output payload is not JSON: {e}"))?;
-                    serde_json::to_vec(&head.with(payload)).expect("a JSON value serialises")
+                    // Sized for the envelope's fields at once, not grown.
+                    let mut value = Vec::with_capacity(output.payload.len() + 384);
+                    serde_json::to_writer(&mut value, &head.with(payload))
+                        .expect("a JSON value serialises");
+                    value
                 }
                 Encoding::MsgPack => {
                     let payload = rmpv::decode::read_value(&mut output.payload.as_slice())
@@ -362,6 +368,7 @@ pub fn encode_output(output: Output, parent: &Event, max_bytes: usize) -> Result
         _ => output.payload,
     };
     let mut headers = output.headers;
+    headers.reserve(5);
     headers.retain(|(k, _)| {
         ![
             header::EVENT_ID,
