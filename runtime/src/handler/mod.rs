@@ -36,7 +36,13 @@ pub use imports::HostState;
 use limiter::MemoryLimiter;
 
 mod bindings {
-    wasmtime::component::bindgen!({ world: "handler", path: "../wit" });
+    // The event a call takes is lowered from borrowed fields: no copy of
+    // its strings and payload made just to be copied into the guest.
+    wasmtime::component::bindgen!({
+        world: "handler",
+        path: "../wit",
+        ownership: Borrowing { duplicate_if_necessary: true },
+    });
 }
 
 use crate::state::{CallState, Write};
@@ -392,30 +398,28 @@ impl HandlerInstance {
             self.store.set_epoch_deadline(self.deadline_ticks);
         }
         self.store.data_mut().limiter.hit = false;
+        let headers: Vec<wit::HeaderParam<'_>> = record
+            .headers
+            .iter()
+            .map(|(k, v)| wit::HeaderParam { key: k, value: v })
+            .collect();
         let arg = wit::Event {
-            id: event.id.clone(),
-            event_type: event.event_type.clone(),
-            schema_version: event.schema_version.clone(),
-            key: record.key.clone(),
-            payload: event.payload.clone(),
-            content_type: event.content_type.clone(),
-            headers: record
-                .headers
-                .iter()
-                .map(|(k, v)| wit::Header {
-                    key: k.clone(),
-                    value: v.clone(),
-                })
-                .collect(),
-            topic: record.topic.clone(),
+            id: &event.id,
+            event_type: &event.event_type,
+            schema_version: &event.schema_version,
+            key: record.key.as_deref(),
+            payload: &event.payload,
+            content_type: &event.content_type,
+            headers: &headers,
+            topic: &record.topic,
             partition: record.partition,
             offset: record.offset,
             timestamp_ms: event.timestamp_ms,
-            correlation_id: event.correlation_id.clone(),
-            causation_id: event.causation_id.clone(),
+            correlation_id: &event.correlation_id,
+            causation_id: event.causation_id.as_deref(),
             attempt,
         };
-        let result = self.bindings.call_handle(&mut self.store, &arg);
+        let result = self.bindings.call_handle(&mut self.store, arg);
         if self.metering.fuel {
             self.last_fuel_used = self
                 .fuel_per_event

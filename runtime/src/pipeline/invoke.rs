@@ -125,7 +125,11 @@ impl PartitionWorker {
             if instance.is_poisoned() {
                 self.handlers[i].1 = None;
             }
-            let failed_at = *first_failure.get_or_insert_with(OffsetDateTime::now_utc);
+            // The clock is read for a failure only, not for every call.
+            if !matches!(outcome, CallOutcome::Ok(..)) {
+                first_failure.get_or_insert_with(OffsetDateTime::now_utc);
+            }
+            let failed_at = || first_failure.unwrap_or_else(OffsetDateTime::now_utc);
             match outcome {
                 CallOutcome::Ok(outputs, writes) => {
                     let mut produced = Vec::with_capacity(outputs.len());
@@ -137,7 +141,7 @@ impl PartitionWorker {
                                     kind: FailureKind::InvalidOutput,
                                     message,
                                     attempts: attempt,
-                                    first_failure: failed_at,
+                                    first_failure: failed_at(),
                                 })
                             }
                         }
@@ -149,7 +153,7 @@ impl PartitionWorker {
                         kind,
                         message,
                         attempts: attempt,
-                        first_failure: failed_at,
+                        first_failure: failed_at(),
                     })
                 }
                 CallOutcome::Retriable(message) => {
@@ -158,7 +162,7 @@ impl PartitionWorker {
                             kind: FailureKind::RetriesExhausted,
                             message,
                             attempts: attempt,
-                            first_failure: failed_at,
+                            first_failure: failed_at(),
                         });
                     }
                     let delay = handler.backoff(attempt);
@@ -167,7 +171,7 @@ impl PartitionWorker {
                             attempt: attempt + 1,
                             delay,
                             message,
-                            first_failure: failed_at,
+                            first_failure: failed_at(),
                         });
                     }
                     Happened::Retrying {

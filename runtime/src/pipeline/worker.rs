@@ -2,7 +2,6 @@
 //! partition holds each record until it is due), runs them through the
 //! handlers and hands what they produced to the finalizer.
 
-use std::collections::VecDeque;
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -73,18 +72,25 @@ pub(super) const BACKLOG: usize = 2048;
 /// Keys looked at for expired values per handler and sweep.
 const SWEEP_KEYS: usize = 10_000;
 
-/// A bounded set of recently handled idempotency keys, oldest evicted
-/// first. Keys are kept as 128-bit digests (two SipHash-1-3 with random
-/// keys of this process: cheap, and no one can craft keys that collide),
-/// so memory does not depend on the length of event ids. A key's digest is
-/// made once per event ([`RecentKeys::digest`]) and serves the lookup and
-/// the insert; the set hashes a digest by taking its low half.
+/// A bounded set of recently handled idempotency keys. Keys are kept as
+/// 128-bit digests (two SipHash-1-3 with random keys of this process:
+/// cheap, and no one can craft keys that collide), so memory does not
+/// depend on the length of event ids. A key's digest is made once per
+/// event ([`RecentKeys::digest`]) and serves the lookup and the insert; the
+/// set hashes a digest by taking its low half. Two generations: inserts go
+/// to the current one; when it holds `capacity` keys it becomes the
+/// previous one and the oldest generation is dropped whole. So a key is
+/// known for at least `capacity` inserts after its own (at most twice
+/// that), and an insert never looks up an old key to evict it (a cache
+/// miss per event in a set this size).
 pub(super) struct RecentKeys {
     pub(super) capacity: usize,
-    pub(super) set: std::collections::HashSet<u128, BuildHasherDefault<DigestHasher>>,
-    pub(super) order: VecDeque<u128>,
+    current: DigestSet,
+    previous: DigestSet,
     hashers: (RandomState, RandomState),
 }
+
+type DigestSet = std::collections::HashSet<u128, BuildHasherDefault<DigestHasher>>;
 
 /// The hasher of a set of digests: a digest is already random.
 #[derive(Default)]
@@ -110,8 +116,8 @@ impl RecentKeys {
     pub(super) fn new(capacity: usize) -> Self {
         Self {
             capacity,
-            set: Default::default(),
-            order: VecDeque::new(),
+            current: DigestSet::default(),
+            previous: DigestSet::default(),
             hashers: (RandomState::new(), RandomState::new()),
         }
     }
@@ -123,18 +129,16 @@ impl RecentKeys {
     }
 
     pub(super) fn contains(&self, digest: u128) -> bool {
-        self.set.contains(&digest)
+        self.current.contains(&digest) || self.previous.contains(&digest)
     }
 
     pub(super) fn insert(&mut self, digest: u128) {
-        if self.set.insert(digest) {
-            self.order.push_back(digest);
-            if self.order.len() > self.capacity {
-                if let Some(old) = self.order.pop_front() {
-                    self.set.remove(&old);
-                }
-            }
+        if self.current.len() >= self.capacity {
+            // The oldest generation goes whole; its table is reused.
+            std::mem::swap(&mut self.current, &mut self.previous);
+            self.current.clear();
         }
+        self.current.insert(digest);
     }
 }
 
@@ -205,8 +209,12 @@ impl PartitionWorker {
     /// changelog, with that event's outcome, so the totals and the
     /// changelog shed them too. Keys written by events in flight are left.
     pub(super) fn sweep(&mut self, offset: i64, state: &mut Vec<Write>) {
+        // (No clock read per event where there is nothing to sweep.)
+        if self.is_retry || self.shared.state.is_none() {
+            return;
+        }
         let now = Instant::now();
-        if self.is_retry || now < self.next_sweep || self.shared.state.is_none() {
+        if now < self.next_sweep {
             return;
         }
         let mut every = Duration::from_secs(60);
@@ -284,8 +292,12 @@ impl PartitionWorker {
             if stop.load(Ordering::SeqCst) || self.fence.is_closed() {
                 break;
             }
-            let now = Instant::now();
-            let record = if let Some(due) = self.delayed.pop_due(now) {
+            // The clock is read only with retry records held.
+            let popped = match self.delayed.is_empty() {
+                true => None,
+                false => self.delayed.pop_due(Instant::now()),
+            };
+            let record = if let Some(due) = popped {
                 due
             } else {
                 let record = match self.delayed.next_due() {
@@ -310,7 +322,7 @@ impl PartitionWorker {
                         if !self.send_backlog(true, &pending) {
                             break;
                         }
-                        let wait = due.saturating_duration_since(now);
+                        let wait = due.saturating_duration_since(Instant::now());
                         if self.delayed.len() >= max_delayed {
                             self.sleep(wait.min(Duration::from_millis(100)));
                             continue;
@@ -467,14 +479,21 @@ mod tests {
     use super::*;
 
     #[test]
-    pub(super) fn recent_keys_forget_the_oldest_past_capacity() {
-        let mut recent = RecentKeys::new(2);
-        let [a, b, c] = [b"a", b"b", b"c"].map(|k| recent.digest(k));
-        for d in [a, b, c] {
-            recent.insert(d);
+    pub(super) fn recent_keys_are_kept_for_at_least_capacity_inserts() {
+        let mut recent = RecentKeys::new(3);
+        let digests: Vec<u128> = (0..10u32)
+            .map(|i| recent.digest(&i.to_be_bytes()))
+            .collect();
+        assert_ne!(digests[0], digests[1], "distinct keys, distinct digests");
+        for (i, d) in digests.iter().enumerate() {
+            recent.insert(*d);
+            // Every key of the last `capacity` inserts is still known.
+            for kept in &digests[i.saturating_sub(2)..=i] {
+                assert!(recent.contains(*kept), "insert {i}");
+            }
         }
-        assert!(!recent.contains(a));
-        assert!(recent.contains(b) && recent.contains(c));
-        assert_ne!(a, b, "distinct keys, distinct digests");
+        // At most twice the capacity is kept: the first keys are gone.
+        assert!(!recent.contains(digests[0]) && !recent.contains(digests[3]));
+        assert!(!recent.contains(recent.digest(b"never inserted")));
     }
 }

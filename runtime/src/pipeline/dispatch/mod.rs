@@ -303,7 +303,9 @@ impl PartitionWorker {
                     // One fallback for all the call's outputs: the event is
                     // dead-lettered once, whichever of them is refused.
                     if !outputs.is_empty() {
-                        let f = fallback(None, consumed_attempt, OffsetDateTime::now_utc());
+                        // (A retried event's failures began with its
+                        // first attempt; otherwise at the refusal.)
+                        let f = fallback(None, consumed_attempt, retry.map(|r| r.first_failure));
                         for mut o in outputs {
                             o.headers.push((
                                 deadletter::header::HANDLER_VERSION.to_owned(),
@@ -354,7 +356,7 @@ impl PartitionWorker {
                         on_refused: OnRefused::DeadLetter(fallback(
                             final_key,
                             attempt - 1,
-                            first_failure,
+                            Some(first_failure),
                         )),
                         output: false,
                     });

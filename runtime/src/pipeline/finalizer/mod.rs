@@ -91,7 +91,9 @@ pub(super) struct Fallback {
     pub(super) handler: Arc<LoadedHandler>,
     pub(super) metrics: HandlerMetrics,
     pub(super) attempts: u32,
-    pub(super) first_failure: OffsetDateTime,
+    /// When the event's failures began; None: at the refusal (a call that
+    /// succeeded, whose output was refused).
+    pub(super) first_failure: Option<OffsetDateTime>,
     pub(super) correlation_id: String,
     pub(super) cx: TraceContext,
     /// Marked once the dead letter is acknowledged, when the call's own

@@ -124,6 +124,7 @@ pub(in crate::pipeline) fn produce_failed(
         took: None,
     }
     .emit(&fields, &f.metrics, &shared.stats);
+    let now = OffsetDateTime::now_utc();
     let dl = DeadLetter {
         record: &f.record,
         kind: FailureKind::ProduceFailed,
@@ -132,8 +133,8 @@ pub(in crate::pipeline) fn produce_failed(
         handler_version: h.version.clone(),
         attempts: f.attempts,
         group_id: &shared.config.kafka.group_id,
-        first_failure: f.first_failure,
-        last_failure: OffsetDateTime::now_utc(),
+        first_failure: f.first_failure.unwrap_or(now),
+        last_failure: now,
     };
     let mut produce = dl.into_produce(topic.clone());
     let span = publish_span(
