@@ -1,5 +1,6 @@
 use super::*;
 use crate::config::StateConfig;
+use std::time::Duration;
 
 fn store() -> (tempfile::TempDir, Arc<StateStore>) {
     let dir = tempfile::tempdir().unwrap();
