@@ -1,4 +1,4 @@
-//! Traces exported over OTLP, Prometheus metrics and health endpoints,
+//! Traces exported over OTLP and Prometheus metrics (readiness: `health.rs`),
 //! against the real broker.
 
 use std::time::Duration;
