@@ -16,8 +16,9 @@ pub struct PipelineConfig {
     /// Events queued or being handled per partition before its fetching pauses.
     #[serde(default = "default_partition_queue")]
     pub max_in_flight_per_partition: usize,
-    /// Events queued or being handled over all partitions before fetching
-    /// pauses; with the per-partition bound and `prefetch_kbytes` this
+    /// Events queued or being handled over all partitions before the poll
+    /// loop stops taking records (for up to a second; then fetching
+    /// pauses); with the per-partition bound and `prefetch_kbytes` this
     /// bounds memory under any input rate.
     #[serde(default = "default_total_queue")]
     pub max_in_flight_total: usize,

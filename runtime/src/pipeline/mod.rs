@@ -113,6 +113,22 @@ impl std::error::Error for Rewound {}
 /// Records handed to the workers at most in one pass of the poll loop.
 const BURST: usize = 256;
 
+/// How long the poll loop holds off taking records over the total bound
+/// before it pauses partitions instead.
+const HOLD: Duration = Duration::from_secs(1);
+
+/// Whether the poll loop takes records `now`: not while the work in flight
+/// is `over` the total bound, for up to [`HOLD`] since it went over
+/// (`over_since`, kept here).
+fn taking(over: bool, over_since: &mut Option<Instant>, now: Instant) -> bool {
+    if !over {
+        *over_since = None;
+        return true;
+    }
+    let since = *over_since.get_or_insert(now);
+    now.saturating_duration_since(since) >= HOLD
+}
+
 /// Runs the pipeline until `shutdown` resolves, then drains and commits.
 pub async fn run(
     config: Config,
@@ -312,12 +328,22 @@ pub async fn run(
 
     let mut resume_tick = tokio::time::interval(Duration::from_millis(20));
     let mut stats_tick = tokio::time::interval(Duration::from_secs(10));
+    let mut over_since: Option<Instant> = None;
     loop {
+        // Over the total bound the loop first stops taking records instead
+        // of pausing the partitions: librdkafka stops fetching at its own
+        // prefetch bound and keeps what it fetched, while a pause drops a
+        // partition's prefetch and the fetching after the resume left every
+        // worker idle for a while (docs/benchmarks.md, "2026-11-29 (later)").
+        // Held longer than HOLD, it takes records again and pauses them as
+        // before, so a rebalance is not kept waiting behind slow handlers.
+        let over = workers.over_total.load(Ordering::Relaxed);
+        let taking = taking(over, &mut over_since, Instant::now());
         tokio::select! {
             _ = &mut shutdown => break,
             _ = halted.changed() => break,
             _ = rewound.changed() => break,
-            msg = consumer.recv() => {
+            msg = consumer.recv(), if taking => {
                 // The records already fetched are taken in one pass of this
                 // loop, not one pass each. Each is handed over before the
                 // next poll, which may run a rebalance callback.
@@ -415,4 +441,28 @@ pub async fn run(
     }
     info!("offsets committed; stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn over_the_total_bound_the_loop_holds_off_then_takes_again_to_pause() {
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let mut since = None;
+        assert!(taking(false, &mut since, at(0)), "under the bound");
+        assert!(!taking(true, &mut since, at(10)), "over: held");
+        assert!(!taking(true, &mut since, at(900)), "still within HOLD");
+        assert!(
+            taking(true, &mut since, at(1_010)),
+            "held for HOLD: takes (and pauses)"
+        );
+        assert!(taking(false, &mut since, at(1_100)), "under again");
+        assert!(
+            !taking(true, &mut since, at(1_200)),
+            "a new hold starts afresh"
+        );
+    }
 }
