@@ -138,10 +138,11 @@ mod output;
 /// Reads a value of this handler's `config` table in the runtime config
 /// (`[handler.config]` in `weir.toml`); `None` when the key is not set.
 ///
-/// A handler's config does not change while its instance lives (a new
-/// config is a new deploy, with a new instance), so each key is asked of
-/// the runtime once per instance and kept: reading it on every event costs
-/// no call to the host.
+/// A handler's config does not change while its instance lives (a reload,
+/// deploy or rollback that changes it starts new instances), so each key
+/// that is set is asked of the runtime once per instance and kept: reading
+/// it on every event costs no call to the host. (A key that is not set is
+/// asked each time, so keys made from event data cannot grow the cache.)
 ///
 /// Natively (in tests) the values come from [`testing::with_config`] or
 /// [`testing::set_config`].
@@ -154,16 +155,16 @@ pub fn config(key: &str) -> Option<String> {
     #[cfg(target_arch = "wasm32")]
     {
         thread_local! {
-            static KNOWN: std::cell::RefCell<std::collections::HashMap<String, Option<String>>> =
+            static KNOWN: std::cell::RefCell<std::collections::HashMap<String, String>> =
                 Default::default();
         }
         KNOWN.with(|known| {
             if let Some(value) = known.borrow().get(key) {
-                return value.clone();
+                return Some(value.clone());
             }
-            let value = __bindings::weir::plugin::host::config(key);
+            let value = __bindings::weir::plugin::host::config(key)?;
             known.borrow_mut().insert(key.to_owned(), value.clone());
-            value
+            Some(value)
         })
     }
     #[cfg(not(target_arch = "wasm32"))]

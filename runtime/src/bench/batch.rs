@@ -71,10 +71,9 @@ impl Instance {
         let started = Instant::now();
         for e in events {
             self.limits(1)?;
-            let arg = e.clone();
             let outputs = self
                 .probe
-                .call_handle(&mut self.store, &arg)?
+                .call_handle(&mut self.store, e)?
                 .map_err(|e| anyhow::anyhow!("probe failed: {e:?}"))?;
             std::hint::black_box(outputs);
         }
@@ -86,8 +85,7 @@ impl Instance {
         let started = Instant::now();
         for chunk in events.chunks(size) {
             self.limits(chunk.len())?;
-            let arg: Vec<Event> = chunk.to_vec();
-            let results = self.probe.call_handle_batch(&mut self.store, &arg)?;
+            let results = self.probe.call_handle_batch(&mut self.store, chunk)?;
             if results.len() != chunk.len() {
                 bail!(
                     "probe returned {} results for {}",
@@ -105,7 +103,7 @@ impl Instance {
 fn events(n: usize) -> Vec<Event> {
     (0..n)
         .map(|i| Event {
-            id: format!("{:08x}-1b4e-4c1a-9f3e-5d2a7c9e{i:04x}", i),
+            id: format!("{i:08x}-1b4e-4c1a-9f3e-5d2a7c9e{i:04x}"),
             event_type: "order.created".into(),
             schema_version: "1".into(),
             key: Some(format!("key-{}", i % 1000).into_bytes()),
@@ -142,12 +140,12 @@ pub(super) fn print(plugins: &Path, n: usize, rounds: usize) -> Result<()> {
         );
         return Ok(());
     }
-    let mut config = wasmtime::Config::new();
-    config.consume_fuel(true).epoch_interruption(true);
-    let engine = Engine::new(&config)?;
-    let component = Component::from_file(&engine, &wasm)
+    // The runtime's engine and its defaults (fuel metering, epochs).
+    let plugins_engine = crate::handler::PluginEngine::new()?;
+    let engine = plugins_engine.engine();
+    let component = Component::from_file(engine, &wasm)
         .map_err(|e| anyhow::anyhow!("cannot load {}: {e:#}", wasm.display()))?;
-    let mut instance = Instance::new(&engine, &component)?;
+    let mut instance = Instance::new(engine, &component)?;
     let events = events(n);
     // Warm-up: the instance's memory grown, the caches filled.
     instance.one_a_call(&events[..n.min(2_000)])?;

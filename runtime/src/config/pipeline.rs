@@ -13,10 +13,11 @@ use super::default_true;
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PipelineConfig {
-    /// Events queued or being handled per partition before its fetching pauses.
+    /// Events queued for a partition's worker; records fetched beyond are
+    /// held (and, past `prefetch_kbytes` held, its fetching pauses).
     #[serde(default = "default_partition_queue")]
     pub max_in_flight_per_partition: usize,
-    /// Events queued or being handled over all partitions before the poll
+    /// Events queued for the workers over all partitions before the poll
     /// loop stops taking records (for up to a second; then fetching
     /// pauses); with the per-partition bound and `prefetch_kbytes` this
     /// bounds memory under any input rate.

@@ -368,7 +368,8 @@ pub fn encode_output(output: Output, parent: &Event, max_bytes: usize) -> Result
         _ => output.payload,
     };
     let mut headers = output.headers;
-    headers.reserve(5);
+    // The envelope's five, the handler version and the trace context.
+    headers.reserve(8);
     headers.retain(|(k, _)| {
         ![
             header::EVENT_ID,

@@ -42,6 +42,12 @@ impl Drop for Ticker {
 }
 
 impl PluginEngine {
+    /// The wasmtime engine itself, for components that are not handlers
+    /// (`weir bench`'s `handle-batch` probe), with the same defaults.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
     /// The engine the runtime uses: fuel metering and deadlines on.
     pub fn new() -> Result<Self> {
         Self::with_metering(Metering::default())

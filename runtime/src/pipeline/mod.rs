@@ -59,7 +59,7 @@ use anyhow::{Context as _, Result};
 use futures::FutureExt;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use tokio::sync::watch;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::changelog::Changelog;
 use crate::config::Config;
@@ -76,7 +76,7 @@ use commit::commit_sync;
 use consumer::GroupConsumer;
 use group::{drain, WeirContext};
 use shared::Shared;
-use source::{hand_over, unpark, Worker, Workers};
+use source::{hand_over, taking, unpark, Worker, Workers};
 use transaction::Transactions;
 
 /// The pipeline stopped with the events in hand of this many partitions
@@ -112,22 +112,6 @@ impl std::error::Error for Rewound {}
 
 /// Records handed to the workers at most in one pass of the poll loop.
 const BURST: usize = 256;
-
-/// How long the poll loop holds off taking records over the total bound
-/// before it pauses partitions instead.
-const HOLD: Duration = Duration::from_secs(1);
-
-/// Whether the poll loop takes records `now`: not while the work in flight
-/// is `over` the total bound, for up to [`HOLD`] since it went over
-/// (`over_since`, kept here).
-fn taking(over: bool, over_since: &mut Option<Instant>, now: Instant) -> bool {
-    if !over {
-        *over_since = None;
-        return true;
-    }
-    let since = *over_since.get_or_insert(now);
-    now.saturating_duration_since(since) >= HOLD
-}
 
 /// Runs the pipeline until `shutdown` resolves, then drains and commits.
 pub async fn run(
@@ -335,15 +319,20 @@ pub async fn run(
         // prefetch bound and keeps what it fetched, while a pause drops a
         // partition's prefetch and the fetching after the resume left every
         // worker idle for a while (docs/benchmarks.md, "2026-11-29 (later)").
-        // Held longer than HOLD, it takes records again and pauses them as
+        // Held longer than `source::HOLD`, it takes records again and pauses them as
         // before, so a rebalance is not kept waiting behind slow handlers.
         let over = workers.over_total.load(Ordering::Relaxed);
-        let taking = taking(over, &mut over_since, Instant::now());
+        let held = over_since.is_some();
+        let take = taking(over, &mut over_since, Instant::now());
+        if !held && over_since.is_some() {
+            shared.stats.holds.fetch_add(1, Ordering::Relaxed);
+            debug!("over the total bound: holding off taking records");
+        }
         tokio::select! {
             _ = &mut shutdown => break,
             _ = halted.changed() => break,
             _ = rewound.changed() => break,
-            msg = consumer.recv(), if taking => {
+            msg = consumer.recv(), if take => {
                 // The records already fetched are taken in one pass of this
                 // loop, not one pass each. Each is handed over before the
                 // next poll, which may run a rebalance callback.
@@ -441,28 +430,4 @@ pub async fn run(
     }
     info!("offsets committed; stopped");
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn over_the_total_bound_the_loop_holds_off_then_takes_again_to_pause() {
-        let t0 = Instant::now();
-        let at = |ms| t0 + Duration::from_millis(ms);
-        let mut since = None;
-        assert!(taking(false, &mut since, at(0)), "under the bound");
-        assert!(!taking(true, &mut since, at(10)), "over: held");
-        assert!(!taking(true, &mut since, at(900)), "still within HOLD");
-        assert!(
-            taking(true, &mut since, at(1_010)),
-            "held for HOLD: takes (and pauses)"
-        );
-        assert!(taking(false, &mut since, at(1_100)), "under again");
-        assert!(
-            !taking(true, &mut since, at(1_200)),
-            "a new hold starts afresh"
-        );
-    }
 }

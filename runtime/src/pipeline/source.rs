@@ -6,6 +6,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use rdkafka::TopicPartitionList;
 use tokio::sync::{mpsc, watch};
@@ -23,8 +24,9 @@ use crate::state::Overlay;
 /// A partition's worker as the poll loop and the rebalance callback see it.
 pub(super) struct Worker {
     pub(super) tx: Option<mpsc::Sender<Record>>,
-    /// Records fetched while the worker's queue was full; fetching of the
-    /// partition is paused until they are handed over.
+    /// Records fetched while the worker's queue was full, handed over
+    /// first as it drains (past `prefetch_kbytes` held, or over the total
+    /// bound after the poll loop's hold, the partition is paused too).
     pub(super) parked: VecDeque<Record>,
     pub(super) paused: bool,
     /// Offset of the next record expected, to drop records redelivered by a
@@ -85,8 +87,9 @@ pub(super) fn tpl_of(tp: &TopicPartition) -> TopicPartitionList {
     tpl
 }
 
-/// Hands a record to its partition's worker; parks it and pauses the
-/// partition when the worker is full.
+/// Hands a record to its partition's worker; parks it when the worker is
+/// full, and pauses the partition past `prefetch_kbytes` held or over the
+/// total bound.
 pub(super) fn hand_over(
     shared: &Arc<Shared>,
     consumer: &Arc<dyn GroupConsumer>,
@@ -148,6 +151,22 @@ pub(super) fn worker_died(shared: &Shared, tp: &TopicPartition) {
         "the worker of partition {}/{} stopped unexpectedly",
         tp.0, tp.1
     ));
+}
+
+/// How long the poll loop holds off taking records over the total bound
+/// before it pauses partitions instead.
+pub(super) const HOLD: Duration = Duration::from_secs(1);
+
+/// Whether the poll loop takes records `now`: not while the work in flight
+/// is `over` the total bound, for up to [`HOLD`] since it went over
+/// (`over_since`, kept here).
+pub(super) fn taking(over: bool, over_since: &mut Option<Instant>, now: Instant) -> bool {
+    if !over {
+        *over_since = None;
+        return true;
+    }
+    let since = *over_since.get_or_insert(now);
+    now.saturating_duration_since(since) >= HOLD
 }
 
 /// Whether the events queued over all partitions are over the total
@@ -370,5 +389,24 @@ mod tests {
             "others hold records, but its own queue is half free"
         );
         assert!(!may_resume(900, 1000, 0, 49, 100));
+    }
+
+    #[test]
+    fn over_the_total_bound_the_loop_holds_off_then_takes_again_to_pause() {
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let mut since = None;
+        assert!(taking(false, &mut since, at(0)), "under the bound");
+        assert!(!taking(true, &mut since, at(10)), "over: held");
+        assert!(!taking(true, &mut since, at(900)), "still within HOLD");
+        assert!(
+            taking(true, &mut since, at(1_010)),
+            "held for HOLD: takes (and pauses)"
+        );
+        assert!(taking(false, &mut since, at(1_100)), "under again");
+        assert!(
+            !taking(true, &mut since, at(1_200)),
+            "a new hold starts afresh"
+        );
     }
 }

@@ -41,6 +41,8 @@ pub struct Stats {
     pub handle_micros: Option<Mutex<hdrhistogram::Histogram<u64>>>,
     /// Partitions paused for backpressure, since start.
     pub pauses: AtomicU64,
+    /// Times the poll loop held off taking records over the total bound.
+    pub holds: AtomicU64,
     /// Exactly-once: events whose records were refused for good, kept
     /// across rewinds.
     pub suspects: Arc<Suspects>,
@@ -58,6 +60,7 @@ impl Stats {
             retries = g(&self.retries),
             duplicates = g(&self.duplicates),
             fuel_used = g(&self.fuel_used),
+            holds = g(&self.holds),
             pauses = g(&self.pauses),
             resumes = g(&self.resumes),
             budget_waits = g(&self.budget_waits),

@@ -81,10 +81,9 @@ const SWEEP_KEYS: usize = 10_000;
 /// to the current one; when it holds `capacity` keys it becomes the
 /// previous one and the oldest generation is dropped whole. So a key is
 /// known for at least `capacity` inserts after its own (at most twice
-/// that), and an insert never looks up an old key to evict it (a cache
-/// miss per event in a set this size).
+/// that), and no insert evicts an old key (a cache miss per event).
 pub(super) struct RecentKeys {
-    pub(super) capacity: usize,
+    capacity: usize,
     current: DigestSet,
     previous: DigestSet,
     hashers: (RandomState, RandomState),
@@ -210,7 +209,8 @@ impl PartitionWorker {
     /// changelog shed them too. Keys written by events in flight are left.
     pub(super) fn sweep(&mut self, offset: i64, state: &mut Vec<Write>) {
         // (No clock read per event where there is nothing to sweep.)
-        if self.is_retry || self.shared.state.is_none() {
+        let ttl = |h: &(Arc<LoadedHandler>, _, _)| h.0.config_entry.state.ttl_secs.is_some();
+        if self.is_retry || self.shared.state.is_none() || !self.handlers.iter().any(ttl) {
             return;
         }
         let now = Instant::now();
@@ -293,9 +293,10 @@ impl PartitionWorker {
                 break;
             }
             // The clock is read only with retry records held.
-            let popped = match self.delayed.is_empty() {
-                true => None,
-                false => self.delayed.pop_due(Instant::now()),
+            let popped = if self.delayed.is_empty() {
+                None
+            } else {
+                self.delayed.pop_due(Instant::now())
             };
             let record = if let Some(due) = popped {
                 due
@@ -487,8 +488,8 @@ mod tests {
         assert_ne!(digests[0], digests[1], "distinct keys, distinct digests");
         for (i, d) in digests.iter().enumerate() {
             recent.insert(*d);
-            // Every key of the last `capacity` inserts is still known.
-            for kept in &digests[i.saturating_sub(2)..=i] {
+            // A key is known for at least `capacity` inserts after its own.
+            for kept in &digests[i.saturating_sub(3)..=i] {
                 assert!(recent.contains(*kept), "insert {i}");
             }
         }

@@ -303,8 +303,8 @@ impl PartitionWorker {
                     // One fallback for all the call's outputs: the event is
                     // dead-lettered once, whichever of them is refused.
                     if !outputs.is_empty() {
-                        // (A retried event's failures began with its
-                        // first attempt; otherwise at the refusal.)
+                        // (An event from a retry topic: its failures began
+                        // with its first attempt; otherwise at the refusal.)
                         let f = fallback(None, consumed_attempt, retry.map(|r| r.first_failure));
                         for mut o in outputs {
                             o.headers.push((
