@@ -194,3 +194,24 @@ pub(super) fn print(plugins: &Path, n: usize, rounds: usize) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    /// The `interface types { .. }` block of a WIT file.
+    fn types(wit: &str) -> String {
+        let start = wit.find("interface types {").expect("a types interface");
+        let end = start + wit[start..].find("\n}\n").expect("its end");
+        wit[start..end].to_owned()
+    }
+
+    #[test]
+    fn the_probe_lowers_and_lifts_the_same_types_as_handlers() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let read = |p: &str| std::fs::read_to_string(dir.join(p)).expect(p);
+        assert_eq!(
+            types(&read("plugins/batch-probe/wit/probe.wit")),
+            types(&read("wit/plugin.wit")),
+            "plugins/batch-probe/wit/probe.wit must copy wit/plugin.wit's types"
+        );
+    }
+}
