@@ -9,6 +9,8 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
+
+use super::report::{median, range};
 use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime::{Engine, Store};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
@@ -167,16 +169,7 @@ pub(super) fn print(plugins: &Path, n: usize, rounds: usize) -> Result<()> {
             times[v].push(us);
         }
     }
-    let range = |t: &[f64]| {
-        let min = t.iter().cloned().fold(f64::INFINITY, f64::min);
-        let max = t.iter().cloned().fold(0.0, f64::max);
-        (min, max)
-    };
-    let median = |t: &[f64]| {
-        let mut t = t.to_vec();
-        t.sort_by(f64::total_cmp);
-        t[t.len() / 2]
-    };
+    let range = |t: &[f64]| range(t).unwrap_or_default();
     let base = median(&times[0]);
     println!("| call | µs/event (min-max) | median | saved per event against `handle` |");
     println!("|---|---:|---:|---:|");
