@@ -1,6 +1,6 @@
 //! The micro-benchmarks of `weir bench`, without Kafka: a handler call
-//! with and without metering, the idempotency store alone, and the cost of
-//! metrics and spans per event; and the OTLP receiver the span runs use.
+//! with and without metering, the envelope's decoding and encoding, the
+//! idempotency store alone, and the cost of metrics and spans per event; and the OTLP receiver the span runs use.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -42,6 +42,11 @@ pub(super) async fn print(args: &BenchArgs, echo: &Path, sink: &OtlpSink) -> Res
         }
         println!("| {name} | {} |", cells.join(" | "));
     }
+    let (decode_us, encode_us) = envelope_cost(args.events);
+    println!(
+        "\nenvelope ({} events like the load's, ~240 B of JSON): decode {decode_us:.3} µs/event, encode an echo output {encode_us:.3} µs/event",
+        args.events
+    );
     let (check_us, mark_us) = dedup_cost(args.events)?;
     println!(
         "\nidempotency store alone ({} ids): check {check_us:.2} µs/event, mark {mark_us:.2} µs/event (batches of 512)",
@@ -125,6 +130,49 @@ fn call_cost(
         }
     }
     Ok(started.elapsed().as_secs_f64() * 1e6 / calls as f64)
+}
+
+/// Mean cost of decoding one of the load's records into an event, and of
+/// encoding echo's output of it (its envelope and headers).
+fn envelope_cost(n: usize) -> (f64, f64) {
+    use crate::envelope::{self, Output, Record};
+    let records: Vec<Record> = (0..n)
+        .map(|i| Record {
+            topic: "bench".into(),
+            partition: 0,
+            offset: i as i64,
+            timestamp_ms: 0,
+            key: Some(format!("customer-{}", i % 1000).into_bytes()),
+            value: super::load::sample(i),
+            headers: vec![(
+                envelope::header::CONTENT_TYPE.into(),
+                envelope::JSON.as_bytes().to_vec(),
+            )],
+        })
+        .collect();
+    let started = Instant::now();
+    let events: Vec<_> = records
+        .iter()
+        .map(|r| envelope::decode(r).expect("the load's events decode"))
+        .collect();
+    let decode = started.elapsed().as_secs_f64() * 1e6 / n as f64;
+    let outputs: Vec<Output> = events
+        .iter()
+        .map(|e| Output {
+            topic: "bench.out".into(),
+            key: Some(b"customer-1".to_vec()),
+            event_type: format!("{}.echoed", e.event_type),
+            content_type: e.content_type.clone(),
+            payload: e.payload.clone(),
+            ..Output::default()
+        })
+        .collect();
+    let started = Instant::now();
+    for (o, e) in outputs.into_iter().zip(&events) {
+        std::hint::black_box(envelope::encode_output(o, e, 1 << 20).expect("echo's output encodes"));
+    }
+    let encode = started.elapsed().as_secs_f64() * 1e6 / n as f64;
+    (decode, encode)
 }
 
 /// The store's own cost per event: one lookup, and one mark written in
