@@ -135,14 +135,19 @@ mod error;
 mod event;
 mod output;
 
+/// Keys that are not set whose answer [`config`] keeps, per instance.
+pub const CONFIG_UNSET_KEPT: usize = 32;
+
 /// Reads a value of this handler's `config` table in the runtime config
 /// (`[handler.config]` in `weir.toml`); `None` when the key is not set.
 ///
 /// A handler's config does not change while its instance lives (a reload,
 /// deploy or rollback that changes it starts new instances), so each key
-/// that is set is asked of the runtime once per instance and kept: reading
-/// it on every event costs no call to the host. (A key that is not set is
-/// asked each time, so keys made from event data cannot grow the cache.)
+/// is asked of the runtime once per instance and its answer kept: reading
+/// it on every event costs no call to the host. That holds for keys that
+/// are not set too, up to [`CONFIG_UNSET_KEPT`] of them (so keys made from
+/// event data cannot grow the instance's memory without bound); past
+/// those, an unset key is asked each time.
 ///
 /// Natively (in tests) the values come from [`testing::with_config`] or
 /// [`testing::set_config`].
@@ -155,16 +160,22 @@ pub fn config(key: &str) -> Option<String> {
     #[cfg(target_arch = "wasm32")]
     {
         thread_local! {
-            static KNOWN: std::cell::RefCell<std::collections::HashMap<String, String>> =
+            static KNOWN: std::cell::RefCell<std::collections::HashMap<String, Option<String>>> =
                 Default::default();
+            static UNSET_KEPT: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
         }
         KNOWN.with(|known| {
             if let Some(value) = known.borrow().get(key) {
-                return Some(value.clone());
+                return value.clone();
             }
-            let value = __bindings::weir::plugin::host::config(key)?;
-            known.borrow_mut().insert(key.to_owned(), value.clone());
-            Some(value)
+            let value = __bindings::weir::plugin::host::config(key);
+            if value.is_some() || UNSET_KEPT.get() < CONFIG_UNSET_KEPT {
+                if value.is_none() {
+                    UNSET_KEPT.set(UNSET_KEPT.get() + 1);
+                }
+                known.borrow_mut().insert(key.to_owned(), value.clone());
+            }
+            value
         })
     }
     #[cfg(not(target_arch = "wasm32"))]

@@ -112,6 +112,8 @@ impl Record {
 }
 
 /// An event ready for a handler (the runtime's side of the WIT `event`).
+/// Made by [`decode`] alone: when its content type is JSON, its payload is
+/// one JSON value as it stood in the envelope, already checked.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Event {
     pub id: String,
@@ -124,12 +126,46 @@ pub struct Event {
     pub causation_id: Option<String>,
 }
 
-#[derive(Deserialize)]
-#[serde(untagged)]
+/// An envelope field written as text or as a number (ids, versions and
+/// timestamps come both ways). Read straight from the parser, not through
+/// serde's buffered `untagged` matching.
 enum Text {
     Str(String),
     Int(i64),
     Float(f64),
+}
+
+impl<'de> Deserialize<'de> for Text {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Text, D::Error> {
+        struct Visit;
+        impl serde::de::Visitor<'_> for Visit {
+            type Value = Text;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string or a number")
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Text, E> {
+                Ok(Text::Str(v.to_owned()))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Text, E> {
+                Ok(Text::Str(v))
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Text, E> {
+                std::str::from_utf8(v)
+                    .map(|s| Text::Str(s.to_owned()))
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Bytes(v), &self))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Text, E> {
+                Ok(Text::Int(v))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Text, E> {
+                Ok(i64::try_from(v).map_or(Text::Float(v as f64), Text::Int))
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<Text, E> {
+                Ok(Text::Float(v))
+            }
+        }
+        d.deserialize_any(Visit)
+    }
 }
 
 impl Text {
@@ -185,6 +221,31 @@ impl<'a> OutEnvelope<'a, ()> {
     }
 }
 
+/// An envelope in JSON around a payload that is JSON already, written
+/// field by field (serde_json escapes the text) with the payload copied in.
+fn json_envelope(head: &OutEnvelope<'_, ()>, payload: &[u8]) -> Vec<u8> {
+    // Sized for the envelope's fields at once, not grown.
+    let mut value = Vec::with_capacity(payload.len() + 384);
+    let fields = [
+        ("schemaVersion", head.schema_version),
+        ("eventType", head.event_type),
+        ("id", head.id),
+        ("timestamp", head.timestamp.as_str()),
+        ("correlationId", head.correlation_id),
+        ("causationId", head.causation_id),
+    ];
+    for (name, text) in fields {
+        value.extend_from_slice(if value.is_empty() { b"{\"" } else { b",\"" });
+        value.extend_from_slice(name.as_bytes());
+        value.extend_from_slice(b"\":");
+        serde_json::to_writer(&mut value, text).expect("a string serialises");
+    }
+    value.extend_from_slice(b",\"payload\":");
+    value.extend_from_slice(payload);
+    value.push(b'}');
+    value
+}
+
 /// Why a record could not be turned into an event.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Undecodable(pub String);
@@ -208,14 +269,17 @@ fn parse_timestamp(t: Text) -> Result<i64, Undecodable> {
 /// Decodes a record into an event: the envelope when its content type names
 /// one, the raw value otherwise.
 pub fn decode(record: &Record) -> Result<Event, Undecodable> {
-    let content_type = record.header_str(header::CONTENT_TYPE).unwrap_or_default();
-    let Some(encoding) = Encoding::from_content_type(&content_type) else {
+    let content_type = record
+        .header(header::CONTENT_TYPE)
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .unwrap_or_default();
+    let Some(encoding) = Encoding::from_content_type(content_type) else {
         return Ok(Event {
             id: record.position_id(),
             event_type: record.header_str(header::EVENT_TYPE).unwrap_or_default(),
             schema_version: String::new(),
             payload: record.value.clone(),
-            content_type,
+            content_type: content_type.to_owned(),
             timestamp_ms: record.timestamp_ms,
             correlation_id: record
                 .header_str(header::CORRELATION_ID)
@@ -287,9 +351,10 @@ fn strip<P>(env: InEnvelope<P>) -> InEnvelope<()> {
 /// A fresh event or correlation id: a random (version 4) UUID from the
 /// thread's generator, seeded once from the OS (no system call per id).
 pub fn new_id() -> String {
-    uuid::Builder::from_random_bytes(rand::random())
-        .into_uuid()
-        .to_string()
+    let id = uuid::Builder::from_random_bytes(rand::random()).into_uuid();
+    let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    // Written into a buffer, not through the formatting machinery.
+    id.hyphenated().encode_lower(&mut text).to_owned()
 }
 
 /// What a handler asked to publish (the runtime's side of the WIT `output`).
@@ -347,15 +412,19 @@ pub fn encode_output(output: Output, parent: &Event, max_bytes: usize) -> Result
             };
             match encoding {
                 Encoding::Json => {
-                    // Checked, and written into the envelope as it is.
-                    let payload: &serde_json::value::RawValue =
-                        serde_json::from_slice(&output.payload)
-                            .map_err(|e| format!("output payload is not JSON: {e}"))?;
-                    // Sized for the envelope's fields at once, not grown.
-                    let mut value = Vec::with_capacity(output.payload.len() + 384);
-                    serde_json::to_writer(&mut value, &head.with(payload))
-                        .expect("a JSON value serialises");
-                    value
+                    // Written into the envelope as it is: checked first,
+                    // unless it is a JSON event's own payload passed on
+                    // unchanged (checked when the event was decoded).
+                    let payload = if parent.content_type == JSON && output.payload == parent.payload
+                    {
+                        &output.payload[..]
+                    } else {
+                        let raw: &serde_json::value::RawValue =
+                            serde_json::from_slice(&output.payload)
+                                .map_err(|e| format!("output payload is not JSON: {e}"))?;
+                        raw.get().as_bytes()
+                    };
+                    json_envelope(&head, payload)
                 }
                 Encoding::MsgPack => {
                     let payload = rmpv::decode::read_value(&mut output.payload.as_slice())

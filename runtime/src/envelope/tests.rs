@@ -191,3 +191,38 @@ fn output_with_bad_json_is_refused() {
     .unwrap_err();
     assert!(err.contains("with its envelope, headers"), "{err}");
 }
+
+#[test]
+fn ids_versions_and_timestamps_may_be_numbers() {
+    let v =
+        br#"{"schemaVersion":2,"eventType":"t","id":12345,"timestamp":1610706600000,"payload":1}"#;
+    let e = decode(&record(v, Some("application/json"))).unwrap();
+    assert_eq!(e.schema_version, "2");
+    assert_eq!(e.id, "12345");
+    assert_eq!(e.timestamp_ms, 1_610_706_600_000);
+    let v = br#"{"eventType":"t","id":true,"payload":1}"#;
+    let err = decode(&record(v, Some("application/json"))).unwrap_err();
+    assert!(err.0.contains("a string or a number"), "{err}");
+}
+
+#[test]
+fn a_new_json_payload_is_checked_and_written_without_its_spacing() {
+    let v = br#"{"eventType":"t","id":"e-1","correlationId":"c \"1\"","payload":{}}"#;
+    let e = decode(&record(v, Some("application/json"))).unwrap();
+    let out = Output {
+        topic: "out".into(),
+        event_type: "t.\"quoted\"".into(),
+        content_type: JSON.into(),
+        payload: b"  [1, 2]\n".to_vec(),
+        ..Default::default()
+    };
+    let p = encode_output(out, &e, 1_000_000).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&p.value).unwrap();
+    assert_eq!(v["payload"], serde_json::json!([1, 2]));
+    assert_eq!(v["eventType"], "t.\"quoted\"");
+    assert_eq!(v["correlationId"], "c \"1\"");
+    assert_eq!(v["schemaVersion"], "1");
+    assert!(String::from_utf8(p.value)
+        .unwrap()
+        .ends_with(r#""payload":[1, 2]}"#));
+}
