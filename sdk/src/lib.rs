@@ -135,9 +135,6 @@ mod error;
 mod event;
 mod output;
 
-/// Keys that are not set whose answer [`config`] keeps, per instance.
-pub const CONFIG_UNSET_KEPT: usize = 32;
-
 /// Reads a value of this handler's `config` table in the runtime config
 /// (`[handler.config]` in `weir.toml`); `None` when the key is not set.
 ///
@@ -145,9 +142,9 @@ pub const CONFIG_UNSET_KEPT: usize = 32;
 /// deploy or rollback that changes it starts new instances), so each key
 /// is asked of the runtime once per instance and its answer kept: reading
 /// it on every event costs no call to the host. That holds for keys that
-/// are not set too, up to [`CONFIG_UNSET_KEPT`] of them (so keys made from
-/// event data cannot grow the instance's memory without bound); past
-/// those, an unset key is asked each time.
+/// are not set too, for the first 32 such keys asked (so keys made from
+/// event data cannot grow the instance's memory without bound); later
+/// unset keys are asked each time.
 ///
 /// Natively (in tests) the values come from [`testing::with_config`] or
 /// [`testing::set_config`].
@@ -159,6 +156,8 @@ pub const CONFIG_UNSET_KEPT: usize = 32;
 pub fn config(key: &str) -> Option<String> {
     #[cfg(target_arch = "wasm32")]
     {
+        /// Keys that are not set whose answer is kept, per instance.
+        const CONFIG_UNSET_KEPT: usize = 32;
         thread_local! {
             static KNOWN: std::cell::RefCell<std::collections::HashMap<String, Option<String>>> =
                 Default::default();

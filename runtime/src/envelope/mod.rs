@@ -112,8 +112,6 @@ impl Record {
 }
 
 /// An event ready for a handler (the runtime's side of the WIT `event`).
-/// Made by [`decode`] alone: when its content type is JSON, its payload is
-/// one JSON value as it stood in the envelope, already checked.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Event {
     pub id: String,
@@ -124,6 +122,10 @@ pub struct Event {
     pub timestamp_ms: i64,
     pub correlation_id: String,
     pub causation_id: Option<String>,
+    /// Set by [`decode`] alone: the payload is one JSON value as it stood
+    /// in a JSON envelope, checked (an output passing it on unchanged is
+    /// not parsed again).
+    pub(crate) json_checked: bool,
 }
 
 /// An envelope field written as text or as a number (ids, versions and
@@ -132,6 +134,7 @@ pub struct Event {
 enum Text {
     Str(String),
     Int(i64),
+    UInt(u64),
     Float(f64),
 }
 
@@ -141,7 +144,7 @@ impl<'de> Deserialize<'de> for Text {
         impl serde::de::Visitor<'_> for Visit {
             type Value = Text;
             fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a string or a number")
+                f.write_str("an id, schemaVersion or timestamp as a string or a number")
             }
             fn visit_str<E>(self, v: &str) -> Result<Text, E> {
                 Ok(Text::Str(v.to_owned()))
@@ -158,7 +161,8 @@ impl<'de> Deserialize<'de> for Text {
                 Ok(Text::Int(v))
             }
             fn visit_u64<E>(self, v: u64) -> Result<Text, E> {
-                Ok(i64::try_from(v).map_or(Text::Float(v as f64), Text::Int))
+                // Kept whole: an id past i64 must not collide with another.
+                Ok(i64::try_from(v).map_or(Text::UInt(v), Text::Int))
             }
             fn visit_f64<E>(self, v: f64) -> Result<Text, E> {
                 Ok(Text::Float(v))
@@ -173,6 +177,7 @@ impl Text {
         match self {
             Text::Str(s) => s,
             Text::Int(i) => i.to_string(),
+            Text::UInt(u) => u.to_string(),
             Text::Float(f) => f.to_string(),
         }
     }
@@ -259,6 +264,9 @@ impl std::fmt::Display for Undecodable {
 fn parse_timestamp(t: Text) -> Result<i64, Undecodable> {
     match t {
         Text::Int(ms) => Ok(ms),
+        Text::UInt(ms) => Err(Undecodable(format!(
+            "envelope timestamp {ms} is out of range (milliseconds since 1970)"
+        ))),
         Text::Float(ms) => Ok(ms as i64),
         Text::Str(s) => OffsetDateTime::parse(&s, &Rfc3339)
             .map(|t| (t.unix_timestamp_nanos() / 1_000_000) as i64)
@@ -285,6 +293,7 @@ pub fn decode(record: &Record) -> Result<Event, Undecodable> {
                 .header_str(header::CORRELATION_ID)
                 .unwrap_or_else(new_id),
             causation_id: record.header_str(header::CAUSATION_ID),
+            json_checked: false,
         });
     };
     let (envelope, payload) = match encoding {
@@ -333,6 +342,7 @@ pub fn decode(record: &Record) -> Result<Event, Undecodable> {
             .or_else(|| record.header_str(header::CORRELATION_ID))
             .unwrap_or_else(new_id),
         causation_id: envelope.causation_id.filter(|s| !s.is_empty()),
+        json_checked: encoding == Encoding::Json,
     })
 }
 
@@ -415,8 +425,7 @@ pub fn encode_output(output: Output, parent: &Event, max_bytes: usize) -> Result
                     // Written into the envelope as it is: checked first,
                     // unless it is a JSON event's own payload passed on
                     // unchanged (checked when the event was decoded).
-                    let payload = if parent.content_type == JSON && output.payload == parent.payload
-                    {
+                    let payload = if parent.json_checked && output.payload == parent.payload {
                         &output.payload[..]
                     } else {
                         let raw: &serde_json::value::RawValue =

@@ -200,13 +200,64 @@ fn ids_versions_and_timestamps_may_be_numbers() {
     assert_eq!(e.schema_version, "2");
     assert_eq!(e.id, "12345");
     assert_eq!(e.timestamp_ms, 1_610_706_600_000);
+    // Past i64 an id is kept whole: two such ids stay two events.
+    let v = br#"{"schemaVersion":1.5,"eventType":"t","id":18446744073709551615,"timestamp":-5,"payload":1}"#;
+    let e = decode(&record(v, Some("application/json"))).unwrap();
+    assert_eq!(e.id, "18446744073709551615");
+    assert_eq!(e.schema_version, "1.5");
+    assert_eq!(e.timestamp_ms, -5);
+    let v = br#"{"eventType":"t","id":"e","timestamp":18446744073709551615,"payload":1}"#;
+    let err = decode(&record(v, Some("application/json"))).unwrap_err();
+    assert!(err.0.contains("out of range"), "{err}");
     let v = br#"{"eventType":"t","id":true,"payload":1}"#;
     let err = decode(&record(v, Some("application/json"))).unwrap_err();
     assert!(err.0.contains("a string or a number"), "{err}");
+    // MessagePack: numbers, and text as `bin`.
+    #[derive(serde::Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct In<'a> {
+        schema_version: u8,
+        event_type: &'a str,
+        #[serde(with = "serde_bytes")]
+        id: &'a [u8],
+        timestamp: u64,
+        payload: u8,
+    }
+    let v = rmp_serde::to_vec_named(&In {
+        schema_version: 3,
+        event_type: "t",
+        id: b"m-2",
+        timestamp: 1_610_706_600_000,
+        payload: 7,
+    })
+    .unwrap();
+    let e = decode(&record(&v, Some("application/msgpack"))).unwrap();
+    assert_eq!((e.schema_version.as_str(), e.id.as_str()), ("3", "m-2"));
+    assert_eq!(e.timestamp_ms, 1_610_706_600_000);
 }
 
 #[test]
-fn a_new_json_payload_is_checked_and_written_without_its_spacing() {
+fn the_written_json_envelope_is_what_serde_writes() {
+    for text in ["plain", "q\"uote\\", "ctl\u{1}\n\t", "café ☕ \u{2028}", ""] {
+        let head = OutEnvelope {
+            schema_version: text,
+            event_type: text,
+            id: "0b9c",
+            timestamp: "2026-01-01T00:00:00Z".into(),
+            correlation_id: text,
+            causation_id: text,
+            payload: (),
+        };
+        let payload = br#"{"a":[1,"x"]}"#;
+        let raw: &serde_json::value::RawValue = serde_json::from_slice(payload).unwrap();
+        let by_hand = json_envelope(&head, payload);
+        let by_serde = serde_json::to_vec(&head.with(raw)).unwrap();
+        assert_eq!(String::from_utf8(by_hand), String::from_utf8(by_serde));
+    }
+}
+
+#[test]
+fn a_new_json_payload_is_checked_and_written_without_surrounding_whitespace() {
     let v = br#"{"eventType":"t","id":"e-1","correlationId":"c \"1\"","payload":{}}"#;
     let e = decode(&record(v, Some("application/json"))).unwrap();
     let out = Output {
