@@ -15,6 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context, Result};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use rdkafka::producer::FutureProducer;
 
@@ -113,7 +114,14 @@ pub(super) async fn run(
         warm += 1;
         let deadline = tokio::time::Instant::now() + Duration::from_millis(50);
         while let Ok(m) = tokio::time::timeout_at(deadline, reader.recv()).await {
-            let m = m.context("latency reader")?;
+            let m = match m {
+                // The output topic was just made: until its metadata
+                // reaches the reader, the reader reports it unknown.
+                Err(KafkaError::MessageConsumption(RDKafkaErrorCode::UnknownTopicOrPartition)) => {
+                    continue
+                }
+                m => m.context("latency reader")?,
+            };
             if let Some(p) = number(&m).and_then(|n| partition_of.get(&n)) {
                 answered.insert(*p);
             }
