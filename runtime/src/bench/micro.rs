@@ -1,6 +1,7 @@
 //! The micro-benchmarks of `weir bench`, without Kafka: a handler call
 //! with and without metering, the envelope's decoding and encoding, the
-//! idempotency store alone, and the cost of metrics and spans per event; and the OTLP receiver the span runs use.
+//! idempotency store alone, and the cost of metrics and spans per event;
+//! and the OTLP receiver the span runs use.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -197,7 +198,7 @@ fn envelope_cost(n: usize) -> [Vec<f64>; 3] {
                     let payload = if passed_on {
                         e.payload.clone()
                     } else {
-                        // As long, but not the event's own bytes.
+                        // A byte longer (a leading space), so not the event's own bytes.
                         let mut p = e.payload.clone();
                         p.insert(0, b' ');
                         p
